@@ -1,0 +1,45 @@
+"""Backends, found by name through an explicit registry and imported lazily.
+
+A device without llama-cpp-python installed never imports it; asking for a
+backend whose runtime is missing raises ``BackendUnavailable`` with the fix.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from ..errors import BackendUnavailable
+from .base import Backend, BackendOptions, BackendOutput
+
+__all__ = ["REGISTRY", "Backend", "BackendOptions", "BackendOutput", "create"]
+
+#: backend name -> "module:Class"; the only place a backend is named.
+REGISTRY: dict[str, str] = {
+    "onnx": "edge_agent.backends.onnx:OnnxBackend",
+    "fake": "edge_agent.backends.fake:FakeBackend",
+}
+
+#: What to install when a backend's runtime is missing.
+_INSTALL_HINT: dict[str, str] = {
+    "onnx": "pip install onnxruntime",
+}
+
+
+def create(name: str) -> Backend:
+    """Instantiate the backend registered under ``name``."""
+    target = REGISTRY.get(name)
+    if target is None:
+        known = ", ".join(sorted(REGISTRY))
+        raise BackendUnavailable(f"unknown backend {name!r} (known: {known})")
+    module_name, _, class_name = target.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        hint = _INSTALL_HINT.get(name, "")
+        raise BackendUnavailable(
+            f"backend {name!r} needs a runtime that is not installed ({exc.name})"
+            + (f": {hint}" if hint else "")
+        ) from exc
+    cls = getattr(module, class_name)
+    backend: Backend = cls()
+    return backend

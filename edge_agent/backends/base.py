@@ -1,0 +1,56 @@
+"""The Backend protocol: the one interface every model runtime implements.
+
+A backend is created empty, then ``load``-ed with a verified model pack; it
+warms itself up (one dummy run) before ``load`` returns, so the first real
+reading pays no first-run cost. ``score`` takes one window shaped as the
+manifest's input, ``score_batch`` a stack of them; both return calibrated
+class probabilities and, where the model provides one, an out-of-distribution
+score per window.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+import numpy.typing as npt
+
+from ..modelpack import ModelPack
+
+FloatArray = npt.NDArray[np.float32]
+
+
+@dataclass(frozen=True, slots=True)
+class BackendOptions:
+    """Runtime knobs a backend may use (from the ``[model]`` config section)."""
+
+    intra_op_threads: int = 1
+    inter_op_threads: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class BackendOutput:
+    """What a backend returns for N windows."""
+
+    probs: FloatArray  #: [N, labels] calibrated probabilities, rows sum to 1
+    ood_score: FloatArray | None = None  #: [N] model-side OOD score (larger = stranger)
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """One model runtime. Implementations live one per module in this package."""
+
+    name: str
+
+    def load(self, pack: ModelPack, options: BackendOptions) -> None:
+        """Load the (verified) pack's model and warm it up; raise ModelLoadError on failure."""
+
+    def score(self, window: FloatArray) -> BackendOutput:
+        """Score one window shaped as the manifest's input (output has N = 1)."""
+
+    def score_batch(self, windows: FloatArray) -> BackendOutput:
+        """Score a stack of windows, shape [N, *input shape]."""
+
+    def close(self) -> None:
+        """Release the runtime's resources; the backend may not be used afterwards."""

@@ -1,0 +1,168 @@
+"""The ``edge-agent`` command.
+
+Subcommands::
+
+    edge-agent score [FILE|-] [--model PACK]   JSON lines in, decisions out
+    edge-agent models list [--json]            installed model packs
+    edge-agent models verify [PACK ...]        check every file's size and sha256
+
+Logging is configured here and only here; under systemd stderr goes to the
+journal. Exit codes: 0 success, 1 a model or runtime failure, 2 bad usage or
+configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from . import __version__
+from .backends.base import BackendOptions
+from .config import Settings, load_settings
+from .errors import ConfigError, EdgeAgentError, ModelError
+from .modelpack import ModelPack, discover, resolve
+from .pipeline import ScorePipeline
+from .scorer import Scorer
+from .sources.lines import chunked_lines
+
+log = logging.getLogger("edge_agent")
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    path = args.config or os.environ.get("EDGE_AGENT_CONFIG") or None
+    return load_settings(path)
+
+
+def _open_scorer(settings: Settings, pack_ref: str | None) -> Scorer:
+    pack = resolve(pack_ref or settings.model.pack, settings.model.packs_dir)
+    options = BackendOptions(
+        intra_op_threads=settings.model.intra_op_threads,
+        inter_op_threads=settings.model.inter_op_threads,
+    )
+    return Scorer.open(pack, options)
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    scorer = _open_scorer(settings, args.model)
+    max_batch = args.batch or settings.model.max_batch
+    pipeline = ScorePipeline(scorer, settings.input.max_line_bytes, max_batch)
+    if args.file == "-":
+        fd, close = sys.stdin.fileno(), False
+    else:
+        try:
+            fd, close = os.open(args.file, os.O_RDONLY), True
+        except OSError as exc:
+            raise ConfigError(f"{args.file}: cannot open input: {exc.strerror}") from exc
+    out = sys.stdout.buffer
+    try:
+        for group in chunked_lines(fd, settings.input.max_line_bytes):
+            out.write(pipeline.process(group))
+            out.flush()
+    except BrokenPipeError:
+        # The reader went away (e.g. `| head`); stop quietly like other Unix filters.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    finally:
+        if close:
+            os.close(fd)
+        scorer.close()
+    if not args.quiet:
+        sys.stderr.write(pipeline.summary() + "\n")
+    return EXIT_OK
+
+
+def cmd_models_list(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    packs = discover(settings.model.packs_dir)
+    if args.json:
+        sys.stdout.write(json.dumps([p.summary() for p in packs], indent=2) + "\n")
+        return EXIT_OK
+    if not packs:
+        sys.stdout.write("no model packs found\n")
+        return EXIT_OK
+    for p in packs:
+        m = p.manifest
+        mark = "*" if m.default else " "
+        sys.stdout.write(f"{mark} {p.ref:<28} {m.backend:<10} {p.path.resolve()}\n")
+    return EXIT_OK
+
+
+def cmd_models_verify(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    packs: list[ModelPack] = (
+        [resolve(ref, settings.model.packs_dir) for ref in args.packs]
+        if args.packs
+        else discover(settings.model.packs_dir)
+    )
+    failed = 0
+    for pack in packs:
+        try:
+            pack.verify()
+        except ModelError as exc:
+            failed += 1
+            sys.stdout.write(f"FAIL {pack.ref}: {exc}\n")
+        else:
+            sys.stdout.write(f"ok   {pack.ref} ({len(pack.manifest.files)} files)\n")
+    return EXIT_FAILURE if failed else EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="edge-agent",
+        description="On-device inference: score locally, send only hard cases to the cloud.",
+    )
+    parser.add_argument("--version", action="version", version=f"edge-agent {__version__}")
+    parser.add_argument("--config", help="TOML config file (default: $EDGE_AGENT_CONFIG)")
+    parser.add_argument(
+        "--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"]
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    score = sub.add_parser("score", help="score JSON lines (file or stdin), one decision per line")
+    score.add_argument("file", nargs="?", default="-", help="input file, '-' for stdin")
+    score.add_argument("--model", help="model pack name or folder (default: the default pack)")
+    score.add_argument("--batch", type=int, help="largest internal batch (default model.max_batch)")
+    score.add_argument("-q", "--quiet", action="store_true", help="no summary on stderr")
+    score.set_defaults(func=cmd_score)
+
+    models = sub.add_parser("models", help="list and verify model packs")
+    msub = models.add_subparsers(dest="models_command", required=True)
+    mlist = msub.add_parser("list", help="installed packs (* marks the default)")
+    mlist.add_argument("--json", action="store_true", help="machine-readable output")
+    mlist.set_defaults(func=cmd_models_list)
+    mverify = msub.add_parser("verify", help="check every file's size and sha256")
+    mverify.add_argument("packs", nargs="*", help="pack names or folders (default: all)")
+    mverify.set_defaults(func=cmd_models_verify)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    if getattr(args, "batch", None) is not None and args.batch < 1:
+        parser.error("--batch must be at least 1")
+    try:
+        code: int = args.func(args)
+    except ConfigError as exc:
+        sys.stderr.write(f"edge-agent: configuration error: {exc}\n")
+        return EXIT_USAGE
+    except EdgeAgentError as exc:
+        sys.stderr.write(f"edge-agent: {exc}\n")
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        return 130
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,232 @@
+"""Settings: one TOML file, overridable by ``EDGE_AGENT_<SECTION>_<KEY>`` variables.
+
+The file is read once at start-up into frozen ``msgspec.Struct`` objects. An
+unknown key, in the file or in the environment, is an error that names the key
+and where it came from; so is a value of the wrong type or out of range.
+Secrets are never values in the file: keys ending in ``_file`` name a file (or
+a systemd credential) that is read only when the secret is needed.
+
+Every key and its default is listed in docs/config.md.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import sys
+import types
+import typing
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import msgspec
+
+from .errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on Python 3.10 only
+    import tomli as tomllib
+
+ENV_PREFIX = "EDGE_AGENT_"
+# Variables with this prefix that are not settings (the CLI reads them itself).
+_ENV_NOT_SETTINGS = frozenset({"EDGE_AGENT_CONFIG"})
+
+PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
+NonNegFloat = Annotated[float, msgspec.Meta(ge=0.0)]
+Port = Annotated[int, msgspec.Meta(ge=1, le=65535)]
+Fraction = Annotated[float, msgspec.Meta(ge=0.0, le=1.0)]
+
+
+class _Section(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """Base of every section: immutable, unknown keys rejected."""
+
+
+class DeviceSettings(_Section, frozen=True):
+    id: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.-]{1,64}$")] = ""
+    state_dir: str = "/var/lib/edge-agent"
+
+
+class ModelSettings(_Section, frozen=True):
+    pack: str = ""
+    packs_dir: str = ""
+    intra_op_threads: PositiveInt = 1
+    inter_op_threads: PositiveInt = 1
+    max_batch: Annotated[int, msgspec.Meta(ge=1, le=4096)] = 64
+
+
+class InputSettings(_Section, frozen=True):
+    max_line_bytes: Annotated[int, msgspec.Meta(ge=64, le=64 * 1024 * 1024)] = 1024 * 1024
+
+
+class SourceSettings(_Section, frozen=True):
+    kind: Literal["jsonl", "replay", "udp", "unix", "mqtt"] = "jsonl"
+    path: str = "-"
+
+
+class MqttSettings(_Section, frozen=True):
+    host: str = "127.0.0.1"
+    port: Port = 1883
+    topic_prefix: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*$")] = (
+        "edge"
+    )
+    keepalive_s: Annotated[int, msgspec.Meta(ge=5, le=3600)] = 30
+    tls_ca: str = ""
+    tls_cert: str = ""
+    tls_key: str = ""
+    username: str = ""
+    password_file: str = ""
+
+
+class Settings(_Section, frozen=True):
+    device: DeviceSettings = msgspec.field(default_factory=DeviceSettings)
+    model: ModelSettings = msgspec.field(default_factory=ModelSettings)
+    input: InputSettings = msgspec.field(default_factory=InputSettings)
+    source: SourceSettings = msgspec.field(default_factory=SourceSettings)
+    mqtt: MqttSettings = msgspec.field(default_factory=MqttSettings)
+
+    @property
+    def device_id(self) -> str:
+        """The configured device id, or the host name (made topic-safe) when unset."""
+        if self.device.id:
+            return self.device.id
+        host = re.sub(r"[^A-Za-z0-9_.-]", "-", socket.gethostname())[:64]
+        return host or "device"
+
+
+_SECTIONS: dict[str, type[_Section]] = {
+    name: typing.get_type_hints(Settings)[name] for name in Settings.__struct_fields__
+}
+
+_UNKNOWN = re.compile(r"Object contains unknown field `(?P<key>[^`]+)`(?: - at `\$(?P<at>[^`]*)`)?")
+_AT = re.compile(r"^(?P<msg>.*?)(?: - at `\$(?P<at>[^`]*)`)?$")
+
+
+def _dotted(at: str | None, key: str | None = None) -> str:
+    parts = [p for p in (at or "").split(".") if p]
+    if key:
+        parts.append(key)
+    return ".".join(parts) or "(top level)"
+
+
+def _translate(exc: msgspec.ValidationError, origin: str) -> ConfigError:
+    text = str(exc)
+    unknown = _UNKNOWN.search(text)
+    if unknown:
+        key = _dotted(unknown.group("at"), unknown.group("key"))
+        hint = ""
+        if key.endswith("password"):
+            hint = " (secrets are read from files: use mqtt.password_file)"
+        return ConfigError(f"{origin}: unknown key '{key}'{hint}")
+    match = _AT.match(text)
+    if match is None:  # pragma: no cover - the pattern matches any string
+        return ConfigError(f"{origin}: {text}")
+    return ConfigError(f"{origin}: key '{_dotted(match.group('at'))}': {match.group('msg')}")
+
+
+def _base_type(tp: Any) -> Any:
+    """Strip ``Annotated`` and ``Literal`` down to the Python type an env string must become."""
+    if typing.get_origin(tp) is Annotated:
+        return _base_type(typing.get_args(tp)[0])
+    if typing.get_origin(tp) is Literal:
+        return type(typing.get_args(tp)[0])
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        return str
+    return tp
+
+
+def _from_env_string(name: str, raw: str, tp: Any) -> Any:
+    base = _base_type(tp)
+    if base is bool:
+        low = raw.strip().lower()
+        if low in {"1", "true", "yes", "on"}:
+            return True
+        if low in {"0", "false", "no", "off"}:
+            return False
+        raise ConfigError(f"environment variable {name}={raw!r}: not a valid bool")
+    try:
+        if base is int:
+            return int(raw.strip())
+        if base is float:
+            return float(raw.strip())
+    except ValueError as exc:
+        raise ConfigError(
+            f"environment variable {name}={raw!r}: not a valid {base.__name__}"
+        ) from exc
+    return raw
+
+
+def _env_overrides(env: Mapping[str, str]) -> dict[str, dict[str, Any]]:
+    known: dict[str, tuple[str, str, Any]] = {}
+    for section, cls in _SECTIONS.items():
+        hints = typing.get_type_hints(cls, include_extras=True)
+        for key in cls.__struct_fields__:
+            known[f"{ENV_PREFIX}{section}_{key}".upper()] = (section, key, hints[key])
+    out: dict[str, dict[str, Any]] = {}
+    for name, raw in env.items():
+        if not name.startswith(ENV_PREFIX) or name in _ENV_NOT_SETTINGS:
+            continue
+        if name not in known:
+            raise ConfigError(f"environment variable {name}: no such setting (see docs/config.md)")
+        section, key, tp = known[name]
+        out.setdefault(section, {})[key] = _from_env_string(name, raw, tp)
+    return out
+
+
+def load_settings(path: str | Path | None = None, env: Mapping[str, str] | None = None) -> Settings:
+    """Read the TOML file at ``path`` (optional), apply environment overrides, validate.
+
+    Raises ConfigError naming the file or variable and the key at fault.
+    """
+    env = os.environ if env is None else env
+    data: dict[str, Any] = {}
+    origin = "defaults"
+    if path is not None:
+        origin = str(path)
+        try:
+            with open(path, "rb") as fh:
+                data = tomllib.load(fh)
+        except FileNotFoundError as exc:
+            raise ConfigError(f"{origin}: config file not found") from exc
+        except OSError as exc:
+            raise ConfigError(f"{origin}: cannot read config file: {exc.strerror}") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{origin}: not valid TOML: {exc}") from exc
+    try:
+        msgspec.convert(data, Settings)  # file alone first, so errors name the file
+    except msgspec.ValidationError as exc:
+        raise _translate(exc, origin) from exc
+    overrides = _env_overrides(env)
+    for section, values in overrides.items():
+        current = data.get(section)
+        merged = dict(current) if isinstance(current, dict) else {}
+        merged.update(values)
+        data[section] = merged
+    try:
+        return msgspec.convert(data, Settings)
+    except msgspec.ValidationError as exc:
+        raise _translate(exc, "environment (EDGE_AGENT_* variables)") from exc
+
+
+def read_secret(path: str) -> str:
+    """Read a secret from ``path``.
+
+    A relative path is looked up in ``$CREDENTIALS_DIRECTORY`` first (systemd's
+    ``LoadCredential=``), then relative to the working directory. Trailing
+    newlines are stripped. The secret itself never appears in an error.
+    """
+    candidates = []
+    cred_dir = os.environ.get("CREDENTIALS_DIRECTORY")
+    if cred_dir and not os.path.isabs(path):
+        candidates.append(Path(cred_dir) / path)
+    candidates.append(Path(path))
+    for candidate in candidates:
+        try:
+            return candidate.read_text(encoding="utf-8").rstrip("\r\n")
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            raise ConfigError(f"secret file {candidate}: cannot read: {exc.strerror}") from exc
+    raise ConfigError(f"secret file {path}: not found")

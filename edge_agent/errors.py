@@ -1,0 +1,74 @@
+"""The exception tree of edge-agent.
+
+Every error the package raises on purpose derives from one root, so a caller
+can catch ``EdgeAgentError`` and know it is ours. Errors of libraries we call
+(ONNX Runtime, SQLite, paho-mqtt, the file system) are translated at the
+boundary with ``raise ... from exc`` so the original stays in the traceback::
+
+    EdgeAgentError
+    ├── ConfigError             the TOML file or an EDGE_AGENT_* variable is wrong
+    ├── ModelError
+    │   ├── ModelPackError      a manifest is missing, unreadable or invalid
+    │   ├── ModelIntegrityError a model file is missing, has the wrong size or sha256
+    │   ├── BackendUnavailable  the backend's runtime is not installed / unknown name
+    │   └── ModelLoadError      the runtime refused the model, or warm-up failed
+    ├── ReadingError            one reading was rejected (carries a stable reason code)
+    ├── OutboxError             the durable queue could not take or keep a message
+    │   └── OutboxFull          a class is full and its policy is to refuse
+    └── LinkError               the MQTT connection failed (refused CONNACK, TLS, auth)
+"""
+
+from __future__ import annotations
+
+
+class EdgeAgentError(Exception):
+    """Root of every error edge-agent raises on purpose."""
+
+
+class ConfigError(EdgeAgentError):
+    """The configuration file or environment holds an invalid, unknown or mistyped key."""
+
+
+class ModelError(EdgeAgentError):
+    """Base for everything that goes wrong with a model pack or its backend."""
+
+
+class ModelPackError(ModelError):
+    """A model pack's manifest is missing, unreadable or does not validate."""
+
+
+class ModelIntegrityError(ModelError):
+    """A model file is missing or its size or sha256 differs from the manifest."""
+
+
+class BackendUnavailable(ModelError):
+    """The backend named by a pack is unknown or its runtime is not installed."""
+
+
+class ModelLoadError(ModelError):
+    """The runtime could not load the model, or the warm-up run failed."""
+
+
+class ReadingError(EdgeAgentError):
+    """A reading was rejected before scoring.
+
+    ``code`` is a stable machine-readable reason (see ``readings.REASONS``);
+    the message is for people.
+    """
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class OutboxError(EdgeAgentError):
+    """The durable outbox could not store, read or delete a message."""
+
+
+class OutboxFull(OutboxError):
+    """A message class is at its bound and its policy is to refuse new messages."""
+
+
+class LinkError(EdgeAgentError):
+    """The MQTT link could not be established or was refused by the broker."""

@@ -1,0 +1,236 @@
+"""Model packs: a folder with ``manifest.toml`` and the model files it names.
+
+The manifest says which backend runs the model, the input schema, the labels,
+the calibration, the routing thresholds and the out-of-distribution guard's
+parameters, and lists every file with its size and sha256. ``open_pack``
+reads and validates the manifest; ``ModelPack.verify`` checks every file and
+refuses the pack, naming the file, if one is missing, short, long or altered.
+A backend is only ever given a verified pack.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import msgspec
+
+from .errors import ModelIntegrityError, ModelPackError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on Python 3.10 only
+    import tomli as tomllib
+
+MANIFEST = "manifest.toml"
+SUPPORTED_SCHEMA = 1
+#: Where the packs shipped with the source tree live.
+BUNDLED_PACKS_DIR = Path(__file__).resolve().parent.parent / "models"
+
+_Sha256 = Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{64}$")]
+_RelPath = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")]
+_Metric = str | float | int | bool
+
+
+class _Table(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+class PackFile(_Table, frozen=True):
+    path: _RelPath
+    sha256: _Sha256
+    size: Annotated[int, msgspec.Meta(ge=0)]
+
+
+class InputSpec(_Table, frozen=True):
+    name: str
+    shape: list[Annotated[int, msgspec.Meta(ge=1)]]
+    dtype: str = "float32"
+    channels: list[str] = []
+    normalisation: str = ""
+
+
+class OnnxOutputs(_Table, frozen=True):
+    probs: str
+    logits: str = ""
+    feature_z: str = ""
+
+
+class Calibration(_Table, frozen=True):
+    method: str
+    temperature: float = 1.0
+    ece_before_oof: float | None = None
+    ece_after_oof: float | None = None
+    ece_before_test: float | None = None
+    ece_after_test: float | None = None
+
+
+class Routing(_Table, frozen=True):
+    confidence_threshold: Annotated[float, msgspec.Meta(ge=0.0, le=1.0)]
+    feature_z_max: float | None = None
+    rule: str = ""
+
+
+class OodGuard(_Table, frozen=True):
+    channel_min: list[float]
+    channel_max: list[float]
+    range_margin: Annotated[float, msgspec.Meta(ge=0.0)] = 0.5
+    dead_channel_std: Annotated[float, msgspec.Meta(ge=0.0)] = 1e-6
+    saturation_fraction: Annotated[float, msgspec.Meta(gt=0.0, le=1.0)] = 0.2
+
+
+class Manifest(_Table, frozen=True):
+    schema_version: int
+    name: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
+    version: Annotated[str, msgspec.Meta(pattern=r"^[0-9]+(\.[0-9]+)*([A-Za-z0-9.+-]*)$")]
+    backend: str
+    labels: list[str]
+    files: list[PackFile]
+    input: InputSpec
+    routing: Routing
+    description: str = ""
+    default: bool = False
+    outputs: OnnxOutputs | None = None
+    calibration: Calibration | None = None
+    ood: OodGuard | None = None
+    metrics: dict[str, _Metric] = {}
+    training: dict[str, _Metric] = {}
+
+
+class ModelPack:
+    """A model pack on disk: its folder and its validated manifest."""
+
+    def __init__(self, path: Path, manifest: Manifest) -> None:
+        self.path = path
+        self.manifest = manifest
+        self.verified = False
+
+    @property
+    def ref(self) -> str:
+        """``name@version``, as printed in decisions and telemetry."""
+        return f"{self.manifest.name}@{self.manifest.version}"
+
+    def file(self, rel: str) -> Path:
+        """Absolute path of a file listed in the manifest."""
+        for entry in self.manifest.files:
+            if entry.path == rel:
+                return self.path / entry.path
+        raise ModelPackError(f"{self.path / MANIFEST}: file {rel!r} is not listed in the manifest")
+
+    def verify(self) -> None:
+        """Check every listed file's size and sha256; raise ModelIntegrityError naming the file."""
+        for entry in self.manifest.files:
+            target = self.path / entry.path
+            try:
+                size = target.stat().st_size
+            except FileNotFoundError as exc:
+                raise ModelIntegrityError(f"{target}: model file is missing") from exc
+            except OSError as exc:
+                raise ModelIntegrityError(f"{target}: cannot read: {exc.strerror}") from exc
+            if size != entry.size:
+                raise ModelIntegrityError(
+                    f"{target}: size is {size} bytes, the manifest says {entry.size}"
+                )
+            digest = _sha256(target)
+            if digest != entry.sha256:
+                raise ModelIntegrityError(
+                    f"{target}: sha256 {digest} does not match the manifest ({entry.sha256});"
+                    " the file is corrupt or was altered"
+                )
+        self.verified = True
+
+    def summary(self) -> dict[str, Any]:
+        """What ``edge-agent models list --json`` prints for this pack."""
+        m = self.manifest
+        return {
+            "name": m.name,
+            "version": m.version,
+            "backend": m.backend,
+            "default": m.default,
+            "path": str(self.path.resolve()),
+            "files": [str((self.path / f.path).resolve()) for f in m.files],
+            "labels": list(m.labels),
+            "description": m.description,
+        }
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    except OSError as exc:
+        raise ModelIntegrityError(f"{path}: cannot read: {exc.strerror}") from exc
+    return h.hexdigest()
+
+
+def open_pack(path: str | Path) -> ModelPack:
+    """Read and validate a pack's manifest (files are checked by ``verify``)."""
+    folder = Path(path)
+    manifest_path = folder / MANIFEST
+    try:
+        with open(manifest_path, "rb") as fh:
+            raw = tomllib.load(fh)
+    except FileNotFoundError as exc:
+        raise ModelPackError(f"{manifest_path}: no manifest (is {folder} a model pack?)") from exc
+    except OSError as exc:
+        raise ModelPackError(f"{manifest_path}: cannot read: {exc.strerror}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ModelPackError(f"{manifest_path}: not valid TOML: {exc}") from exc
+    try:
+        manifest = msgspec.convert(raw, Manifest)
+    except msgspec.ValidationError as exc:
+        raise ModelPackError(f"{manifest_path}: {exc}") from exc
+    if manifest.schema_version != SUPPORTED_SCHEMA:
+        raise ModelPackError(
+            f"{manifest_path}: schema_version {manifest.schema_version} is not supported"
+            f" (this edge-agent reads {SUPPORTED_SCHEMA})"
+        )
+    if manifest.ood is not None and manifest.input.shape:
+        channels = manifest.input.shape[0]
+        if len(manifest.ood.channel_min) != channels or len(manifest.ood.channel_max) != channels:
+            raise ModelPackError(
+                f"{manifest_path}: ood.channel_min/channel_max must have {channels} entries"
+            )
+    return ModelPack(folder, manifest)
+
+
+def search_dirs(packs_dir: str = "") -> list[Path]:
+    """The folders searched for packs: the configured one, else the bundled ``models/``."""
+    return [Path(packs_dir)] if packs_dir else [BUNDLED_PACKS_DIR]
+
+
+def discover(packs_dir: str = "") -> list[ModelPack]:
+    """Every pack found in the search folders, sorted by name (manifests validated)."""
+    packs: list[ModelPack] = []
+    for root in search_dirs(packs_dir):
+        if not root.is_dir():
+            continue
+        for child in sorted(root.iterdir()):
+            if (child / MANIFEST).is_file():
+                packs.append(open_pack(child))
+    return packs
+
+
+def resolve(ref: str = "", packs_dir: str = "") -> ModelPack:
+    """Find a pack by folder path, by name, or (empty ``ref``) the default one."""
+    if ref and (Path(ref) / MANIFEST).is_file():
+        return open_pack(ref)
+    packs = discover(packs_dir)
+    where = ", ".join(str(d) for d in search_dirs(packs_dir))
+    if not ref:
+        defaults = [p for p in packs if p.manifest.default]
+        if len(defaults) != 1:
+            raise ModelPackError(
+                f"expected exactly one default pack in {where}, found {len(defaults)};"
+                " set model.pack"
+            )
+        return defaults[0]
+    for pack in packs:
+        if ref in (pack.manifest.name, pack.ref):
+            return pack
+    names = ", ".join(p.manifest.name for p in packs) or "none"
+    raise ModelPackError(f"no model pack {ref!r} in {where} (available: {names})")

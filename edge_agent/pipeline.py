@@ -1,0 +1,121 @@
+"""The JSON-lines scoring pipeline behind ``edge-agent score``: lines in, lines out.
+
+Each non-blank input line gets exactly one output line, in input order: a
+decision, or an error object with a stable code. Valid readings that arrived
+together are scored in batches of up to ``max_batch`` for throughput; the
+output order is kept. Every outcome is counted.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from typing import Any
+
+import msgspec
+
+from .errors import ReadingError
+from .readings import Reading, ReadingDecoder
+from .scorer import Decision, Scorer
+from .sources.lines import Line, Oversize
+
+
+class ErrorBody(msgspec.Struct):
+    code: str
+    message: str
+
+
+class ErrorOut(msgspec.Struct, omit_defaults=True):
+    error: ErrorBody
+    id: Any = msgspec.UNSET
+
+
+class DecisionOut(msgspec.Struct):
+    id: Any
+    label: str
+    confidence: float
+    route: str
+    reason: str | None
+    model: str
+    latency_ms: float
+
+
+_encoder = msgspec.json.Encoder()
+
+
+def decision_out(d: Decision) -> DecisionOut:
+    return DecisionOut(
+        id=d.reading.id,
+        label=d.label,
+        confidence=round(d.confidence, 6),
+        route=d.route,
+        reason=d.reason,
+        model=d.model,
+        latency_ms=round(d.latency_ms, 4),
+    )
+
+
+class ScorePipeline:
+    """Decode, validate, score and encode groups of lines."""
+
+    def __init__(self, scorer: Scorer, max_line_bytes: int, max_batch: int = 64) -> None:
+        self.scorer = scorer
+        self.decoder = ReadingDecoder(scorer.shape, max_line_bytes)
+        self.max_batch = max_batch
+        self.counts: Counter[str] = Counter()
+        self.rejects: Counter[str] = Counter()
+
+    def process(self, lines: list[Line]) -> bytes:
+        """Return the output lines (newline-terminated) for ``lines``, in order."""
+        out: list[bytes] = [b""] * len(lines)
+        pending: list[tuple[int, Reading]] = []
+        for pos, line in enumerate(lines):
+            t0 = time.monotonic_ns()
+            if isinstance(line, Oversize):
+                out[pos] = self._reject(
+                    ReadingError(
+                        "too_large",
+                        f"line of {line.size} bytes is over the"
+                        f" {self.decoder.max_line_bytes}-byte limit",
+                    ),
+                    msgspec.UNSET,
+                )
+                continue
+            try:
+                reading = self.decoder.decode(line)
+            except ReadingError as err:
+                rid = self.decoder.reject_id(line) if err.code != "malformed_json" else None
+                out[pos] = self._reject(err, msgspec.UNSET if rid is None else rid)
+                continue
+            reading.t_mono_ns = t0
+            reading.seq = self.counts["lines"] + pos
+            pending.append((pos, reading))
+            if len(pending) >= self.max_batch:
+                self._score(pending, out)
+                pending = []
+        if pending:
+            self._score(pending, out)
+        self.counts["lines"] += len(lines)
+        return b"".join(out)
+
+    def _score(self, pending: list[tuple[int, Reading]], out: list[bytes]) -> None:
+        decisions = self.scorer.score([r for _, r in pending])
+        for (pos, _), decision in zip(pending, decisions, strict=True):
+            self.counts[decision.route] += 1
+            out[pos] = _encoder.encode(decision_out(decision)) + b"\n"
+
+    def _reject(self, err: ReadingError, rid: Any) -> bytes:
+        self.counts["rejected"] += 1
+        self.rejects[err.code] += 1
+        return _encoder.encode(ErrorOut(error=ErrorBody(err.code, err.message), id=rid)) + b"\n"
+
+    def summary(self) -> str:
+        """One line for stderr: totals and rejections by reason."""
+        c = self.counts
+        text = (
+            f"scored {c['local'] + c['hard']} of {c['lines']} lines:"
+            f" {c['local']} local, {c['hard']} hard, {c['rejected']} rejected"
+        )
+        if self.rejects:
+            text += " (" + ", ".join(f"{k}: {v}" for k, v in sorted(self.rejects.items())) + ")"
+        return text

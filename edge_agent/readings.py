@@ -1,0 +1,152 @@
+"""Readings and their validation: the only way sensor input becomes model input.
+
+A reading arrives as one JSON line, ``{"id": <any>, "values": [[...], ...]}``,
+with ``values`` shaped as the model pack's manifest says (channels x samples).
+``ReadingDecoder.decode`` turns the raw bytes into a ``Reading`` holding a
+float32 array, or raises ``ReadingError`` with a stable reason code. Nothing
+reaches a model without passing here: size, UTF-8, JSON syntax, types, shape,
+finiteness.
+
+The reason codes are part of the output contract (``edge-agent score`` prints
+them; telemetry counts them) and do not change between releases.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+import numpy as np
+import numpy.typing as npt
+
+from .errors import ReadingError
+
+#: Stable rejection reason codes and what each means.
+REASONS: dict[str, str] = {
+    "too_large": "the line is longer than input.max_line_bytes; it was not parsed",
+    "invalid_utf8": "the line is not valid UTF-8",
+    "malformed_json": "the line is not valid JSON",
+    "too_deep": "the JSON nests deeper than the decoder allows",
+    "not_an_object": "the line is valid JSON but not an object",
+    "missing_values": "the object has no 'values' field",
+    "wrong_type": "'values' holds something other than numbers in nested lists",
+    "wrong_shape": "'values' does not have the shape the model pack expects",
+    "non_finite": "'values' holds NaN, Infinity or a number outside float32 range",
+}
+
+FloatArray = npt.NDArray[np.float32]
+
+
+class _Line(msgspec.Struct):
+    values: list[list[float]]
+    id: Any = None
+
+
+class _IdOnly(msgspec.Struct):
+    id: Any = None
+
+
+_line_decoder = msgspec.json.Decoder(_Line)
+_id_decoder = msgspec.json.Decoder(_IdOnly)
+
+
+@dataclass(slots=True)
+class Reading:
+    """One validated window of sensor values, ready for a model."""
+
+    values: FloatArray
+    id: Any = None
+    seq: int = 0
+    t_mono_ns: int = field(default_factory=time.monotonic_ns)
+
+
+def _id_of(line: bytes) -> Any:
+    """Best effort: the ``id`` of a line that failed validation, or None."""
+    try:
+        return _id_decoder.decode(line).id
+    except (msgspec.MsgspecError, UnicodeDecodeError, RecursionError):
+        return None
+
+
+class ReadingDecoder:
+    """Decodes and validates JSON lines for one input shape.
+
+    ``shape`` is (channels, samples) from the manifest; ``max_line_bytes`` is the
+    cap above which a line is refused without being parsed.
+    """
+
+    def __init__(self, shape: tuple[int, ...], max_line_bytes: int = 1024 * 1024) -> None:
+        self.shape = tuple(shape)
+        self.max_line_bytes = max_line_bytes
+
+    def decode(self, line: bytes) -> Reading:
+        """Validate one line (without its newline); raise ReadingError on any defect."""
+        if len(line) > self.max_line_bytes:
+            raise ReadingError(
+                "too_large",
+                f"line of {len(line)} bytes is over the {self.max_line_bytes}-byte limit",
+            )
+        if not line.isascii():  # a fast scan; only non-ASCII lines pay for a full UTF-8 check
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise ReadingError("invalid_utf8", f"invalid UTF-8 at byte {exc.start}") from None
+        try:
+            parsed = _line_decoder.decode(line)
+        except RecursionError:
+            raise ReadingError("too_deep", "JSON nests too deeply") from None
+        except msgspec.ValidationError as exc:
+            raise self._classify_validation(str(exc)) from None
+        except msgspec.DecodeError as exc:
+            raise self._classify_malformed(line, str(exc)) from None
+        return self.from_values(parsed.values, parsed.id)
+
+    def from_values(self, values: Any, reading_id: Any = None) -> Reading:
+        """Validate already-decoded values (a nested list or an array)."""
+        try:
+            with np.errstate(over="ignore"):  # overflow to inf is caught just below
+                arr = np.asarray(values, dtype=np.float32)
+        except ValueError:
+            raise ReadingError(
+                "wrong_shape", f"'values' must be a {self._shape_text()} array of numbers"
+            ) from None
+        except TypeError:
+            raise ReadingError("wrong_type", "'values' must hold numbers only") from None
+        if arr.shape != self.shape:
+            raise ReadingError(
+                "wrong_shape",
+                f"'values' has shape {list(arr.shape)}, expected {list(self.shape)}",
+            )
+        # Sum is one pass and propagates NaN/Inf; cheaper than isfinite().all() on the happy path.
+        if not np.isfinite(arr.sum(dtype=np.float64)) or not np.isfinite(arr).all():
+            raise ReadingError("non_finite", "'values' holds NaN, Infinity or out-of-range numbers")
+        return Reading(values=arr, id=reading_id)
+
+    def reject_id(self, line: bytes) -> Any:
+        """The ``id`` of a rejected line if it can be read safely, else None."""
+        if len(line) > self.max_line_bytes:
+            return None
+        return _id_of(line)
+
+    def _shape_text(self) -> str:
+        return "x".join(str(d) for d in self.shape)
+
+    @staticmethod
+    def _classify_validation(text: str) -> ReadingError:
+        if "Number out of range" in text:
+            return ReadingError("non_finite", f"number out of range ({text})")
+        if "missing required field `values`" in text:
+            return ReadingError("missing_values", "the object has no 'values' field")
+        if text.startswith("Expected `object`"):
+            return ReadingError("not_an_object", f"a reading must be a JSON object ({text})")
+        if "Expected `array`, got `int`" in text or "Expected `array`, got `float`" in text:
+            return ReadingError("wrong_shape", f"'values' must be nested lists ({text})")
+        return ReadingError("wrong_type", text)
+
+    @staticmethod
+    def _classify_malformed(line: bytes, text: str) -> ReadingError:
+        if b"NaN" in line or b"Infinity" in line:
+            return ReadingError("non_finite", "NaN and Infinity are not allowed in readings")
+        return ReadingError("malformed_json", text)

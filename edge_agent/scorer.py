@@ -1,0 +1,155 @@
+"""Scorer: one backend plus one verified model pack, turning readings into Decisions.
+
+Besides running the model, the scorer applies the pack's out-of-distribution
+guard. A window unlike anything the model was trained on is never trusted
+locally, whatever the classifier says: a dead (constant) channel, values far
+outside the training range, a clipped (saturated) channel, or a model-side OOD
+score over the manifest's limit sends it to ``hard`` with the reason. Below
+the manifest's confidence threshold a reading is ``hard`` too. The router
+(router.py) later decides which cloud tier a hard case goes to.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from . import backends
+from .backends.base import Backend, BackendOptions, FloatArray
+from .errors import ModelPackError
+from .modelpack import ModelPack
+from .readings import Reading
+
+#: Stable route reasons, in the order they are checked.
+ROUTE_REASONS: dict[str, str] = {
+    "dead_sensor": "a channel is constant (stuck or disconnected sensor)",
+    "out_of_range": "values lie far outside the range seen in training",
+    "saturated": "a channel is clipped at its extreme for much of the window",
+    "feature_outlier": "the model's own out-of-distribution score is over the pack's limit",
+    "low_confidence": "the calibrated confidence is below the pack's threshold",
+}
+
+
+@dataclass(slots=True)
+class Decision:
+    """The scorer's answer for one reading."""
+
+    label: str
+    confidence: float
+    route: str  #: "local" or "hard"
+    reason: str | None
+    model: str  #: name@version
+    latency_ms: float
+    reading: Reading
+    ood_score: float | None = None
+
+
+class OodGuard:
+    """Vectorised checks of raw windows against the pack's training statistics."""
+
+    def __init__(self, pack: ModelPack) -> None:
+        ood = pack.manifest.ood
+        self.enabled = ood is not None
+        if ood is None:
+            return
+        lo = np.asarray(ood.channel_min, dtype=np.float32)
+        hi = np.asarray(ood.channel_max, dtype=np.float32)
+        span = hi - lo
+        self.lower = lo - ood.range_margin * span
+        self.upper = hi + ood.range_margin * span
+        self.dead_std = ood.dead_channel_std
+        self.saturation = ood.saturation_fraction
+
+    def reasons(self, x: FloatArray) -> list[str | None]:
+        """One reason (or None) per window of ``x`` shaped [N, channels, samples]."""
+        n = x.shape[0]
+        out: list[str | None] = [None] * n
+        if not self.enabled:
+            return out
+        xmin = x.min(axis=2)
+        xmax = x.max(axis=2)
+        dead = (x.std(axis=2) < self.dead_std).any(axis=1)
+        out_of_range = ((xmin < self.lower) | (xmax > self.upper)).any(axis=1)
+        spread = xmax > xmin
+        at_max = (x == xmax[:, :, None]).mean(axis=2)
+        at_min = (x == xmin[:, :, None]).mean(axis=2)
+        saturated = (spread & ((at_max > self.saturation) | (at_min > self.saturation))).any(axis=1)
+        for i in range(n):
+            if dead[i]:
+                out[i] = "dead_sensor"
+            elif out_of_range[i]:
+                out[i] = "out_of_range"
+            elif saturated[i]:
+                out[i] = "saturated"
+        return out
+
+
+class Scorer:
+    """Loads a verified pack into its backend and scores readings."""
+
+    def __init__(self, pack: ModelPack, backend: Backend, guard: OodGuard) -> None:
+        self.pack = pack
+        self.backend = backend
+        self.guard = guard
+        m = pack.manifest
+        self.labels = list(m.labels)
+        self.shape = tuple(m.input.shape)
+        self.threshold = m.routing.confidence_threshold
+        self.z_max = m.routing.feature_z_max
+        self.ref = pack.ref
+
+    @classmethod
+    def open(cls, pack: ModelPack, options: BackendOptions | None = None) -> Scorer:
+        """Verify the pack's files, load its backend, warm it up."""
+        if not pack.verified:
+            pack.verify()
+        if pack.manifest.input.dtype != "float32":
+            raise ModelPackError(f"{pack.path}: only float32 input is supported")
+        backend = backends.create(pack.manifest.backend)
+        backend.load(pack, options or BackendOptions())
+        return cls(pack, backend, OodGuard(pack))
+
+    def score(self, readings: list[Reading]) -> list[Decision]:
+        """Score readings in one backend call; decisions in the same order."""
+        if not readings:
+            return []
+        x = (
+            np.stack([r.values for r in readings])
+            if len(readings) > 1
+            else (readings[0].values[np.newaxis])
+        )
+        out = self.backend.score_batch(x)
+        guard = self.guard.reasons(x)
+        probs = out.probs
+        idx = probs.argmax(axis=1)
+        conf = probs[np.arange(len(readings)), idx]
+        z: npt.NDArray[np.float32] | None = out.ood_score
+        now = time.monotonic_ns()
+        decisions = []
+        for i, reading in enumerate(readings):
+            c = float(conf[i])
+            zi = float(z[i]) if z is not None else None
+            reason = guard[i]
+            if reason is None and zi is not None and self.z_max is not None and zi > self.z_max:
+                reason = "feature_outlier"
+            if reason is None and c < self.threshold:
+                reason = "low_confidence"
+            decisions.append(
+                Decision(
+                    label=self.labels[int(idx[i])],
+                    confidence=c,
+                    route="local" if reason is None else "hard",
+                    reason=reason,
+                    model=self.ref,
+                    latency_ms=(now - reading.t_mono_ns) / 1e6,
+                    reading=reading,
+                    ood_score=zi,
+                )
+            )
+        return decisions
+
+    def close(self) -> None:
+        self.backend.close()

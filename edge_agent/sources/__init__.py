@@ -1,0 +1,1 @@
+"""Where readings come from: files, stdin, sockets, a local MQTT topic."""

@@ -1,0 +1,47 @@
+"""Shared test helpers: paths to the bundled data and packs, a throwaway fake pack."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+MODELS = ROOT / "models"
+TEST_JSONL = ROOT / "data" / "basicmotions" / "test.jsonl"
+TRAIN_JSONL = ROOT / "data" / "basicmotions" / "train.jsonl"
+
+FAKE_MANIFEST = """\
+schema_version = 1
+name = "fake-pack"
+version = "0.0.1"
+backend = "fake"
+labels = ["a", "b", "c"]
+
+[[files]]
+path = "weights.bin"
+sha256 = "{sha}"
+size = {size}
+
+[input]
+name = "window"
+shape = [2, 4]
+
+[routing]
+confidence_threshold = 0.8
+"""
+
+
+def make_fake_pack(folder: Path, payload: bytes = b"fake weights\n") -> Path:
+    """Write a pack served by the fake backend; returns its folder."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "weights.bin").write_bytes(payload)
+    sha = hashlib.sha256(payload).hexdigest()
+    (folder / "manifest.toml").write_text(FAKE_MANIFEST.format(sha=sha, size=len(payload)))
+    return folder
+
+
+@pytest.fixture
+def fake_pack(tmp_path: Path) -> Path:
+    return make_fake_pack(tmp_path / "fake-pack")

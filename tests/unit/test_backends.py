@@ -1,0 +1,45 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edge_agent import backends
+from edge_agent.errors import BackendUnavailable, ModelIntegrityError
+from edge_agent.modelpack import open_pack
+from edge_agent.readings import Reading
+from edge_agent.scorer import Scorer
+
+
+def test_unknown_backend_is_a_clear_error() -> None:
+    with pytest.raises(BackendUnavailable, match="unknown backend 'tensorflow'"):
+        backends.create("tensorflow")
+
+
+def test_registry_imports_lazily() -> None:
+    assert set(backends.REGISTRY) >= {"onnx", "fake"}
+    for target in backends.REGISTRY.values():
+        module, _, cls = target.partition(":")
+        assert module.startswith("edge_agent.backends.")
+        assert cls
+
+
+def test_fake_backend_routes_by_confidence(fake_pack: Path) -> None:
+    scorer = Scorer.open(open_pack(fake_pack))
+    confident = np.zeros((2, 4), dtype=np.float32)
+    confident[0, :2] = [1, 0.95]
+    unsure = np.zeros((2, 4), dtype=np.float32)
+    unsure[0, :2] = [2, 0.5]
+    d1, d2 = scorer.score([Reading(confident, id=1), Reading(unsure, id=2)])
+    assert (d1.label, d1.route, d1.reason) == ("b", "local", None)
+    assert d1.confidence == pytest.approx(0.95)
+    assert (d2.label, d2.route, d2.reason) == ("c", "hard", "low_confidence")
+    assert d1.model == "fake-pack@0.0.1"
+    assert d1.latency_ms >= 0
+
+
+def test_scorer_refuses_a_tampered_pack(fake_pack: Path) -> None:
+    (fake_pack / "weights.bin").write_bytes(b"fake weightz\n")
+    with pytest.raises(ModelIntegrityError, match=r"weights\.bin"):
+        Scorer.open(open_pack(fake_pack))
