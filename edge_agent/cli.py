@@ -2,6 +2,8 @@
 
 Subcommands::
 
+    edge-agent run [--exit-when-drained]       the device service (config: source, mqtt, ...)
+    edge-agent cloud                           the cloud fallback worker
     edge-agent score [FILE|-] [--model PACK]   JSON lines in, decisions out
     edge-agent models list [--json]            installed model packs
     edge-agent models verify [PACK ...]        check every file's size and sha256
@@ -19,8 +21,10 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from . import __version__
+from .agent import Agent, stdout_writer
 from .backends.base import BackendOptions
 from .config import Settings, load_settings
 from .errors import ConfigError, EdgeAgentError, ModelError
@@ -78,6 +82,50 @@ def cmd_score(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    if settings.source.kind != "jsonl":
+        raise ConfigError(
+            f"source.kind = {settings.source.kind!r} is not available in this version (use jsonl)"
+        )
+    scorer = _open_scorer(settings, None)
+    agent = Agent(settings, scorer, emit=stdout_writer if args.decisions else None)
+    path = settings.source.path
+    if path == "-":
+        fd, close = sys.stdin.fileno(), False
+    else:
+        try:
+            fd, close = os.open(path, os.O_RDONLY), True
+        except OSError as exc:
+            agent.close()
+            raise ConfigError(f"source.path {path}: cannot open: {exc.strerror}") from exc
+    try:
+        code = agent.run(
+            fd, exit_when_drained=args.exit_when_drained, drain_timeout_s=args.drain_timeout
+        )
+    finally:
+        if close:
+            os.close(fd)
+        scorer.close()
+    summary = agent.summary()
+    if args.summary_json:
+        Path(args.summary_json).write_text(json.dumps(summary, indent=2) + "\n")
+    sys.stderr.write(
+        f"edge-agent run: {summary['readings']} readings, {summary['local']} local,"
+        f" {summary['hard_urgent']} urgent, {summary['hard_batch']} batch,"
+        f" {summary['rejected']} rejected; verdicts {summary['verdicts_on_time']} on time,"
+        f" {summary['verdicts_late']} late, {summary['deadline_missed']} missed;"
+        f" outbox {summary['outbox']}\n"
+    )
+    return code
+
+
+def cmd_cloud(args: argparse.Namespace) -> int:
+    from .cloud import main_cloud  # noqa: PLC0415 - the device never needs the cloud worker
+
+    return main_cloud(_settings(args))
+
+
 def cmd_models_list(args: argparse.Namespace) -> int:
     settings = _settings(args)
     packs = discover(settings.model.packs_dir)
@@ -131,6 +179,26 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--batch", type=int, help="largest internal batch (default model.max_batch)")
     score.add_argument("-q", "--quiet", action="store_true", help="no summary on stderr")
     score.set_defaults(func=cmd_score)
+
+    run = sub.add_parser("run", help="the device service: score, act, send hard cases")
+    run.add_argument(
+        "--exit-when-drained",
+        action="store_true",
+        help="stop once the source is exhausted and the outbox is empty",
+    )
+    run.add_argument(
+        "--drain-timeout", type=float, default=30.0, help="longest wait for draining (s)"
+    )
+    run.add_argument(
+        "--decisions",
+        action="store_true",
+        help="print every decision (and each stored hard case) as JSON lines on stdout",
+    )
+    run.add_argument("--summary-json", help="write the end-of-run summary to this file")
+    run.set_defaults(func=cmd_run)
+
+    cloud = sub.add_parser("cloud", help="the cloud fallback worker (urgent + batch tiers)")
+    cloud.set_defaults(func=cmd_cloud)
 
     models = sub.add_parser("models", help="list and verify model packs")
     msub = models.add_subparsers(dest="models_command", required=True)

@@ -80,12 +80,64 @@ class MqttSettings(_Section, frozen=True):
     password_file: str = ""
 
 
+class OutboxSettings(_Section, frozen=True):
+    max_total_bytes: Annotated[int, msgspec.Meta(ge=64 * 1024)] = 64 * 1024 * 1024
+    urgent_max_rows: PositiveInt = 10_000
+    urgent_max_bytes: PositiveInt = 32 * 1024 * 1024
+    urgent_ttl_s: Annotated[float, msgspec.Meta(gt=0)] = 3600.0
+    batch_max_rows: PositiveInt = 100_000
+    batch_max_bytes: PositiveInt = 48 * 1024 * 1024
+    batch_ttl_s: Annotated[float, msgspec.Meta(gt=0)] = 86400.0
+    telemetry_max_rows: PositiveInt = 10_000
+    telemetry_max_bytes: PositiveInt = 8 * 1024 * 1024
+    telemetry_ttl_s: Annotated[float, msgspec.Meta(gt=0)] = 3600.0
+
+
+class LinkSettings(_Section, frozen=True):
+    inflight_window: Annotated[int, msgspec.Meta(ge=1, le=65535)] = 64
+    submit_queue: Annotated[int, msgspec.Meta(ge=1)] = 10_000
+    reconnect_min_s: Annotated[float, msgspec.Meta(gt=0)] = 0.2
+    reconnect_max_s: Annotated[float, msgspec.Meta(gt=0)] = 30.0
+    batch_max_cases: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 100
+    batch_max_wait_s: NonNegFloat = 60.0
+    max_payload_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 256 * 1024
+
+
+class RouterSettings(_Section, frozen=True):
+    urgent_below: Fraction = 0.5
+    urgent_reasons: list[str] = msgspec.field(
+        default_factory=lambda: ["out_of_range", "feature_outlier"]
+    )
+    urgent_labels: list[str] = msgspec.field(default_factory=list)
+    cooldown_s: NonNegFloat = 5.0
+    max_urgent_per_minute: Annotated[int, msgspec.Meta(ge=0)] = 60
+    deadline_ms: Annotated[float, msgspec.Meta(gt=0)] = 2000.0
+    max_pending: PositiveInt = 10_000
+
+
+class CloudSettings(_Section, frozen=True):
+    pack: str = "basicmotions-cloud"
+    group: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.-]{1,64}$")] = "cloud"
+    worker_id: str = ""
+    batch_max: Annotated[int, msgspec.Meta(ge=1, le=4096)] = 256
+    dedupe_keys: PositiveInt = 100_000
+    max_payload_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 4 * 1024 * 1024
+    price_sync_per_1k_tokens: NonNegFloat = 0.04
+    batch_discount: Fraction = 0.5
+    tokens_per_reading: PositiveInt = 1500
+    ledger_path: str = ""
+
+
 class Settings(_Section, frozen=True):
     device: DeviceSettings = msgspec.field(default_factory=DeviceSettings)
     model: ModelSettings = msgspec.field(default_factory=ModelSettings)
     input: InputSettings = msgspec.field(default_factory=InputSettings)
     source: SourceSettings = msgspec.field(default_factory=SourceSettings)
     mqtt: MqttSettings = msgspec.field(default_factory=MqttSettings)
+    outbox: OutboxSettings = msgspec.field(default_factory=OutboxSettings)
+    link: LinkSettings = msgspec.field(default_factory=LinkSettings)
+    router: RouterSettings = msgspec.field(default_factory=RouterSettings)
+    cloud: CloudSettings = msgspec.field(default_factory=CloudSettings)
 
     @property
     def device_id(self) -> str:
@@ -130,6 +182,8 @@ def _base_type(tp: Any) -> Any:
     """Strip ``Annotated`` and ``Literal`` down to the Python type an env string must become."""
     if typing.get_origin(tp) is Annotated:
         return _base_type(typing.get_args(tp)[0])
+    if typing.get_origin(tp) is list:
+        return list
     if typing.get_origin(tp) is Literal:
         return type(typing.get_args(tp)[0])
     if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
@@ -146,6 +200,8 @@ def _from_env_string(name: str, raw: str, tp: Any) -> Any:
         if low in {"0", "false", "no", "off"}:
             return False
         raise ConfigError(f"environment variable {name}={raw!r}: not a valid bool")
+    if base is list:
+        return [item.strip() for item in raw.split(",") if item.strip()]
     try:
         if base is int:
             return int(raw.strip())

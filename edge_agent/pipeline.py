@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -30,7 +31,7 @@ class ErrorOut(msgspec.Struct, omit_defaults=True):
     id: Any = msgspec.UNSET
 
 
-class DecisionOut(msgspec.Struct):
+class DecisionOut(msgspec.Struct, omit_defaults=True):
     id: Any
     label: str
     confidence: float
@@ -38,12 +39,19 @@ class DecisionOut(msgspec.Struct):
     reason: str | None
     model: str
     latency_ms: float
+    tier: str | msgspec.UnsetType = msgspec.UNSET  #: set by the agent for hard cases
+    key: str | msgspec.UnsetType = msgspec.UNSET  #: idempotency key of a hard case
+
+
+#: Called for each decision in input order; may return (tier, key) for the output line.
+DecisionHook = Callable[[Decision], "tuple[str, str] | None"]
 
 
 _encoder = msgspec.json.Encoder()
 
 
-def decision_out(d: Decision) -> DecisionOut:
+def decision_out(d: Decision, routed: tuple[str, str] | None = None) -> DecisionOut:
+    tier, key = routed if routed is not None else (msgspec.UNSET, msgspec.UNSET)
     return DecisionOut(
         id=d.reading.id,
         label=d.label,
@@ -52,14 +60,26 @@ def decision_out(d: Decision) -> DecisionOut:
         reason=d.reason,
         model=d.model,
         latency_ms=round(d.latency_ms, 4),
+        tier=tier,
+        key=key,
     )
 
 
 class ScorePipeline:
     """Decode, validate, score and encode groups of lines."""
 
-    def __init__(self, scorer: Scorer, max_line_bytes: int, max_batch: int = 64) -> None:
+    def __init__(
+        self,
+        scorer: Scorer,
+        max_line_bytes: int,
+        max_batch: int = 64,
+        *,
+        on_decision: DecisionHook | None = None,
+        next_seq: Callable[[], int] | None = None,
+    ) -> None:
         self.scorer = scorer
+        self.on_decision = on_decision
+        self.next_seq = next_seq
         self.decoder = ReadingDecoder(scorer.shape, max_line_bytes)
         self.max_batch = max_batch
         self.counts: Counter[str] = Counter()
@@ -88,7 +108,7 @@ class ScorePipeline:
                 out[pos] = self._reject(err, msgspec.UNSET if rid is None else rid)
                 continue
             reading.t_mono_ns = t0
-            reading.seq = self.counts["lines"] + pos
+            reading.seq = self.next_seq() if self.next_seq else self.counts["lines"] + pos
             pending.append((pos, reading))
             if len(pending) >= self.max_batch:
                 self._score(pending, out)
@@ -102,7 +122,8 @@ class ScorePipeline:
         decisions = self.scorer.score([r for _, r in pending])
         for (pos, _), decision in zip(pending, decisions, strict=True):
             self.counts[decision.route] += 1
-            out[pos] = _encoder.encode(decision_out(decision)) + b"\n"
+            routed = self.on_decision(decision) if self.on_decision is not None else None
+            out[pos] = _encoder.encode(decision_out(decision, routed)) + b"\n"
 
     def _reject(self, err: ReadingError, rid: Any) -> bytes:
         self.counts["rejected"] += 1

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import hashlib
+import re
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from tests.broker import Mosquitto
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ROOT / "models"
@@ -45,3 +49,17 @@ def make_fake_pack(folder: Path, payload: bytes = b"fake weights\n") -> Path:
 @pytest.fixture
 def fake_pack(tmp_path: Path) -> Path:
     return make_fake_pack(tmp_path / "fake-pack")
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[Mosquitto]:
+    """A real mosquitto on a free loopback port, stopped by its PID at the end."""
+    b = Mosquitto(tmp_path / "broker").start()
+    yield b
+    b.stop()
+
+
+@pytest.fixture
+def topic_prefix(request: pytest.FixtureRequest) -> str:
+    """A topic namespace of the test's own."""
+    return "t/" + re.sub(r"[^A-Za-z0-9_.-]", "-", request.node.name)[:60]

@@ -1,0 +1,469 @@
+"""The MQTT link: one connection to the broker, owned by one thread.
+
+The link thread is the only code that touches paho-mqtt and the only writer
+of the outbox. Producers (the scoring loop) hand it messages through a
+bounded queue with ``submit``, which never blocks; the link thread stores
+each batch of submissions in the outbox in one transaction (one fsync) and
+only then publishes. It deletes a message when the broker's PUBACK carries a
+success reason code; a failure code keeps the message, is counted, and the
+message is retried after a pause.
+
+The connection: paho-mqtt 2.x with callback API version 2 and MQTT v5,
+TCP_NODELAY, optional TLS (CA, client certificate and key) and user name with
+a password read from a file at connect time. A retained ``status`` message
+says ``online`` after every connect; the last will says ``offline``. A CONNACK
+with a failure reason code (bad credentials, not authorised) is a failed
+attempt, never "connected". Reconnects back off exponentially with jitter.
+Each connection uses a fresh paho client, and what was in flight on a lost
+connection is replayed from the outbox on the next one (duplicates carry the
+same idempotency key), so nothing depends on paho's in-memory queue.
+
+Draining order: urgent first, then batch, then telemetry, with at most
+``link.inflight_window`` unacknowledged publishes. Batch-class rows (one hard
+case each) are sent together as one ``batch`` message when enough have
+gathered or the oldest has waited long enough.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import queue
+import random
+import select
+import socket
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+
+from .config import Settings, read_secret
+from .errors import ConfigError, OutboxError
+from .messages import IDEMPOTENCY_PROPERTY, SCHEMA_VERSION, Status, Topics, encoder
+from .outbox import Cls, Message, Outbox
+
+log = logging.getLogger(__name__)
+
+#: How long a message refused by the broker (PUBACK reason code >= 0x80) waits before a retry.
+NACK_RETRY_S = 5.0
+
+
+def new_client(settings: Settings, client_id: str) -> mqtt.Client:
+    """A paho client (v2 callbacks, MQTT v5) with TLS and credentials from ``settings``."""
+    m = settings.mqtt
+    client = mqtt.Client(
+        callback_api_version=CallbackAPIVersion.VERSION2,
+        client_id=client_id,
+        protocol=mqtt.MQTTv5,
+    )
+    if m.tls_ca or m.tls_cert:
+        try:
+            client.tls_set(
+                ca_certs=m.tls_ca or None,
+                certfile=m.tls_cert or None,
+                keyfile=m.tls_key or None,
+            )
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"mqtt TLS files cannot be used: {exc}") from exc
+    if m.username:
+        password = read_secret(m.password_file) if m.password_file else None
+        client.username_pw_set(m.username, password)
+    return client
+
+
+def set_nodelay(client: mqtt.Client) -> None:
+    sock = client.socket()
+    if isinstance(sock, socket.socket):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+@dataclass(slots=True)
+class _Inflight:
+    ids: list[int]
+    cls: Cls
+    sent_ns: int
+
+
+class Link:
+    """Owns the broker connection and the outbox; see the module docstring."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        outbox: Outbox,
+        device_id: str,
+        *,
+        model: str = "",
+        on_verdict: Callable[[bytes], None] | None = None,
+        on_stored: Callable[[str, str], None] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.outbox = outbox
+        self.device = device_id
+        self.model = model
+        self.topics = Topics(settings.mqtt.topic_prefix)
+        self.on_verdict = on_verdict
+        self.on_stored = on_stored
+        self.counters: Counter[str] = Counter()
+        self.connected = threading.Event()
+        self.last_error = ""
+        self._queue: queue.Queue[tuple[Cls, str, str, bytes]] = queue.Queue(
+            settings.link.submit_queue
+        )
+        self._stop = threading.Event()
+        self._flush_batches = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="edge-agent-link", daemon=True)
+        self._client: mqtt.Client | None = None
+        self._inflight: dict[int, _Inflight] = {}
+        self._held: dict[int, float] = {}  # row id -> monotonic time it may be retried
+        self._attempt = 0
+        self._next_attempt = 0.0
+        self._dirty = True
+        self._recheck_at = float("inf")
+        self._last_loop = time.monotonic()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self._status_payload = encoder.encode(
+            Status(v=SCHEMA_VERSION, device=device_id, state="online", model=model)
+        )
+        self._will_payload = encoder.encode(
+            Status(v=SCHEMA_VERSION, device=device_id, state="offline", model=model)
+        )
+
+    # -- public API (any thread) ------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, cls: Cls, key: str, topic: str, payload: bytes) -> bool:
+        """Hand a message to the link thread without blocking; False if the queue is full."""
+        if len(payload) > self.settings.link.max_payload_bytes:
+            self.counters[f"refused_too_large_{cls.name.lower()}"] += 1
+            log.error("message %s of %d bytes is over link.max_payload_bytes", key, len(payload))
+            return False
+        try:
+            self._queue.put_nowait((cls, key, topic, payload))
+        except queue.Full:
+            full = True
+        else:
+            full = False
+        if full:
+            self.counters[f"refused_queue_full_{cls.name.lower()}"] += 1
+            log.error("link queue full: %s message %s refused", cls.name.lower(), key)
+            return False
+        self._wake()
+        return True
+
+    def _wake(self) -> None:
+        # A full pipe means the link thread is already due to wake.
+        with contextlib.suppress(BlockingIOError):
+            os.write(self._wake_w, b"\0")
+
+    def flush_batches(self) -> None:
+        """Send waiting batch cases now instead of waiting for a full batch."""
+        self._flush_batches.set()
+        self._dirty = True
+        self._wake()
+
+    def idle(self) -> bool:
+        """True when nothing is queued, stored or in flight."""
+        d = self.outbox.depth()
+        return (
+            self._queue.empty()
+            and not self._inflight
+            and d["urgent"] == 0
+            and d["batch"] == 0
+            and d["telemetry"] == 0
+        )
+
+    @property
+    def healthy(self) -> bool:
+        """The link thread is alive and its loop turned recently."""
+        return self._thread.is_alive() and time.monotonic() - self._last_loop < 5.0
+
+    def inflight(self) -> int:
+        return len(self._inflight)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Store what was submitted, say offline, disconnect, and end the thread."""
+        self._stop.set()
+        self._wake()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    # -- the link thread --------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                self._last_loop = time.monotonic()
+                self._store_submissions()
+                client = self._client
+                if client is None:
+                    wait = self._next_attempt - time.monotonic()
+                    if wait <= 0:
+                        self._connect()
+                    else:
+                        self._wait(None, min(wait, 0.5))
+                    continue
+                if self.connected.is_set():
+                    self._drain()
+                self._wait(client, self._timeout())
+        finally:
+            self._store_submissions()
+            self._shutdown()
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+
+    def _timeout(self) -> float:
+        """How long the loop may sleep: until the next retry or batch is due, at most 1 s."""
+        now = time.monotonic()
+        due = [self._recheck_at, *list(self._held.values())[:1000]]
+        return max(0.0, min(1.0, *(t - now for t in due)))
+
+    def _wait(self, client: mqtt.Client | None, timeout: float) -> None:
+        """Sleep until the socket, a submission or the timeout wakes us; run paho's I/O."""
+        sock = client.socket() if client is not None else None
+        rlist: list[Any] = [self._wake_r]
+        wlist: list[Any] = []
+        if client is not None and sock is not None:
+            rlist.append(sock)
+            if client.want_write():
+                wlist.append(sock)
+        try:
+            readable, writable, _ = select.select(rlist, wlist, [], timeout)
+        except (OSError, ValueError) as exc:  # the socket was closed under us
+            if client is not None:
+                self._lost(f"socket error: {exc}")
+            return
+        if self._wake_r in readable:
+            with contextlib.suppress(BlockingIOError):
+                os.read(self._wake_r, 4096)
+        if client is None or sock is None:
+            return
+        for ready, step in ((readable, client.loop_read), (writable, client.loop_write)):
+            if sock in ready and self._client is client:
+                rc = step()
+                if rc != mqtt.MQTT_ERR_SUCCESS and self._client is client:
+                    self._lost(f"network: {mqtt.error_string(rc)}")
+                    return
+        if self._client is client:
+            rc = client.loop_misc()  # keepalive pings and their timeouts
+            if rc != mqtt.MQTT_ERR_SUCCESS and self._client is client:
+                self._lost(f"network: {mqtt.error_string(rc)}")
+
+    def _store_submissions(self) -> None:
+        items: list[tuple[Cls, str, str, bytes]] = []
+        try:
+            while len(items) < 1000:
+                items.append(self._queue.get_nowait())
+        except queue.Empty:
+            pass
+        if not items:
+            return
+        results = self.outbox.put_many(items)
+        for (cls, key, _, _), result in zip(items, results, strict=True):
+            if isinstance(result, OutboxError):
+                self.counters[f"store_failed_{cls.name.lower()}"] += 1
+                if cls is not Cls.TELEMETRY:
+                    log.error("hard case %s not accepted: %s", key, result)
+                continue
+            if self.on_stored is not None:
+                self.on_stored(cls.name.lower(), key)
+        self._dirty = True
+
+    def _connect(self) -> None:
+        m = self.settings.mqtt
+        client = new_client(self.settings, f"edge-agent-{self.device}")
+        client.will_set(self.topics.status(self.device), self._will_payload, qos=1, retain=True)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_publish = self._on_publish
+        client.on_message = self._on_message
+        self.counters["connect_attempts"] += 1
+        try:
+            client.connect(m.host, m.port, keepalive=m.keepalive_s, clean_start=True)
+        except (OSError, ValueError) as exc:
+            self._failed_attempt(f"cannot reach {m.host}:{m.port}: {exc}")
+            return
+        self._client = client
+
+    def _failed_attempt(self, why: str) -> None:
+        lk = self.settings.link
+        delay = min(lk.reconnect_max_s, lk.reconnect_min_s * (2 ** min(self._attempt, 20)))
+        delay = random.uniform(delay / 2, delay)  # noqa: S311 - jitter, not cryptography
+        self._attempt += 1
+        self._next_attempt = time.monotonic() + delay
+        if why != self.last_error or self._attempt % 10 == 1:
+            log.warning("broker connection failed (%s); retry in %.1f s", why, delay)
+        self.last_error = why
+
+    def _lost(self, why: str) -> None:
+        was_connected = self.connected.is_set()
+        self.connected.clear()
+        client, self._client = self._client, None
+        if client is not None:
+            try:
+                client.disconnect()
+            except (OSError, ValueError) as exc:
+                log.debug("closing a lost connection: %s", exc)
+        if self._inflight:
+            self.counters["inflight_replayed"] += sum(len(f.ids) for f in self._inflight.values())
+        self._inflight.clear()  # still in the outbox: replayed on the next connection
+        self._dirty = True
+        if was_connected:
+            self.counters["disconnects"] += 1
+        self._failed_attempt(why)
+
+    def _on_connect(
+        self, client: mqtt.Client, _ud: Any, _flags: Any, rc: ReasonCode, _props: Any
+    ) -> None:
+        if rc.is_failure:
+            self.counters["connect_refused"] += 1
+            log.error("broker refused the connection: %s", rc)
+            self._lost(f"CONNACK refused: {rc}")
+            return
+        set_nodelay(client)
+        self._attempt = 0
+        self.last_error = ""
+        self.counters["connects"] += 1
+        client.publish(self.topics.status(self.device), self._status_payload, qos=1, retain=True)
+        client.subscribe(self.topics.verdict(self.device), qos=1)
+        self.connected.set()
+        self._dirty = True
+        log.info("connected to %s:%d", self.settings.mqtt.host, self.settings.mqtt.port)
+
+    def _on_disconnect(
+        self, client: mqtt.Client, _ud: Any, _flags: Any, rc: ReasonCode, _props: Any
+    ) -> None:
+        if client is self._client and not self._stop.is_set():
+            self._lost(f"disconnected: {rc}")
+
+    def _on_publish(
+        self, client: mqtt.Client, _ud: Any, mid: int, rc: ReasonCode, _props: Any
+    ) -> None:
+        if client is not self._client:
+            return
+        entry = self._inflight.pop(mid, None)
+        if entry is None:
+            return  # status messages, or a message of a lost connection
+        if rc.is_failure:
+            name = entry.cls.name.lower()
+            self.counters[f"nacked_{name}"] += len(entry.ids)
+            log.error("broker refused %d %s message(s): %s", len(entry.ids), name, rc)
+            retry_at = time.monotonic() + NACK_RETRY_S
+            for row in entry.ids:
+                self._held[row] = retry_at
+            return
+        self.outbox.ack(entry.ids)
+        self.counters[f"published_{entry.cls.name.lower()}"] += len(entry.ids)
+        self._dirty = True
+
+    def _on_message(self, _client: mqtt.Client, _ud: Any, msg: mqtt.MQTTMessage) -> None:
+        self.counters["verdict_messages"] += 1
+        if self.on_verdict is not None:
+            self.on_verdict(bytes(msg.payload))
+
+    def _drain(self) -> None:
+        window = self.settings.link.inflight_window
+        now = time.monotonic()
+        if self._held and min(self._held.values()) <= now:
+            self._held = {k: t for k, t in self._held.items() if t > now}
+            self._dirty = True
+        if now >= self._recheck_at:
+            self._recheck_at = float("inf")
+            self._dirty = True
+        if not self._dirty:
+            return
+        self._dirty = False
+        busy = {row for f in self._inflight.values() for row in f.ids} | set(self._held)
+        for cls in Cls:
+            room = window - len(self._inflight)
+            if room <= 0:
+                self._dirty = True
+                return
+            if cls is Cls.BATCH:
+                self._drain_batches(room, busy)
+                continue
+            for message in self.outbox.pending(cls, room, busy):
+                self._publish_one(message)
+
+    def _drain_batches(self, room: int, busy: set[int]) -> None:
+        lk = self.settings.link
+        for _ in range(room):
+            cases = self.outbox.pending(Cls.BATCH, lk.batch_max_cases, busy)
+            if not cases:
+                return
+            ttl = self.settings.outbox.batch_ttl_s
+            oldest_age = ttl - cases[0].remaining_ttl_s
+            if (
+                len(cases) < lk.batch_max_cases
+                and oldest_age < lk.batch_max_wait_s
+                and not self._flush_batches.is_set()
+                and not self._stop.is_set()
+            ):
+                # The batch is still filling: look again when its oldest case is due.
+                due = time.monotonic() + lk.batch_max_wait_s - oldest_age
+                self._recheck_at = min(self._recheck_at, due)
+                return
+            self._publish_batch(cases)
+            busy.update(c.id for c in cases)
+
+    def _publish_one(self, message: Message) -> None:
+        props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+        props.UserProperty = [(IDEMPOTENCY_PROPERTY, message.key)]
+        props.MessageExpiryInterval = max(1, int(message.remaining_ttl_s))
+        if message.cls is Cls.URGENT:
+            props.ResponseTopic = self.topics.verdict(self.device)
+            props.CorrelationData = message.key.encode()
+        self._send(message.topic, message.payload, props, [message.id], message.cls)
+
+    def _publish_batch(self, cases: list[Message]) -> None:
+        body = (
+            b'{"v":%d,"device":"%s","cases":[' % (SCHEMA_VERSION, self.device.encode())
+            + b",".join(c.payload for c in cases)
+            + b"]}"
+        )
+        props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+        props.UserProperty = [(IDEMPOTENCY_PROPERTY, f"{cases[0].key}+{len(cases)}")]
+        props.MessageExpiryInterval = max(1, int(min(c.remaining_ttl_s for c in cases)))
+        self._send(self.topics.batch(self.device), body, props, [c.id for c in cases], Cls.BATCH)
+
+    def _send(
+        self, topic: str, payload: bytes, props: Properties, ids: list[int], cls: Cls
+    ) -> None:
+        client = self._client
+        if client is None:
+            return
+        info = client.publish(topic, payload, qos=1, properties=props)
+        if info.rc != mqtt.MQTT_ERR_SUCCESS:
+            self._lost(f"publish failed: {mqtt.error_string(info.rc)}")
+            return
+        self._inflight[info.mid] = _Inflight(ids, cls, time.monotonic_ns())
+
+    def _shutdown(self) -> None:
+        client, self._client = self._client, None
+        self.connected.clear()
+        if client is None:
+            return
+        try:
+            offline = client.publish(
+                self.topics.status(self.device), self._will_payload, qos=1, retain=True
+            )
+            deadline = time.monotonic() + 1.0
+            while time.monotonic() < deadline and not offline.is_published():
+                if client.loop(timeout=0.01) != mqtt.MQTT_ERR_SUCCESS:
+                    break
+            client.disconnect()
+        except (OSError, ValueError, RuntimeError) as exc:
+            log.debug("clean disconnect failed: %s", exc)

@@ -1,0 +1,182 @@
+"""Escalation policy: which cloud tier a hard case goes to, and what came back.
+
+``Router.tier`` decides from a Decision alone. A hard case is **urgent** when
+the model is very unsure (confidence below ``router.urgent_below``), when its
+reason is one of ``router.urgent_reasons``, or when its label is one of
+``router.urgent_labels``; every other hard case goes to the **batch** tier.
+Two brakes keep urgent traffic (and its cost) bounded: a cooldown per
+(device, label) — within ``router.cooldown_s`` of an urgent case with the same
+label, the next one goes to batch — and a budget of
+``router.max_urgent_per_minute``; past it, hard cases go to batch. Both are
+counted.
+
+The device never waits for the cloud: the local answer is acted on at once,
+marked provisional. ``Reconciler`` remembers each urgent case's deadline and
+local label; when the cloud's verdict arrives it records whether it came in
+time and whether it agreed. Verdicts that come after the deadline are counted
+as late; urgent cases without any verdict by their deadline as missed.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import Counter, OrderedDict, deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import msgspec
+
+from .config import RouterSettings
+from .messages import BatchVerdicts, Verdict
+from .scorer import Decision
+
+log = logging.getLogger(__name__)
+
+URGENT, BATCH = "urgent", "batch"
+
+
+class Router:
+    """Chooses the tier of each hard case; not thread-safe (the scoring loop owns it)."""
+
+    def __init__(
+        self, settings: RouterSettings, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.s = settings
+        self.clock = clock
+        self.counters: Counter[str] = Counter()
+        self._urgent_reasons = frozenset(settings.urgent_reasons)
+        self._urgent_labels = frozenset(settings.urgent_labels)
+        self._last_urgent: dict[str, float] = {}
+        self._recent: deque[float] = deque()
+
+    def tier(self, d: Decision) -> str:
+        """``"urgent"`` or ``"batch"`` for a hard decision."""
+        wants_urgent = (
+            d.confidence < self.s.urgent_below
+            or d.reason in self._urgent_reasons
+            or d.label in self._urgent_labels
+        )
+        if not wants_urgent:
+            self.counters["batch_by_policy"] += 1
+            return BATCH
+        now = self.clock()
+        last = self._last_urgent.get(d.label)
+        if last is not None and now - last < self.s.cooldown_s:
+            self.counters["batch_by_cooldown"] += 1
+            return BATCH
+        while self._recent and now - self._recent[0] >= 60.0:
+            self._recent.popleft()
+        if len(self._recent) >= self.s.max_urgent_per_minute:
+            self.counters["batch_by_budget"] += 1
+            return BATCH
+        self._recent.append(now)
+        self._last_urgent[d.label] = now
+        self.counters["urgent"] += 1
+        return URGENT
+
+
+@dataclass(slots=True)
+class _Pending:
+    deadline: float
+    local_label: str
+    tier: str
+
+
+_verdict_decoder = msgspec.json.Decoder(Verdict)
+_batch_decoder = msgspec.json.Decoder(BatchVerdicts)
+
+
+class Reconciler:
+    """Matches cloud verdicts to the hard cases they answer; thread-safe."""
+
+    def __init__(
+        self, settings: RouterSettings, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.s = settings
+        self.clock = clock
+        self.counters: Counter[str] = Counter()
+        self._lock = threading.Lock()
+        # Urgent cases in send order, so deadlines are in order too; batch cases apart.
+        self._pending: dict[str, OrderedDict[str, _Pending]] = {
+            URGENT: OrderedDict(),
+            BATCH: OrderedDict(),
+        }
+        self._overdue: OrderedDict[str, _Pending] = OrderedDict()
+        self.round_trips_ms: deque[float] = deque(maxlen=10_000)
+
+    def expect(self, key: str, local_label: str, tier: str) -> None:
+        """Remember a hard case sent to the cloud (urgent ones with a deadline)."""
+        deadline = self.clock() + self.s.deadline_ms / 1000.0
+        with self._lock:
+            pending = self._pending[tier]
+            pending[key] = _Pending(deadline, local_label, tier)
+            if len(pending) > self.s.max_pending:
+                old_key, _ = pending.popitem(last=False)
+                self.counters[f"forgotten_{tier}"] += 1
+                log.warning("forgot pending hard case %s: too many awaiting a verdict", old_key)
+
+    def on_verdict(self, payload: bytes) -> None:
+        """Take one verdict message (single or batch) from the link; never raises."""
+        try:
+            if b'"verdicts"' in payload:
+                verdicts = _batch_decoder.decode(payload).verdicts
+            else:
+                verdicts = [_verdict_decoder.decode(payload)]
+        except (msgspec.MsgspecError, UnicodeDecodeError, RecursionError) as exc:
+            self.counters["verdicts_malformed"] += 1
+            log.warning("malformed verdict ignored: %s", exc)
+            return
+        now = self.clock()
+        with self._lock:
+            for v in verdicts:
+                self._take(v, now)
+
+    def _take(self, v: Verdict, now: float) -> None:
+        entry = self._pending[v.tier].pop(v.key, None)
+        late = False
+        if entry is None:
+            entry = self._overdue.pop(v.key, None)
+            late = entry is not None
+        if entry is None:
+            self.counters["verdicts_unknown"] += 1  # a duplicate, or from before a restart
+            return
+        self.counters[f"verdicts_{entry.tier}"] += 1
+        if entry.tier == URGENT:
+            if late:
+                self.counters["verdicts_late"] += 1
+            else:
+                self.counters["verdicts_on_time"] += 1
+                sent = entry.deadline - self.s.deadline_ms / 1000.0
+                self.round_trips_ms.append((now - sent) * 1000.0)
+        agree = v.label == entry.local_label
+        self.counters["agree" if agree else "disagree"] += 1
+
+    def sweep(self) -> None:
+        """Move urgent cases past their deadline to overdue (counted as missed)."""
+        now = self.clock()
+        with self._lock:
+            urgent = self._pending[URGENT]
+            while urgent:
+                key, first = next(iter(urgent.items()))
+                if first.deadline > now:
+                    break
+                del urgent[key]
+                self._overdue[key] = first
+                self.counters["deadline_missed"] += 1
+            while len(self._overdue) > self.s.max_pending:
+                self._overdue.popitem(last=False)
+
+    def agreement(self) -> float | None:
+        n = self.counters["agree"] + self.counters["disagree"]
+        return self.counters["agree"] / n if n else None
+
+    def waiting_urgent(self) -> int:
+        """Urgent cases still inside their deadline without a verdict."""
+        with self._lock:
+            return len(self._pending[URGENT])
+
+    def waiting(self) -> int:
+        with self._lock:
+            return sum(len(p) for p in self._pending.values())
