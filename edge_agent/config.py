@@ -98,6 +98,8 @@ class LinkSettings(_Section, frozen=True):
     submit_queue: Annotated[int, msgspec.Meta(ge=1)] = 10_000
     reconnect_min_s: Annotated[float, msgspec.Meta(gt=0)] = 0.2
     reconnect_max_s: Annotated[float, msgspec.Meta(gt=0)] = 30.0
+    retry_refused_s: Annotated[float, msgspec.Meta(gt=0)] = 5.0
+    retry_no_subscribers_s: Annotated[float, msgspec.Meta(gt=0)] = 1.0
     batch_max_cases: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 100
     batch_max_wait_s: NonNegFloat = 60.0
     max_payload_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 256 * 1024

@@ -53,8 +53,8 @@ from .outbox import Cls, Message, Outbox
 
 log = logging.getLogger(__name__)
 
-#: How long a message refused by the broker (PUBACK reason code >= 0x80) waits before a retry.
-NACK_RETRY_S = 5.0
+#: PUBACK reason code "No matching subscribers": the broker took the message and gave it to nobody.
+NO_MATCHING_SUBSCRIBERS = 0x10
 
 
 def new_client(settings: Settings, client_id: str) -> mqtt.Client:
@@ -357,17 +357,28 @@ class Link:
         entry = self._inflight.pop(mid, None)
         if entry is None:
             return  # status messages, or a message of a lost connection
+        name = entry.cls.name.lower()
+        lk = self.settings.link
         if rc.is_failure:
-            name = entry.cls.name.lower()
             self.counters[f"nacked_{name}"] += len(entry.ids)
             log.error("broker refused %d %s message(s): %s", len(entry.ids), name, rc)
-            retry_at = time.monotonic() + NACK_RETRY_S
-            for row in entry.ids:
-                self._held[row] = retry_at
+            self._hold(entry.ids, lk.retry_refused_s)
+            return
+        if rc.value == NO_MATCHING_SUBSCRIBERS and entry.cls is not Cls.TELEMETRY:
+            # No cloud worker is subscribed (yet): the broker would drop a hard case. Keep it.
+            self.counters[f"no_subscribers_{name}"] += len(entry.ids)
+            if self.counters[f"no_subscribers_{name}"] == len(entry.ids):
+                log.warning("no cloud worker subscribed to %s messages; holding them", name)
+            self._hold(entry.ids, lk.retry_no_subscribers_s)
             return
         self.outbox.ack(entry.ids)
         self.counters[f"published_{entry.cls.name.lower()}"] += len(entry.ids)
         self._dirty = True
+
+    def _hold(self, ids: list[int], pause_s: float) -> None:
+        retry_at = time.monotonic() + pause_s
+        for row in ids:
+            self._held[row] = retry_at
 
     def _on_message(self, _client: mqtt.Client, _ud: Any, msg: mqtt.MQTTMessage) -> None:
         self.counters["verdict_messages"] += 1

@@ -31,7 +31,10 @@ def mosquitto_path() -> str:
 class Mosquitto:
     """One broker process. ``extra`` lines are appended to the generated config."""
 
-    def __init__(self, workdir: Path, port: int | None = None, extra: str = "") -> None:
+    def __init__(
+        self, workdir: Path, port: int | None = None, extra: str = "", anonymous: bool = True
+    ) -> None:
+        self.anonymous = anonymous
         self.workdir = workdir
         self.port = port or free_port()
         self.extra = extra
@@ -43,7 +46,7 @@ class Mosquitto:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.conf.write_text(
             f"listener {self.port} 127.0.0.1\n"
-            "allow_anonymous true\n"
+            f"allow_anonymous {'true' if self.anonymous else 'false'}\n"
             "persistence false\n"
             "log_dest stderr\n"
             "log_type error\nlog_type warning\nlog_type notice\n"

@@ -63,3 +63,18 @@ def broker(tmp_path: Path) -> Iterator[Mosquitto]:
 def topic_prefix(request: pytest.FixtureRequest) -> str:
     """A topic namespace of the test's own."""
     return "t/" + re.sub(r"[^A-Za-z0-9_.-]", "-", request.node.name)[:60]
+
+
+def settings_env(port: int, prefix: str, state_dir: Path, **extra: str) -> dict[str, str]:
+    """EDGE_AGENT_* variables for a device talking to a test broker."""
+    env = {
+        "EDGE_AGENT_MQTT_PORT": str(port),
+        "EDGE_AGENT_MQTT_TOPIC_PREFIX": prefix,
+        "EDGE_AGENT_DEVICE_STATE_DIR": str(state_dir),
+        "EDGE_AGENT_DEVICE_ID": "dev1",
+        "EDGE_AGENT_MQTT_KEEPALIVE_S": "5",
+        "EDGE_AGENT_LINK_RECONNECT_MIN_S": "0.05",
+        "EDGE_AGENT_LINK_RECONNECT_MAX_S": "0.5",
+    }
+    env.update({f"EDGE_AGENT_{k.upper()}": v for k, v in extra.items()})
+    return env
