@@ -37,6 +37,10 @@ from .sources.lines import chunked_lines
 log = logging.getLogger(__name__)
 
 
+#: ``run --exit-when-drained`` gave up waiting: messages are still in the outbox (kept there).
+EXIT_DRAIN_TIMEOUT = 3
+
+
 class _StopRequested(Exception):
     """Raised in the main thread by the SIGTERM/SIGINT handler to end intake."""
 
@@ -137,12 +141,13 @@ class Agent:
         }
         self.link.start()
         stopped = False
+        code = 0
         try:
             for group in chunked_lines(fd, self.settings.input.max_line_bytes):
                 self._write(self.pipeline.process(group))
                 self.reconciler.sweep()
-            if exit_when_drained:
-                self.drain(drain_timeout_s)
+            if exit_when_drained and not self.drain(drain_timeout_s):
+                code = EXIT_DRAIN_TIMEOUT
         except _StopRequested:
             stopped = True
             log.info("stop requested: intake closed, storing what was accepted")
@@ -152,7 +157,7 @@ class Agent:
             self.close()
         if stopped:
             log.info("stopped")
-        return 0
+        return code
 
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
         raise _StopRequested(signal.Signals(signum).name)
