@@ -1,21 +1,28 @@
 """The agent: readings in, local decisions out at once, hard cases to the cloud.
 
-Wiring: JSON lines → ``ScorePipeline`` (validate, score) → ``Router`` (tier) →
-``Link.submit`` (durable outbox, then MQTT). The scoring loop never waits on
-the network or the disk: hard cases go to the link thread through a bounded
-queue, and the link thread stores them (one fsync per group) before it
-publishes. Cloud verdicts come back on the link thread and are reconciled.
+Wiring: source → ``ScorePipeline`` (validate, score; micro-batched by what
+arrived together) → ``Router`` (tier) → ``Link.submit`` (durable outbox, then
+MQTT). The scoring loop never waits on the network or the disk: hard cases
+and telemetry go to the link thread through a bounded queue, and the link
+thread stores them (one fsync per group) before it publishes; psutil and
+percentiles run on the telemetry thread. Cloud verdicts come back on the link
+thread and are reconciled.
 
-``edge-agent run`` drives this; ``--exit-when-drained`` stops once the source
-is exhausted, the outbox is empty and every urgent case has its verdict or
-has passed its deadline (or the drain timeout passes).
+Threads: main (source + scoring + routing + watchdog), link, telemetry, and
+the optional loopback ``/metrics`` server. systemd is told ``READY=1`` once
+the model is loaded and warm and the outbox is open; ``WATCHDOG=1`` is sent
+from the main loop only while the loop turns and the link thread is alive.
+
+SIGTERM/SIGINT: stop taking input, finish the group being scored, store what
+was accepted, close the outbox cleanly, exit 0. ``--exit-when-drained`` stops
+once the source is exhausted, the outbox is empty and every urgent case has
+its verdict or has passed its deadline (or the drain timeout passes: exit 3).
 """
 
 from __future__ import annotations
 
 import logging
 import signal
-import statistics
 import sys
 import threading
 import time
@@ -25,6 +32,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+import numpy as np
+
 from .config import Settings
 from .link import Link
 from .messages import SCHEMA_VERSION, HardCase, LocalDecision, Topics, encoder
@@ -32,17 +41,14 @@ from .outbox import ClassLimits, Cls, Outbox
 from .pipeline import ScorePipeline
 from .router import URGENT, Reconciler, Router
 from .scorer import Decision, Scorer
-from .sources.lines import chunked_lines
+from .sources import Source
+from .systemd import Heartbeat, Notifier, Watchdog
+from .telemetry import LatencyWindow, MetricsServer, SystemProbe, TelemetryThread, prometheus_text
 
 log = logging.getLogger(__name__)
 
-
 #: ``run --exit-when-drained`` gave up waiting: messages are still in the outbox (kept there).
 EXIT_DRAIN_TIMEOUT = 3
-
-
-class _StopRequested(Exception):
-    """Raised in the main thread by the SIGTERM/SIGINT handler to end intake."""
 
 
 def open_outbox(settings: Settings) -> Outbox:
@@ -55,8 +61,12 @@ def open_outbox(settings: Settings) -> Outbox:
     return Outbox(Path(settings.device.state_dir) / "outbox.db", limits, o.max_total_bytes)
 
 
+def _percentile(values: list[float], q: float) -> float | None:
+    return float(np.percentile(values, q)) if values else None
+
+
 class Agent:
-    """One device's agent: a scorer, a router, an outbox and a link."""
+    """One device's agent: a scorer, a router, an outbox, a link and telemetry."""
 
     def __init__(
         self,
@@ -64,6 +74,7 @@ class Agent:
         scorer: Scorer,
         *,
         emit: Callable[[bytes], None] | None = None,
+        notifier: Notifier | None = None,
     ) -> None:
         self.settings = settings
         self.scorer = scorer
@@ -72,6 +83,7 @@ class Agent:
         self.counters: Counter[str] = Counter()
         self._emit = emit
         self._emit_lock = threading.Lock()
+        self._stop_requested = ""
         self.outbox = open_outbox(settings)
         self.router = Router(settings.router)
         self.reconciler = Reconciler(settings.router)
@@ -90,11 +102,31 @@ class Agent:
             on_decision=self._route,
             next_seq=self.outbox.next_seq,
         )
+        t = settings.telemetry
+        self.latency = LatencyWindow(t.latency_window)
+        self.probe = SystemProbe(settings.device.state_dir)
+        self.telemetry = TelemetryThread(
+            t.interval_s,
+            self.snapshot,
+            self._publish_telemetry if t.publish else None,
+            Path(t.textfile) if t.textfile else None,
+        )
+        self.metrics: MetricsServer | None = None
+        if t.http_port:
+            self.metrics = MetricsServer(
+                t.http_port, lambda: prometheus_text(self.telemetry.latest or self.snapshot())
+            )
+        self.notifier = notifier or Notifier()
+        self.heartbeat = Heartbeat("scoring loop")
+        self.watchdog = Watchdog(
+            self.notifier, [self.heartbeat.fresh(10.0), lambda: self.link.healthy]
+        )
 
-    # -- routing ----------------------------------------------------------------------
+    # -- routing (main thread) --------------------------------------------------------
 
     def _route(self, d: Decision) -> tuple[str, str] | None:
         self.counters["readings"] += 1
+        self.latency.record(d.latency_ms)
         if d.route != "hard":
             return None
         tier = self.router.tier(d)
@@ -123,6 +155,8 @@ class Agent:
         return tier, key
 
     def _on_stored(self, tier: str, key: str) -> None:
+        if tier == "telemetry":
+            return
         self._write(b'{"accepted":"%s","tier":"%s"}\n' % (key.encode(), tier.encode()))
 
     def _write(self, data: bytes) -> None:
@@ -130,64 +164,20 @@ class Agent:
             with self._emit_lock:
                 self._emit(data)
 
-    # -- running ----------------------------------------------------------------------
+    # -- telemetry (telemetry thread) -------------------------------------------------
 
-    def run(
-        self, fd: int, *, exit_when_drained: bool = False, drain_timeout_s: float = 30.0
-    ) -> int:
-        """Score lines from ``fd`` until end of input (or SIGTERM); returns an exit code."""
-        previous = {
-            sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)
-        }
-        self.link.start()
-        stopped = False
-        code = 0
-        try:
-            for group in chunked_lines(fd, self.settings.input.max_line_bytes):
-                self._write(self.pipeline.process(group))
-                self.reconciler.sweep()
-            if exit_when_drained and not self.drain(drain_timeout_s):
-                code = EXIT_DRAIN_TIMEOUT
-        except _StopRequested:
-            stopped = True
-            log.info("stop requested: intake closed, storing what was accepted")
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
-            self.close()
-        if stopped:
-            log.info("stopped")
-        return code
+    def _publish_telemetry(self, snap: dict[str, Any]) -> None:
+        key = f"{self.device}:t{int(snap.get('time_unix', time.time()) * 1000)}"
+        payload = encoder.encode({"v": SCHEMA_VERSION, "device": self.device, **snap})
+        self.link.submit(Cls.TELEMETRY, key, self.topics.telemetry(self.device), payload)
 
-    def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
-        raise _StopRequested(signal.Signals(signum).name)
-
-    def drain(self, timeout_s: float) -> bool:
-        """Wait until everything is published and every urgent case is answered or overdue."""
-        self.link.flush_batches()
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            self.reconciler.sweep()
-            if self.link.idle() and self.reconciler.waiting_urgent() == 0:
-                return True
-            time.sleep(0.01)
-        log.warning(
-            "drain timeout after %.0f s: outbox %s, %d in flight",
-            timeout_s,
-            self.outbox.depth(),
-            self.link.inflight(),
-        )
-        return False
-
-    def close(self) -> None:
-        self.link.stop()
-        self.reconciler.sweep()
-        self.outbox.close()
-
-    def summary(self) -> dict[str, Any]:
-        c, r, link = self.pipeline.counts, self.reconciler.counters, self.link.counters
-        rtt = sorted(self.reconciler.round_trips_ms)
-        return {
+    def snapshot(self) -> dict[str, Any]:
+        """Everything telemetry reports, as one JSON-able dict."""
+        c, r = self.pipeline.counts, self.reconciler.counters
+        lat = self.latency.percentiles()
+        rtt = list(self.reconciler.round_trips_ms)
+        snap: dict[str, Any] = {
+            "model": self.scorer.ref,
             "readings": c["local"] + c["hard"],
             "rejected": c["rejected"],
             "rejects": dict(self.pipeline.rejects),
@@ -196,18 +186,121 @@ class Agent:
             "hard_batch": self.counters["hard_batch"],
             "hard_refused": self.counters["hard_refused_urgent"]
             + self.counters["hard_refused_batch"],
-            "published": {k[10:]: v for k, v in link.items() if k.startswith("published_")},
             "verdicts_on_time": r["verdicts_on_time"],
             "verdicts_late": r["verdicts_late"],
-            "deadline_missed": r["deadline_missed"],
             "verdicts_batch": r["verdicts_batch"],
+            "deadline_missed": r["deadline_missed"],
             "agreement": self.reconciler.agreement(),
-            "round_trip_ms_p50": statistics.median(rtt) if rtt else None,
-            "round_trip_ms_p99": rtt[min(len(rtt) - 1, int(0.99 * len(rtt)))] if rtt else None,
+            "latency_ms_p50": lat["p50"],
+            "latency_ms_p95": lat["p95"],
+            "latency_ms_p99": lat["p99"],
+            "round_trip_ms_p50": _percentile(rtt, 50),
+            "round_trip_ms_p99": _percentile(rtt, 99),
             "outbox": self.outbox.depth(),
-            "reconnects": link["disconnects"],
+            "outbox_bytes": self.outbox.bytes_used(),
+            "outbox_events": dict(self.outbox.counters),
+            "link": dict(self.link.counters),
+            "connected": self.link.connected.is_set(),
+            "reconnects": self.link.counters["disconnects"],
             "router": dict(self.router.counters),
         }
+        snap.update(self.probe.read())
+        return snap
+
+    def status_line(self) -> str:
+        c = self.pipeline.counts
+        lat = self.latency.percentiles()
+        p99 = f"{lat['p99']:.2f} ms" if lat["p99"] is not None else "-"
+        link = "connected" if self.link.connected.is_set() else "offline"
+        return (
+            f"{c['local'] + c['hard']} readings, {c['hard']} hard, {c['rejected']} rejected;"
+            f" p99 {p99}; broker {link}; outbox {sum(self.outbox.depth().values())}"
+        )
+
+    # -- running (main thread) --------------------------------------------------------
+
+    def run(
+        self, source: Source, *, exit_when_drained: bool = False, drain_timeout_s: float = 30.0
+    ) -> int:
+        """Score what the source yields until it ends or SIGTERM; returns an exit code."""
+        previous = {
+            sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)
+        }
+        self.link.start()
+        self.telemetry.start()
+        if self.metrics is not None:
+            self.metrics.start()
+        self.notifier.ready(self.status_line())
+        code = 0
+        next_status = time.monotonic() + self.settings.telemetry.status_interval_s
+        try:
+            ended = False
+            for group in source.groups():
+                if group:
+                    self._write(self.pipeline.process(group))
+                self._tick()
+                if self._stop_requested:
+                    break
+                if time.monotonic() >= next_status:
+                    self.notifier.status(self.status_line())
+                    next_status = time.monotonic() + self.settings.telemetry.status_interval_s
+            else:
+                ended = True
+            if ended and exit_when_drained:
+                if not self.drain(drain_timeout_s):
+                    code = EXIT_DRAIN_TIMEOUT
+            elif ended:
+                log.info("source ended; still delivering until stopped")
+                while not self._stop_requested:
+                    self._tick()
+                    time.sleep(0.25)
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            self.notifier.stopping(self.status_line())
+            source.close()
+            self.close()
+        if self._stop_requested:
+            log.info("stopped by %s", self._stop_requested)
+        return code
+
+    def _tick(self) -> None:
+        self.heartbeat.beat()
+        self.reconciler.sweep()
+        self.watchdog.maybe_ping()
+
+    def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
+        self._stop_requested = signal.Signals(signum).name
+
+    def drain(self, timeout_s: float) -> bool:
+        """Wait until everything is published and every urgent case is answered or overdue."""
+        self.link.flush_batches()
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and not self._stop_requested:
+            self._tick()
+            if self.link.idle() and self.reconciler.waiting_urgent() == 0:
+                return True
+            time.sleep(0.01)
+        log.warning(
+            "drain ended before everything was delivered: outbox %s, %d in flight",
+            self.outbox.depth(),
+            self.link.inflight(),
+        )
+        return False
+
+    def close(self) -> None:
+        if self.metrics is not None:
+            self.metrics.stop()
+        self.telemetry.stop()
+        self.link.stop()
+        self.reconciler.sweep()
+        self.outbox.close()
+        self.notifier.close()
+
+    def summary(self) -> dict[str, Any]:
+        snap = dict(self.telemetry.latest or self.snapshot())
+        snap.pop("temperatures_c", None)
+        return snap
 
 
 def stdout_writer(data: bytes) -> None:

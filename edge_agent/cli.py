@@ -31,6 +31,7 @@ from .errors import ConfigError, EdgeAgentError, ModelError
 from .modelpack import ModelPack, discover, resolve
 from .pipeline import ScorePipeline
 from .scorer import Scorer
+from .sources import open_source
 from .sources.lines import chunked_lines
 
 log = logging.getLogger("edge_agent")
@@ -84,39 +85,24 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     settings = _settings(args)
-    if settings.source.kind != "jsonl":
-        raise ConfigError(
-            f"source.kind = {settings.source.kind!r} is not available in this version (use jsonl)"
-        )
     scorer = _open_scorer(settings, None)
+    spec = scorer.pack.manifest.input
+    try:
+        source = open_source(settings, tuple(spec.shape), spec.hop)
+    except EdgeAgentError:
+        scorer.close()
+        raise
     agent = Agent(settings, scorer, emit=stdout_writer if args.decisions else None)
-    path = settings.source.path
-    if path == "-":
-        fd, close = sys.stdin.fileno(), False
-    else:
-        try:
-            fd, close = os.open(path, os.O_RDONLY), True
-        except OSError as exc:
-            agent.close()
-            raise ConfigError(f"source.path {path}: cannot open: {exc.strerror}") from exc
     try:
         code = agent.run(
-            fd, exit_when_drained=args.exit_when_drained, drain_timeout_s=args.drain_timeout
+            source, exit_when_drained=args.exit_when_drained, drain_timeout_s=args.drain_timeout
         )
     finally:
-        if close:
-            os.close(fd)
         scorer.close()
     summary = agent.summary()
     if args.summary_json:
         Path(args.summary_json).write_text(json.dumps(summary, indent=2) + "\n")
-    sys.stderr.write(
-        f"edge-agent run: {summary['readings']} readings, {summary['local']} local,"
-        f" {summary['hard_urgent']} urgent, {summary['hard_batch']} batch,"
-        f" {summary['rejected']} rejected; verdicts {summary['verdicts_on_time']} on time,"
-        f" {summary['verdicts_late']} late, {summary['deadline_missed']} missed;"
-        f" outbox {summary['outbox']}\n"
-    )
+    sys.stderr.write(f"edge-agent run: {agent.status_line()}\n")
     return code
 
 

@@ -85,7 +85,6 @@ from .link import new_client, set_nodelay
 from .messages import (
     IDEMPOTENCY_PROPERTY,
     SCHEMA_VERSION,
-    Batch,
     BatchVerdicts,
     HardCase,
     Topics,
@@ -117,6 +116,8 @@ PERMANENT_REFUSALS = frozenset({0x84, 0x85, 0x86, 0x87, 0x8A, 0x8C})
 PERMANENT_REFUSAL_LIMIT = 5
 
 LEDGER_SCHEMA = 1
+#: MQTT v5 user property on every verdict naming the worker that answered (for tracing).
+WORKER_PROPERTY = "cloud-worker"
 
 
 # --------------------------------------------------------------------------------------
@@ -439,6 +440,14 @@ def _chunks(items: list[Any], size: int) -> Iterator[list[Any]]:
         yield items[start : start + size]
 
 
+class _BatchEnvelope(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """``messages.Batch`` with its cases left undecoded, so that one bad case is refused alone."""
+
+    v: int
+    device: str
+    cases: list[msgspec.Raw]
+
+
 @dataclass(slots=True)
 class _Pending:
     """A batch case that passed validation and waits for its chunk to be scored."""
@@ -472,7 +481,7 @@ class CloudWorker:
         self._readings: ReadingDecoder | None = None
         self._dedupe: OrderedDict[tuple[str, str], Verdict] = OrderedDict()
         self._hard_decoder = msgspec.json.Decoder(HardCase)
-        self._batch_decoder = msgspec.json.Decoder(Batch)
+        self._batch_decoder = msgspec.json.Decoder(_BatchEnvelope)
         self._throttle = _Throttle(REJECT_LOG_INTERVAL_S)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -536,7 +545,7 @@ class CloudWorker:
         """
         if self._thread is None:
             self.start()
-        previous: dict[int, Any] = {}
+        previous: dict[signal.Signals, Any] = {}
         if threading.current_thread() is threading.main_thread():
 
             def handler(signum: int, _frame: FrameType | None) -> None:
@@ -559,29 +568,33 @@ class CloudWorker:
         changes = self.ledger.changes
         if not path or changes == self._ledger_written:
             return
+        error: OSError | None = None
         try:
             self.ledger.write(path)
         except OSError as exc:
+            error = exc
+        if error is not None:
             self.counters["ledger_write_failed"] += 1
-            log.error("cannot write the cost ledger to %s: %s", path, exc)
+            log.error("cannot write the cost ledger to %s: %s", path, error)
             return
         self._ledger_written = changes
 
     def _load_ledger(self, path: Path) -> None:
-        try:
-            data = path.read_bytes()
-        except FileNotFoundError:
+        """Continue the figures of an earlier run; an invalid file is moved aside, not lost."""
+        if not path.exists():
             return
+        problem = ""
+        try:
+            self.ledger.restore(path.read_bytes())
         except OSError as exc:
-            log.error("cannot read the cost ledger %s (%s); starting a new one", path, exc)
-            return
-        try:
-            self.ledger.restore(data)
+            problem = f"cannot be read ({exc.strerror})"
         except ValueError as exc:
             aside = path.with_name(path.name + ".invalid")
             with contextlib.suppress(OSError):
                 os.replace(path, aside)
-            log.error("the cost ledger %s is invalid (%s); moved to %s", path, exc, aside)
+            problem = f"is invalid ({exc}); moved to {aside}"
+        if problem:
+            log.error("the cost ledger %s %s; starting a new one", path, problem)
             return
         self._ledger_written = self.ledger.changes
 
@@ -614,7 +627,8 @@ class CloudWorker:
             client = new_client(self.settings, self.client_id)
         except ConfigError as exc:
             self.failed = str(exc)
-            log.error("cannot connect: %s", exc)
+        if self.failed:
+            log.error("cannot connect: %s", self.failed)
             self._stop.set()
             return
         client.max_inflight_messages_set(self.settings.link.inflight_window)
@@ -772,19 +786,7 @@ class CloudWorker:
         topic = "?"
         try:
             topic = msg.topic
-            kind = topic.rsplit("/", 1)[-1]
-            device = Topics.device_of(topic)
-            if len(msg.payload) > self.cloud.max_payload_bytes:
-                raise _Rejected(
-                    "too_large",
-                    f"payload of {len(msg.payload)} bytes is over cloud.max_payload_bytes",
-                )
-            if kind == "hard":
-                self._handle_urgent(client, msg, device, received_ns)
-            elif kind == "batch":
-                self._handle_batch(client, msg.payload, device, received_ns)
-            else:
-                raise _Rejected("unknown_topic", "not a hard or batch topic")
+            self._dispatch(client, msg, topic, received_ns)
         except _Rejected as rej:
             self._reject(rej, topic)
         except UnicodeDecodeError:
@@ -795,6 +797,22 @@ class CloudWorker:
             if self._throttle.allow("internal-error")[0]:
                 log.exception("unexpected error handling a message on %.200s", topic)
 
+    def _dispatch(
+        self, client: mqtt.Client, msg: mqtt.MQTTMessage, topic: str, received_ns: int
+    ) -> None:
+        kind = topic.rsplit("/", 1)[-1]
+        device = Topics.device_of(topic)
+        if len(msg.payload) > self.cloud.max_payload_bytes:
+            raise _Rejected(
+                "too_large", f"payload of {len(msg.payload)} bytes is over cloud.max_payload_bytes"
+            )
+        if kind == "hard":
+            self._handle_urgent(client, msg, device, received_ns)
+        elif kind == "batch":
+            self._handle_batch(client, msg.payload, device, received_ns)
+        else:
+            raise _Rejected("unknown_topic", "not a hard or batch topic")
+
     def _reject(self, rej: _Rejected, topic: str) -> None:
         self.counters[f"rejected_{rej.reason}"] += 1
         allowed, held = self._throttle.allow(rej.reason)
@@ -804,7 +822,7 @@ class CloudWorker:
                 "rejected a message on %.200s: %s: %.300s%s", topic, rej.reason, rej.detail, more
             )
 
-    def _decode_case(self, payload: bytes) -> HardCase:
+    def _decode_case(self, payload: bytes | bytearray | msgspec.Raw) -> HardCase:
         try:
             return self._hard_decoder.decode(payload)
         except (msgspec.MsgspecError, RecursionError, UnicodeDecodeError) as exc:
@@ -888,14 +906,14 @@ class CloudWorker:
             self.ledger.charge(device, "urgent")
             self.counters["urgent_scored"] += 1
         props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
-        props.UserProperty = [(IDEMPOTENCY_PROPERTY, case.key)]
+        props.UserProperty = [(IDEMPOTENCY_PROPERTY, case.key), (WORKER_PROPERTY, self.worker_id)]
         correlation = getattr(msg.properties, "CorrelationData", None) if msg.properties else None
         if correlation is not None:
             props.CorrelationData = correlation
         self._publish(client, reply_to, encoder.encode(verdict), props, 1)
 
     def _handle_batch(
-        self, client: mqtt.Client, payload: bytes, device: str, received_ns: int
+        self, client: mqtt.Client, payload: bytes | bytearray, device: str, received_ns: int
     ) -> None:
         try:
             batch = self._batch_decoder.decode(payload)
@@ -914,8 +932,9 @@ class CloudWorker:
         pending: list[_Pending] = []
         first_index: dict[str, int] = {}  # key -> index of its first occurrence in this batch
         echoes: list[tuple[int, int]] = []  # (index, index of the first occurrence)
-        for i, case in enumerate(batch.cases):
+        for i, raw in enumerate(batch.cases):
             try:
+                case = self._decode_case(raw)
                 self._check_case(case, device)
                 self.ledger.observe(device, case.readings_total)
                 remembered = self._remembered(device, case.key)
@@ -961,7 +980,10 @@ class CloudWorker:
             return
         body = encoder.encode(BatchVerdicts(v=SCHEMA_VERSION, device=device, verdicts=verdicts))
         props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
-        props.UserProperty = [(IDEMPOTENCY_PROPERTY, f"{verdicts[0].key}+{len(verdicts)}")]
+        props.UserProperty = [
+            (IDEMPOTENCY_PROPERTY, f"{verdicts[0].key}+{len(verdicts)}"),
+            (WORKER_PROPERTY, self.worker_id),
+        ]
         self._publish(client, self.topics.verdict(device), body, props, len(verdicts))
 
     def _publish(

@@ -64,6 +64,14 @@ class InputSettings(_Section, frozen=True):
 class SourceSettings(_Section, frozen=True):
     kind: Literal["jsonl", "replay", "udp", "unix", "mqtt"] = "jsonl"
     path: str = "-"
+    samples: bool = False
+    rate_hz: NonNegFloat = 0.0
+    loops: Annotated[int, msgspec.Meta(ge=0)] = 1
+    noise: NonNegFloat = 0.0
+    seed: int = 0
+    host: str = "127.0.0.1"
+    port: Port = 1883
+    max_wait_ms: NonNegFloat = 2.0
 
 
 class MqttSettings(_Section, frozen=True):
@@ -117,6 +125,15 @@ class RouterSettings(_Section, frozen=True):
     max_pending: PositiveInt = 10_000
 
 
+class TelemetrySettings(_Section, frozen=True):
+    interval_s: Annotated[float, msgspec.Meta(gt=0)] = 10.0
+    publish: bool = True
+    textfile: str = ""
+    http_port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 0
+    latency_window: Annotated[int, msgspec.Meta(ge=10, le=10_000_000)] = 10_000
+    status_interval_s: Annotated[float, msgspec.Meta(gt=0)] = 5.0
+
+
 class CloudSettings(_Section, frozen=True):
     pack: str = "basicmotions-cloud"
     group: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.-]{1,64}$")] = "cloud"
@@ -140,6 +157,7 @@ class Settings(_Section, frozen=True):
     link: LinkSettings = msgspec.field(default_factory=LinkSettings)
     router: RouterSettings = msgspec.field(default_factory=RouterSettings)
     cloud: CloudSettings = msgspec.field(default_factory=CloudSettings)
+    telemetry: TelemetrySettings = msgspec.field(default_factory=TelemetrySettings)
 
     @property
     def device_id(self) -> str:

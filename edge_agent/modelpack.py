@@ -50,6 +50,9 @@ class InputSpec(_Table, frozen=True):
     dtype: str = "float32"
     channels: list[str] = []
     normalisation: str = ""
+    #: For sample streams: samples between the starts of consecutive windows (default: the
+    #: window length, i.e. windows do not overlap).
+    hop: Annotated[int, msgspec.Meta(ge=1)] | None = None
 
 
 class OnnxOutputs(_Table, frozen=True):

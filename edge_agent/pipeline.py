@@ -10,15 +10,14 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import msgspec
 
 from .errors import ReadingError
-from .readings import Reading, ReadingDecoder
+from .readings import Item, Oversize, Reading, ReadingDecoder
 from .scorer import Decision, Scorer
-from .sources.lines import Line, Oversize
 
 
 class ErrorBody(msgspec.Struct):
@@ -85,13 +84,23 @@ class ScorePipeline:
         self.counts: Counter[str] = Counter()
         self.rejects: Counter[str] = Counter()
 
-    def process(self, lines: list[Line]) -> bytes:
-        """Return the output lines (newline-terminated) for ``lines``, in order."""
+    def process(self, lines: Sequence[Item]) -> bytes:
+        """Return the output lines (newline-terminated) for ``lines``, in order.
+
+        An item is a raw line, an ``Oversize`` marker, or — from sources that
+        decode themselves (sample windowing) — a ready ``Reading`` or the
+        ``ReadingError`` that rejected its input.
+        """
         out: list[bytes] = [b""] * len(lines)
         pending: list[tuple[int, Reading]] = []
         for pos, line in enumerate(lines):
             t0 = time.monotonic_ns()
-            if isinstance(line, Oversize):
+            if isinstance(line, ReadingError):
+                out[pos] = self._reject(line, msgspec.UNSET)
+                continue
+            if isinstance(line, Reading):
+                reading = line
+            elif isinstance(line, Oversize):
                 out[pos] = self._reject(
                     ReadingError(
                         "too_large",
@@ -101,13 +110,14 @@ class ScorePipeline:
                     msgspec.UNSET,
                 )
                 continue
-            try:
-                reading = self.decoder.decode(line)
-            except ReadingError as err:
-                rid = self.decoder.reject_id(line) if err.code != "malformed_json" else None
-                out[pos] = self._reject(err, msgspec.UNSET if rid is None else rid)
-                continue
-            reading.t_mono_ns = t0
+            else:
+                try:
+                    reading = self.decoder.decode(line)
+                except ReadingError as err:
+                    rid = self.decoder.reject_id(line) if err.code != "malformed_json" else None
+                    out[pos] = self._reject(err, msgspec.UNSET if rid is None else rid)
+                    continue
+                reading.t_mono_ns = t0
             reading.seq = self.next_seq() if self.next_seq else self.counts["lines"] + pos
             pending.append((pos, reading))
             if len(pending) >= self.max_batch:

@@ -39,6 +39,17 @@ REASONS: dict[str, str] = {
 FloatArray = npt.NDArray[np.float32]
 
 
+@dataclass(frozen=True, slots=True)
+class Oversize:
+    """A line that exceeded the cap; only its length is kept (it is never parsed)."""
+
+    size: int
+
+
+#: A raw input line, or the marker of one too long to keep.
+Line = bytes | Oversize
+
+
 class _Line(msgspec.Struct):
     values: list[list[float]]
     id: Any = None
@@ -62,6 +73,10 @@ class Reading:
     t_mono_ns: int = field(default_factory=time.monotonic_ns)
 
 
+#: What a source yields: raw lines, or readings it decoded (and rejections) itself.
+Item = Line | Reading | ReadingError
+
+
 def _id_of(line: bytes) -> Any:
     """Best effort: the ``id`` of a line that failed validation, or None."""
     try:
@@ -76,6 +91,8 @@ class ReadingDecoder:
     ``shape`` is (channels, samples) from the manifest; ``max_line_bytes`` is the
     cap above which a line is refused without being parsed.
     """
+
+    _struct_decoder: msgspec.json.Decoder[Any] = _line_decoder
 
     def __init__(self, shape: tuple[int, ...], max_line_bytes: int = 1024 * 1024) -> None:
         self.shape = tuple(shape)
@@ -94,7 +111,7 @@ class ReadingDecoder:
             except UnicodeDecodeError as exc:
                 raise ReadingError("invalid_utf8", f"invalid UTF-8 at byte {exc.start}") from None
         try:
-            parsed = _line_decoder.decode(line)
+            parsed = self._struct_decoder.decode(line)
         except RecursionError:
             raise ReadingError("too_deep", "JSON nests too deeply") from None
         except msgspec.ValidationError as exc:
@@ -114,15 +131,20 @@ class ReadingDecoder:
             ) from None
         except TypeError:
             raise ReadingError("wrong_type", "'values' must hold numbers only") from None
+        arr = self._check_shape(arr)
+        # One float64 pass: the sum is finite exactly when every value is (600 float32 values
+        # cannot overflow a float64 sum, and NaN or +-Inf always propagate).
+        if not np.isfinite(arr.sum(dtype=np.float64)):
+            raise ReadingError("non_finite", "'values' holds NaN, Infinity or out-of-range numbers")
+        return Reading(values=arr, id=reading_id)
+
+    def _check_shape(self, arr: FloatArray) -> FloatArray:
         if arr.shape != self.shape:
             raise ReadingError(
                 "wrong_shape",
                 f"'values' has shape {list(arr.shape)}, expected {list(self.shape)}",
             )
-        # Sum is one pass and propagates NaN/Inf; cheaper than isfinite().all() on the happy path.
-        if not np.isfinite(arr.sum(dtype=np.float64)) or not np.isfinite(arr).all():
-            raise ReadingError("non_finite", "'values' holds NaN, Infinity or out-of-range numbers")
-        return Reading(values=arr, id=reading_id)
+        return arr
 
     def reject_id(self, line: bytes) -> Any:
         """The ``id`` of a rejected line if it can be read safely, else None."""
@@ -150,3 +172,33 @@ class ReadingDecoder:
         if b"NaN" in line or b"Infinity" in line:
             return ReadingError("non_finite", "NaN and Infinity are not allowed in readings")
         return ReadingError("malformed_json", text)
+
+
+class _SampleLine(msgspec.Struct):
+    values: list[Any]
+    id: Any = None
+
+
+class SampleDecoder(ReadingDecoder):
+    """Decodes lines that carry samples rather than windows, for streams that are windowed.
+
+    A line holds one sample, ``{"values": [c floats]}``, or several in time order,
+    ``{"values": [[c floats], ...]}``; ``Reading.values`` is then [k, c].
+    """
+
+    _struct_decoder = msgspec.json.Decoder(_SampleLine)
+
+    def __init__(self, channels: int, max_line_bytes: int = 1024 * 1024) -> None:
+        super().__init__((channels,), max_line_bytes)
+        self.channels = channels
+
+    def _check_shape(self, arr: FloatArray) -> FloatArray:
+        if arr.ndim == 1 and arr.shape[0] == self.channels:
+            return arr.reshape(1, self.channels)
+        if arr.ndim == 2 and arr.shape[1] == self.channels and arr.shape[0] >= 1:
+            return arr
+        raise ReadingError(
+            "wrong_shape",
+            f"a sample line holds [{self.channels}] or [k, {self.channels}] values,"
+            f" not {list(arr.shape)}",
+        )

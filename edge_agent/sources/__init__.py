@@ -1,1 +1,70 @@
-"""Where readings come from: files, stdin, sockets, a local MQTT topic."""
+"""Where readings come from. Every source yields groups of items for the scoring loop.
+
+========  =============================================================================
+kind      ``source.path`` and behaviour
+========  =============================================================================
+jsonl     a file, FIFO or ``-`` (stdin); JSON lines as for ``edge-agent score``
+replay    a dataset file of JSON lines, replayed ``source.loops`` times (0 = forever) at
+          ``source.rate_hz`` readings per second (0 = as fast as possible), optionally
+          with Gaussian sensor noise (``source.noise`` x each channel's std)
+udp       ``host:port`` to bind; one JSON line per datagram (sensor daemons push)
+unix      a Unix datagram socket path to bind; one JSON line per datagram
+mqtt      a topic on the broker at ``source.host:source.port``; one JSON line per message
+========  =============================================================================
+
+With ``source.samples = true`` each line carries samples, not windows
+(``{"values": [c floats]}`` or ``[[c floats], ...]``) and the stream is cut
+into windows of the model's length every ``hop`` samples (manifest ``input``).
+
+A group is what arrived together (up to ``model.max_batch`` items, waiting at
+most ``source.max_wait_ms`` after the first); an empty group means "nothing
+for a while" and lets the loop turn (watchdog, deadlines, signals). A source
+that ends (file, replay) ends its iterator.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Protocol
+
+from ..config import Settings
+from ..errors import ConfigError
+from ..readings import Item
+
+#: How often an idle source yields an empty group so the main loop keeps turning.
+IDLE_TICK_S = 0.25
+
+
+class Source(Protocol):
+    def groups(self) -> Iterator[list[Item]]:
+        """Groups of items until the source ends (never, for sockets and topics)."""
+        ...
+
+    def close(self) -> None:
+        """Release files and sockets."""
+
+
+def open_source(settings: Settings, shape: tuple[int, ...], hop: int | None) -> Source:
+    """The configured source, windowing sample streams when ``source.samples`` is set."""
+    from . import datagram, jsonl, mqtt, replay  # noqa: PLC0415 - one per kind, on demand
+    from .window import Windowed  # noqa: PLC0415
+
+    s = settings.source
+    cap = settings.input.max_line_bytes
+    batch = settings.model.max_batch
+    source: Source
+    if s.kind == "jsonl":
+        source = jsonl.JsonlSource(s.path, cap)
+    elif s.kind == "replay":
+        source = replay.ReplaySource(
+            s.path, cap, rate_hz=s.rate_hz, loops=s.loops, noise=s.noise, seed=s.seed, batch=batch
+        )
+    elif s.kind in ("udp", "unix"):
+        source = datagram.DatagramSource(s.kind, s.path, cap, batch, s.max_wait_ms / 1000.0)
+    elif s.kind == "mqtt":
+        source = mqtt.MqttTopicSource(settings, cap, batch)
+    else:  # pragma: no cover - the config type admits only the kinds above
+        raise ConfigError(f"source.kind {s.kind!r} is not known")
+    if s.samples:
+        return Windowed(source, shape, hop or shape[-1], cap)
+    return source

@@ -11,18 +11,12 @@ decoder to report.
 from __future__ import annotations
 
 import os
+import select
 from collections.abc import Iterator
-from dataclasses import dataclass
 
+from ..readings import Line, Oversize
 
-@dataclass(frozen=True, slots=True)
-class Oversize:
-    """A line that exceeded the cap; only its length is kept."""
-
-    size: int
-
-
-Line = bytes | Oversize
+__all__ = ["Line", "Oversize", "chunked_lines"]
 
 
 def _finish(line: bytes, cap: int) -> Line | None:
@@ -35,12 +29,23 @@ def _finish(line: bytes, cap: int) -> Line | None:
     return line
 
 
-def chunked_lines(fd: int, cap: int, read_size: int = 1 << 20) -> Iterator[list[Line]]:
-    """Yield lists of lines, one list per read from ``fd``, until end of input."""
+def chunked_lines(
+    fd: int, cap: int, read_size: int = 1 << 20, idle_s: float | None = None
+) -> Iterator[list[Line]]:
+    """Yield lists of lines, one list per read from ``fd``, until end of input.
+
+    With ``idle_s``, an empty list is yielded whenever no data came for that
+    long, so the caller's loop keeps turning (watchdog, deadlines, signals).
+    """
     buf = bytearray()
     skipping = False  # inside an oversize line, dropping bytes until its newline
     skipped = 0
     while True:
+        if idle_s is not None:
+            readable, _, _ = select.select([fd], [], [], idle_s)
+            if not readable:
+                yield []
+                continue
         data = os.read(fd, read_size)
         if not data:
             break

@@ -86,6 +86,8 @@ def _drive(
     def read() -> None:
         assert proc.stdout is not None
         for line in proc.stdout:
+            if not line.endswith(b"\n"):
+                continue  # cut short by the kill
             obj = json.loads(line)
             if "accepted" in obj:
                 accepted.add(obj["accepted"])

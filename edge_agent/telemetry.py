@@ -1,0 +1,220 @@
+"""Telemetry: what the agent is doing and what it costs, as MQTT JSON and Prometheus text.
+
+The scoring loop only records latencies into a fixed ring buffer (a numpy
+array write); everything else — psutil calls, percentiles, encoding,
+publishing, writing the textfile — happens on the telemetry thread at
+``telemetry.interval_s``. Publishing goes through the link's bounded queue
+into the outbox's telemetry class, which drops its oldest when full.
+
+Metrics: process CPU and RSS, system load and memory, free disk of the state
+directory, temperatures where the device has sensors; latency p50/p95/p99
+over the last ``telemetry.latency_window`` readings; counters (readings,
+rejects by reason, local, hard urgent/batch, refusals, verdicts on time /
+late / missed, local-cloud agreement, outbox depth per class, drops,
+reconnects).
+"""
+
+from __future__ import annotations
+
+import http.server
+import logging
+import math
+import os
+import shutil
+import threading
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psutil
+
+log = logging.getLogger(__name__)
+
+Snapshot = dict[str, Any]
+
+
+class LatencyWindow:
+    """The last N latencies in milliseconds; ``record`` is O(1) and allocation-free."""
+
+    def __init__(self, size: int) -> None:
+        self._buf = np.zeros(size, dtype=np.float64)
+        self._n = 0
+
+    def record(self, ms: float) -> None:
+        self._buf[self._n % self._buf.size] = ms
+        self._n += 1
+
+    def percentiles(self) -> dict[str, float | None]:
+        filled = self._buf[: min(self._n, self._buf.size)]
+        if filled.size == 0:
+            return {"p50": None, "p95": None, "p99": None}
+        p50, p95, p99 = np.percentile(filled, [50, 95, 99])
+        return {"p50": float(p50), "p95": float(p95), "p99": float(p99)}
+
+    @property
+    def count(self) -> int:
+        return self._n
+
+
+def _temperatures() -> dict[str, float]:
+    reader = getattr(psutil, "sensors_temperatures", None)
+    if reader is None:
+        return {}
+    try:
+        sensors = reader()
+    except (OSError, RuntimeError):
+        return {}
+    out: dict[str, float] = {}
+    for chip, entries in sensors.items():
+        for i, entry in enumerate(entries):
+            out[f"{chip}_{entry.label or i}"] = float(entry.current)
+    return out
+
+
+class SystemProbe:
+    """psutil readings of this process and the machine."""
+
+    def __init__(self, state_dir: str) -> None:
+        self.state_dir = state_dir
+        self._proc = psutil.Process()
+        self._proc.cpu_percent(None)  # prime: the next call measures since now
+
+    def read(self) -> Snapshot:
+        mem = self._proc.memory_info()
+        try:
+            disk_free = shutil.disk_usage(self.state_dir).free
+        except OSError:
+            disk_free = -1
+        load1, load5, load15 = os.getloadavg()
+        return {
+            "cpu_percent": self._proc.cpu_percent(None),
+            "cpu_seconds": sum(self._proc.cpu_times()[:2]),
+            "rss_bytes": mem.rss,
+            "threads": self._proc.num_threads(),
+            "load1": load1,
+            "load5": load5,
+            "load15": load15,
+            "mem_available_bytes": psutil.virtual_memory().available,
+            "disk_free_bytes": disk_free,
+            "temperatures_c": _temperatures(),
+        }
+
+
+def _metric_name(key: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in key)
+
+
+def prometheus_text(snapshot: Snapshot, prefix: str = "edge_agent") -> str:
+    """Flatten a snapshot into Prometheus text exposition format (gauges)."""
+    lines: list[str] = []
+
+    def emit(name: str, value: Any, labels: Mapping[str, str] | None = None) -> None:
+        if isinstance(value, bool):
+            value = int(value)
+        if not isinstance(value, (int, float)) or not math.isfinite(value):  # skip None, NaN
+            return
+        metric = f"{prefix}_{_metric_name(name)}"
+        label_text = ""
+        if labels:
+            inner = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+            label_text = "{" + inner + "}"
+        lines.append(f"{metric}{label_text} {value}")
+
+    for key, value in snapshot.items():
+        if isinstance(value, dict):
+            for sub, v in value.items():
+                emit(key, v, {"name": _metric_name(str(sub))})
+        else:
+            emit(key, value)
+    return "\n".join(lines) + "\n"
+
+
+def write_textfile(path: Path, text: str) -> None:
+    """Write atomically (temp file + rename), for node_exporter's textfile collector."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+class MetricsServer:
+    """A loopback-only ``/metrics`` endpoint serving the latest Prometheus text."""
+
+    def __init__(self, port: int, text: Callable[[], str]) -> None:
+        get_text = text
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                if self.path.split("?")[0] != "/metrics":
+                    self.send_error(404)
+                    return
+                body = get_text().encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "text/plain; version=0.0.4")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - base signature
+                log.debug("metrics request: %s", format % args)
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        self.port = int(self.httpd.server_address[1])
+        self._thread = threading.Thread(
+            target=self.httpd.serve_forever, name="edge-agent-metrics", daemon=True
+        )
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+class TelemetryThread:
+    """Every ``interval_s``: take a snapshot, publish it, write the textfile."""
+
+    def __init__(
+        self,
+        interval_s: float,
+        snapshot: Callable[[], Snapshot],
+        publish: Callable[[Snapshot], None] | None,
+        textfile: Path | None,
+    ) -> None:
+        self.interval_s = interval_s
+        self.snapshot = snapshot
+        self.publish = publish
+        self.textfile = textfile
+        self.latest: Snapshot = {}
+        self.errors = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="edge-agent-telemetry", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(5)
+        self.tick()  # one last snapshot, so the final numbers are published and written
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.tick()
+
+    def tick(self) -> None:
+        snap = self.snapshot()
+        snap["time_unix"] = time.time()
+        self.latest = snap
+        if self.publish is not None:
+            self.publish(snap)
+        if self.textfile is not None:
+            try:
+                write_textfile(self.textfile, prometheus_text(snap))
+            except OSError as exc:
+                self.errors += 1
+                if self.errors == 1 or self.errors % 100 == 0:
+                    log.warning("cannot write metrics textfile %s: %s", self.textfile, exc)

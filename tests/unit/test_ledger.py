@@ -1,0 +1,161 @@
+"""The cloud cost ledger: tier prices, per device and UTC day, the all-cloud counterfactual."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from pathlib import Path
+
+import pytest
+
+from edge_agent.cloud import CostLedger
+from edge_agent.config import load_settings
+
+DAY1 = dt.datetime(2026, 11, 27, 12, 0, tzinfo=dt.timezone.utc)
+DAY2 = dt.datetime(2026, 11, 28, 0, 30, tzinfo=dt.timezone.utc)
+
+
+def ledger(price: float = 0.04, discount: float = 0.5, tokens: int = 1500) -> CostLedger:
+    return CostLedger(
+        price_sync_per_1k_tokens=price, batch_discount=discount, tokens_per_reading=tokens
+    )
+
+
+def test_unit_prices_urgent_and_batch() -> None:
+    led = ledger()
+    # 1500 tokens at 0.04 per 1k = 0.06 per urgent case; half that in a batch.
+    assert led.unit_price("urgent") == pytest.approx(0.06)
+    assert led.unit_price("batch") == pytest.approx(0.03)
+    assert ledger(discount=0.0).unit_price("batch") == pytest.approx(0.06)
+    assert ledger(discount=1.0).unit_price("batch") == 0.0
+    assert ledger(price=0.0).unit_price("urgent") == 0.0
+
+
+def test_charge_returns_cost_and_counts_tokens() -> None:
+    led = ledger(price=0.02, discount=0.25, tokens=1000)
+    assert led.charge("dev-a", "urgent", at=DAY1) == pytest.approx(0.02)
+    assert led.charge("dev-a", "batch", cases=4, at=DAY1) == pytest.approx(4 * 0.02 * 0.75)
+    dev = led.summary()["devices"]["dev-a"]
+    assert (dev["urgent"], dev["batch"], dev["tokens"]) == (1, 4, 5000)
+    assert dev["spend_urgent"] == pytest.approx(0.02)
+    assert dev["spend_batch"] == pytest.approx(0.06)
+    assert dev["spend"] == pytest.approx(0.08)
+
+
+def test_grouping_per_device_and_utc_day() -> None:
+    led = ledger()
+    led.charge("dev-a", "urgent", at=DAY1)
+    led.charge("dev-a", "urgent", at=DAY2)
+    led.charge("dev-a", "batch", cases=10, at=DAY2)
+    led.charge("dev-b", "batch", cases=2, at=DAY1)
+    # 23:30 in UTC-2 is already the next UTC day.
+    minus_two = dt.timezone(dt.timedelta(hours=-2))
+    led.charge("dev-b", "urgent", at=dt.datetime(2026, 11, 27, 23, 30, tzinfo=minus_two))
+    days = led.summary()["days"]
+    assert sorted(days) == ["2026-11-27", "2026-11-28"]
+    assert days["2026-11-27"]["dev-a"]["urgent"] == 1
+    assert days["2026-11-27"]["dev-b"] == {
+        "urgent": 0,
+        "batch": 2,
+        "tokens": 3000,
+        "spend_urgent": 0.0,
+        "spend_batch": pytest.approx(0.06),
+        "spend": pytest.approx(0.06),
+    }
+    assert days["2026-11-28"]["dev-a"]["batch"] == 10
+    assert days["2026-11-28"]["dev-a"]["spend"] == pytest.approx(0.06 + 10 * 0.03)
+    assert days["2026-11-28"]["dev-b"]["urgent"] == 1
+    total = led.summary()["total"]
+    assert (total["urgent"], total["batch"], total["devices"]) == (3, 12, 2)
+    assert total["spend"] == pytest.approx(3 * 0.06 + 12 * 0.03)
+
+
+def test_counterfactual_all_cloud_from_readings_total() -> None:
+    led = ledger()
+    led.observe("dev-a", 500)
+    led.observe("dev-a", 1000)
+    led.observe("dev-a", 700)  # a late batch case carries an older count: the highest counts
+    led.charge("dev-a", "urgent", cases=3, at=DAY1)
+    led.charge("dev-a", "batch", cases=20, at=DAY1)
+    dev = led.summary()["devices"]["dev-a"]
+    assert dev["readings_total"] == 1000
+    # Every reading as a synchronous cloud call: 1000 * 0.06; every reading in a batch: * 0.5.
+    assert dev["all_cloud_sync"] == pytest.approx(60.0)
+    assert dev["all_cloud_batch"] == pytest.approx(30.0)
+    hybrid = 3 * 0.06 + 20 * 0.03
+    assert dev["spend"] == pytest.approx(hybrid)
+    assert dev["saved_vs_all_cloud_sync"] == pytest.approx(60.0 - hybrid)
+    assert dev["saved_vs_all_cloud_batch"] == pytest.approx(30.0 - hybrid)
+
+
+def test_counterfactual_never_below_what_was_scored() -> None:
+    led = ledger()
+    led.charge("quiet", "urgent", cases=5, at=DAY1)  # a device that reported no readings_total
+    led.observe("busy", 200)
+    led.charge("busy", "batch", cases=2, at=DAY1)
+    summary = led.summary()
+    assert summary["devices"]["quiet"]["readings_priced"] == 5
+    assert summary["devices"]["quiet"]["all_cloud_sync"] == pytest.approx(5 * 0.06)
+    assert summary["devices"]["quiet"]["saved_vs_all_cloud_sync"] == pytest.approx(0.0)
+    total = summary["total"]
+    assert total["readings_total"] == 200
+    assert total["readings_priced"] == 205
+    assert total["all_cloud_sync"] == pytest.approx(205 * 0.06)
+    assert total["all_cloud_batch"] == pytest.approx(205 * 0.03)
+    assert total["spend"] == pytest.approx(5 * 0.06 + 2 * 0.03)
+
+
+def test_summary_is_json_and_round_trips_through_the_file(tmp_path: Path) -> None:
+    led = ledger()
+    led.observe("dev-a", 42)
+    led.charge("dev-a", "urgent", at=DAY1)
+    led.charge("dev-a", "batch", cases=3, at=DAY2)
+    path = tmp_path / "ledger.json"
+    led.write(path)
+    assert json.loads(path.read_text()) == json.loads(json.dumps(led.summary()))
+    assert [p.name for p in tmp_path.iterdir()] == ["ledger.json"]  # no temporary file left
+
+    again = ledger()
+    again.restore(path.read_bytes())
+    again.charge("dev-a", "urgent", at=DAY2)
+    dev = again.summary()["devices"]["dev-a"]
+    assert (dev["urgent"], dev["batch"], dev["readings_total"]) == (2, 3, 42)
+    assert dev["spend"] == pytest.approx(2 * 0.06 + 3 * 0.03)
+
+
+def test_restore_refuses_garbage() -> None:
+    led = ledger()
+    for bad in (b"not json", b"[]", b'{"v": 99}', b'{"v":1,"days":{"d":{"x":{"urgent":"many"}}}}'):
+        with pytest.raises(ValueError, match="ledger"):
+            led.restore(bad)
+    assert led.summary()["total"]["urgent"] == 0
+
+
+def test_old_days_are_dropped() -> None:
+    led = CostLedger(0.04, 0.5, 1500, keep_days=2)
+    for day in range(1, 5):
+        led.charge("dev", "urgent", at=dt.datetime(2026, 1, day, tzinfo=dt.timezone.utc))
+    assert sorted(led.summary()["days"]) == ["2026-01-03", "2026-01-04"]
+
+
+def test_from_settings_uses_the_cloud_section() -> None:
+    settings = load_settings(
+        None,
+        env={
+            "EDGE_AGENT_CLOUD_PRICE_SYNC_PER_1K_TOKENS": "0.1",
+            "EDGE_AGENT_CLOUD_BATCH_DISCOUNT": "0.4",
+            "EDGE_AGENT_CLOUD_TOKENS_PER_READING": "2000",
+        },
+    )
+    led = CostLedger.from_settings(settings.cloud)
+    assert led.unit_price("urgent") == pytest.approx(0.2)
+    assert led.unit_price("batch") == pytest.approx(0.12)
+
+
+@pytest.mark.parametrize(
+    ("price", "discount", "tokens"),
+    [(-1.0, 0.5, 1), (float("nan"), 0.5, 1), (1.0, 1.5, 1), (1.0, 0.5, 0)],
+)
+def test_invalid_prices_are_refused(price: float, discount: float, tokens: int) -> None:
+    with pytest.raises(ValueError, match="must"):
+        CostLedger(price, discount, tokens)
