@@ -223,9 +223,11 @@ class Agent:
         self, source: Source, *, exit_when_drained: bool = False, drain_timeout_s: float = 30.0
     ) -> int:
         """Score what the source yields until it ends or SIGTERM; returns an exit code."""
-        previous = {
-            sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)
-        }
+        previous = {}
+        if threading.current_thread() is threading.main_thread():
+            previous = {
+                sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)
+            }
         self.link.start()
         self.telemetry.start()
         if self.metrics is not None:
@@ -271,6 +273,10 @@ class Agent:
 
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
         self._stop_requested = signal.Signals(signum).name
+
+    def request_stop(self, reason: str = "request") -> None:
+        """Stop as SIGTERM would (for embedding the agent in a thread)."""
+        self._stop_requested = reason
 
     def drain(self, timeout_s: float) -> bool:
         """Wait until everything is published and every urgent case is answered or overdue."""

@@ -70,7 +70,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import msgspec
 import paho.mqtt.client as mqtt
@@ -448,6 +448,28 @@ class _BatchEnvelope(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     cases: list[msgspec.Raw]
 
 
+class _Answer(NamedTuple):
+    """What the model said about a case: all the dedupe memory keeps per key."""
+
+    label: str
+    confidence: float
+    model: str
+
+    def verdict(self, case: HardCase, tier: Tier, cloud_ms: float) -> Verdict:
+        return Verdict(
+            v=SCHEMA_VERSION,
+            key=case.key,
+            device=case.device,
+            seq=case.seq,
+            label=self.label,
+            confidence=self.confidence,
+            model=self.model,
+            tier=tier,
+            cloud_ms=cloud_ms,
+            id=case.id,
+        )
+
+
 @dataclass(slots=True)
 class _Pending:
     """A batch case that passed validation and waits for its chunk to be scored."""
@@ -475,11 +497,12 @@ class CloudWorker:
         self.connected = threading.Event()
         self.ready = threading.Event()  #: connected and both subscriptions granted
         self.failed = ""  #: why the worker gave up, if it did
+        self.signalled = 0  #: the signal that stopped ``run_forever``, if one did
         self.last_error = ""
         self._scorer = scorer
         self._owns_scorer = scorer is None
         self._readings: ReadingDecoder | None = None
-        self._dedupe: OrderedDict[tuple[str, str], Verdict] = OrderedDict()
+        self._dedupe: OrderedDict[tuple[str, str], _Answer] = OrderedDict()
         self._hard_decoder = msgspec.json.Decoder(HardCase)
         self._batch_decoder = msgspec.json.Decoder(_BatchEnvelope)
         self._throttle = _Throttle(REJECT_LOG_INTERVAL_S)
@@ -530,12 +553,14 @@ class CloudWorker:
             return
         self._stopped = True
         self._stop.set()
+        alive = False
         if self._thread is not None:
             self._thread.join(timeout)
-            if self._thread.is_alive():
+            alive = self._thread.is_alive()
+            if alive:
                 log.error("the network thread did not end within %.1f s", timeout)
         self.write_ledger()
-        if self._owns_scorer and self._scorer is not None:
+        if self._owns_scorer and self._scorer is not None and not alive:
             self._scorer.close()
 
     def run_forever(self) -> None:
@@ -549,7 +574,7 @@ class CloudWorker:
         if threading.current_thread() is threading.main_thread():
 
             def handler(signum: int, _frame: FrameType | None) -> None:
-                log.info("signal %d: stopping", signum)
+                self.signalled = signum
                 self._stop.set()
 
             for sig in (signal.SIGTERM, signal.SIGINT):
@@ -557,6 +582,8 @@ class CloudWorker:
         try:
             while not self._stop.wait(LEDGER_WRITE_INTERVAL_S):
                 self.write_ledger()
+            if self.signalled:
+                log.info("signal %d: stopping", self.signalled)
         finally:
             self.stop()
             for sig, old in previous.items():
@@ -648,7 +675,8 @@ class CloudWorker:
     def _failed_attempt(self, why: str) -> None:
         lk = self.settings.link
         ceiling = min(lk.reconnect_max_s, lk.reconnect_min_s * (2 ** min(self._attempt, 20)))
-        delay = random.uniform(lk.reconnect_min_s, max(lk.reconnect_min_s, ceiling))  # noqa: S311 - jitter
+        # Full jitter, so a pool of workers cut off together does not reconnect in step.
+        delay = random.uniform(lk.reconnect_min_s, max(lk.reconnect_min_s, ceiling))  # noqa: S311
         self._attempt += 1
         self._next_attempt = time.monotonic() + delay
         if why != self.last_error or self._attempt % 10 == 1:
@@ -846,15 +874,15 @@ class CloudWorker:
         reading.seq = case.seq
         return reading
 
-    def _remembered(self, device: str, key: str) -> Verdict | None:
-        verdict = self._dedupe.get((device, key))
-        if verdict is not None:
+    def _remembered(self, device: str, key: str) -> _Answer | None:
+        answer = self._dedupe.get((device, key))
+        if answer is not None:
             self._dedupe.move_to_end((device, key))
-        return verdict
+        return answer
 
-    def _remember(self, device: str, verdict: Verdict) -> None:
-        self._dedupe[(device, verdict.key)] = verdict
-        self._dedupe.move_to_end((device, verdict.key))
+    def _remember(self, device: str, key: str, answer: _Answer) -> None:
+        self._dedupe[(device, key)] = answer
+        self._dedupe.move_to_end((device, key))
         while len(self._dedupe) > self.cloud.dedupe_keys:
             self._dedupe.popitem(last=False)
 
@@ -883,28 +911,16 @@ class CloudWorker:
         self._check_case(case, device)
         reply_to = self._reply_topic(msg, device)
         self.ledger.observe(device, case.readings_total)
-        remembered = self._remembered(device, case.key)
-        if remembered is not None:
+        answer = self._remembered(device, case.key)
+        if answer is not None:
             self.counters["duplicates"] += 1
-            verdict = msgspec.structs.replace(remembered, cloud_ms=_ms_since(received_ns))
         else:
-            reading = self._validate(case)
-            decision = self._score([reading])[0]
-            verdict = Verdict(
-                v=SCHEMA_VERSION,
-                key=case.key,
-                device=device,
-                seq=case.seq,
-                label=decision.label,
-                confidence=decision.confidence,
-                model=decision.model,
-                tier="urgent",
-                cloud_ms=_ms_since(received_ns),
-                id=case.id,
-            )
-            self._remember(device, verdict)
+            decision = self._score([self._validate(case)])[0]
+            answer = _Answer(decision.label, decision.confidence, decision.model)
+            self._remember(device, case.key, answer)
             self.ledger.charge(device, "urgent")
             self.counters["urgent_scored"] += 1
+        verdict = answer.verdict(case, "urgent", _ms_since(received_ns))
         props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
         props.UserProperty = [(IDEMPOTENCY_PROPERTY, case.key), (WORKER_PROPERTY, self.worker_id)]
         correlation = getattr(msg.properties, "CorrelationData", None) if msg.properties else None
@@ -928,28 +944,29 @@ class CloudWorker:
         if not batch.cases:
             raise _Rejected("empty_batch", "a batch without cases")
         self.counters["batches"] += 1
-        answers: list[Verdict | None] = [None] * len(batch.cases)
+        answers: list[tuple[HardCase, _Answer | None]] = []
         pending: list[_Pending] = []
-        first_index: dict[str, int] = {}  # key -> index of its first occurrence in this batch
-        echoes: list[tuple[int, int]] = []  # (index, index of the first occurrence)
-        for i, raw in enumerate(batch.cases):
+        first_index: dict[str, int] = {}  # key -> index in answers of its first occurrence
+        echoes: list[tuple[int, int]] = []  # (index in answers, index of the first occurrence)
+        for raw in batch.cases:
             try:
                 case = self._decode_case(raw)
                 self._check_case(case, device)
                 self.ledger.observe(device, case.readings_total)
                 remembered = self._remembered(device, case.key)
-                if remembered is not None:
+                if remembered is not None or case.key in first_index:
                     self.counters["duplicates"] += 1
-                    answers[i] = remembered
+                    if remembered is None:
+                        echoes.append((len(answers), first_index[case.key]))
+                    answers.append((case, remembered))
                     continue
-                if case.key in first_index:
-                    self.counters["duplicates"] += 1
-                    echoes.append((i, first_index[case.key]))
-                    continue
-                pending.append(_Pending(i, case, self._validate(case)))
-                first_index[case.key] = i
+                reading = self._validate(case)
             except _Rejected as rej:
                 self._reject(rej, self.topics.batch(device))
+                continue
+            first_index[case.key] = len(answers)
+            pending.append(_Pending(len(answers), case, reading))
+            answers.append((case, None))
         for chunk in _chunks(pending, self.cloud.batch_max):
             try:
                 decisions = self._score([p.reading for p in chunk])
@@ -957,25 +974,15 @@ class CloudWorker:
                 self._reject(rej, self.topics.batch(device))
                 continue
             for p, decision in zip(chunk, decisions, strict=True):
-                verdict = Verdict(
-                    v=SCHEMA_VERSION,
-                    key=p.case.key,
-                    device=device,
-                    seq=p.case.seq,
-                    label=decision.label,
-                    confidence=decision.confidence,
-                    model=decision.model,
-                    tier="batch",
-                    id=p.case.id,
-                )
-                answers[p.index] = verdict
-                self._remember(device, verdict)
+                answer = _Answer(decision.label, decision.confidence, decision.model)
+                answers[p.index] = (p.case, answer)
+                self._remember(device, p.case.key, answer)
             self.ledger.charge(device, "batch", len(chunk))
             self.counters["batch_cases_scored"] += len(chunk)
         for i, first in echoes:
-            answers[i] = answers[first]
+            answers[i] = (answers[i][0], answers[first][1])
         cloud_ms = _ms_since(received_ns)
-        verdicts = [msgspec.structs.replace(v, cloud_ms=cloud_ms) for v in answers if v is not None]
+        verdicts = [a.verdict(case, "batch", cloud_ms) for case, a in answers if a is not None]
         if not verdicts:
             return
         body = encoder.encode(BatchVerdicts(v=SCHEMA_VERSION, device=device, verdicts=verdicts))

@@ -15,7 +15,8 @@ boundary with ``raise ... from exc`` so the original stays in the traceback::
     ├── ReadingError            one reading was rejected (carries a stable reason code)
     ├── OutboxError             the durable queue could not take or keep a message
     │   └── OutboxFull          a class is full and its policy is to refuse
-    └── LinkError               the MQTT connection failed (refused CONNACK, TLS, auth)
+    ├── LinkError               the MQTT connection failed (refused CONNACK, TLS, auth)
+    └── BrokerError             a local mosquitto (demo, benchmark) is missing or would not start
 """
 
 from __future__ import annotations
@@ -72,3 +73,7 @@ class OutboxFull(OutboxError):
 
 class LinkError(EdgeAgentError):
     """The MQTT link could not be established or was refused by the broker."""
+
+
+class BrokerError(EdgeAgentError):
+    """A local mosquitto for the demo or the benchmark is not installed or would not start."""
