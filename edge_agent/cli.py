@@ -4,6 +4,7 @@ Subcommands::
 
     edge-agent run [--exit-when-drained]       the device service (config: source, mqtt, ...)
     edge-agent cloud                           the cloud fallback worker
+    edge-agent demo [--json]                   broker + cloud worker + agent on real data
     edge-agent score [FILE|-] [--model PACK]   JSON lines in, decisions out
     edge-agent models list [--json]            installed model packs
     edge-agent models verify [PACK ...]        check every file's size and sha256
@@ -28,13 +29,15 @@ from .agent import Agent, stdout_writer
 from .backends.base import BackendOptions
 from .config import Settings, load_settings
 from .errors import ConfigError, EdgeAgentError, ModelError
-from .modelpack import ModelPack, discover, resolve
+from .modelpack import BUNDLED_PACKS_DIR, ModelPack, discover, resolve
 from .pipeline import ScorePipeline
 from .scorer import Scorer
 from .sources import open_source
 from .sources.lines import chunked_lines
 
 log = logging.getLogger("edge_agent")
+
+DEMO_DATA = BUNDLED_PACKS_DIR.parent / "data" / "basicmotions" / "test.jsonl"
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
@@ -104,6 +107,19 @@ def cmd_run(args: argparse.Namespace) -> int:
         Path(args.summary_json).write_text(json.dumps(summary, indent=2) + "\n")
     sys.stderr.write(f"edge-agent run: {agent.status_line()}\n")
     return code
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import render, run_demo  # noqa: PLC0415 - the service never needs the demo
+
+    path = args.config or os.environ.get("EDGE_AGENT_CONFIG") or None
+    base = load_settings(path) if path else None
+    summary = run_demo(args, base)
+    if args.json:
+        sys.stdout.write(json.dumps(summary, indent=2) + "\n")
+    else:
+        sys.stdout.write(render(summary))
+    return EXIT_OK if summary["drained"] else EXIT_FAILURE
 
 
 def cmd_cloud(args: argparse.Namespace) -> int:
@@ -182,6 +198,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--summary-json", help="write the end-of-run summary to this file")
     run.set_defaults(func=cmd_run)
+
+    demo = sub.add_parser(
+        "demo", help="the whole hybrid loop on this machine: broker, cloud worker, agent"
+    )
+    demo.add_argument("--loops", type=int, default=10, help="passes over the test windows")
+    demo.add_argument("--rate-hz", type=float, default=200.0, help="readings per second")
+    demo.add_argument("--noise", type=float, default=0.3, help="sensor noise, x channel std")
+    demo.add_argument("--seed", type=int, default=0, help="noise seed")
+    demo.add_argument(
+        "--readings-per-second",
+        type=float,
+        default=1.0,
+        help="one device's reading rate, for the monthly cost estimate",
+    )
+    demo.add_argument("--data", default=str(DEMO_DATA), help="JSON lines with 'label' fields")
+    demo.add_argument("--json", action="store_true", help="print the summary as JSON")
+    demo.add_argument("--keep", action="store_true", help="keep the temporary state folder")
+    demo.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    demo.set_defaults(func=cmd_demo)
 
     cloud = sub.add_parser("cloud", help="the cloud fallback worker (urgent + batch tiers)")
     cloud.set_defaults(func=cmd_cloud)

@@ -653,10 +653,7 @@ class CloudWorker:
         try:
             client = new_client(self.settings, self.client_id)
         except ConfigError as exc:
-            self.failed = str(exc)
-        if self.failed:
-            log.error("cannot connect: %s", self.failed)
-            self._stop.set()
+            self._give_up(f"cannot connect: {exc}")
             return
         client.max_inflight_messages_set(self.settings.link.inflight_window)
         client.on_connect = self._on_connect
@@ -683,12 +680,21 @@ class CloudWorker:
             log.warning("broker connection failed (%s); retry in %.2f s", why, delay)
         self.last_error = why
 
+    def _give_up(self, why: str) -> None:
+        """A failure no retry will cure: stop, so that the service exits with an error."""
+        self.failed = why
+        log.error("giving up: %s", why)
+        self._stop.set()
+
     def _lost(self, why: str) -> None:
         was_connected = self.connected.is_set()
         self.connected.clear()
         self.ready.clear()
         client, self._client = self._client, None
-        self._unacked.clear()
+        if self._unacked:
+            # The devices fall back on their local answers (their deadline passes).
+            self.counters["verdicts_lost"] += len(self._unacked)
+            self._unacked.clear()
         if client is not None:
             try:
                 client.disconnect()
@@ -709,11 +715,9 @@ class CloudWorker:
             if rc.value in PERMANENT_REFUSALS:
                 self._permanent_refusals += 1
                 if self._permanent_refusals >= PERMANENT_REFUSAL_LIMIT:
-                    self.failed = (
-                        f"broker refused the connection {self._permanent_refusals} times: {rc}"
+                    self._give_up(
+                        f"the broker refused the connection {self._permanent_refusals} times: {rc}"
                     )
-                    log.error("giving up: %s", self.failed)
-                    self._stop.set()
             else:
                 self._permanent_refusals = 0
             self._lost(f"CONNACK refused: {rc}")
@@ -749,9 +753,10 @@ class CloudWorker:
         refused = [c for c in codes if c.is_failure]
         if refused:
             self.counters["subscribe_refused"] += 1
-            self.failed = f"broker refused the shared subscriptions: {refused[0]}"
-            log.error("%s (group %r); giving up", self.failed, self.cloud.group)
-            self._stop.set()
+            self._give_up(
+                f"the broker refused the shared subscriptions of group {self.cloud.group!r}:"
+                f" {refused[0]}"
+            )
             return
         self.ready.set()
         log.info(

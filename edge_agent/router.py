@@ -105,6 +105,8 @@ class Reconciler:
         }
         self._overdue: OrderedDict[str, _Pending] = OrderedDict()
         self.round_trips_ms: deque[float] = deque(maxlen=10_000)
+        #: Called (on the link thread) with each verdict that matched a hard case.
+        self.listeners: list[Callable[[Verdict], None]] = []
 
     def expect(self, key: str, local_label: str, tier: str) -> None:
         """Remember a hard case sent to the cloud (urgent ones with a deadline)."""
@@ -152,6 +154,8 @@ class Reconciler:
                 self.round_trips_ms.append((now - sent) * 1000.0)
         agree = v.label == entry.local_label
         self.counters["agree" if agree else "disagree"] += 1
+        for listener in self.listeners:
+            listener(v)
 
     def sweep(self) -> None:
         """Move urgent cases past their deadline to overdue (counted as missed)."""
