@@ -122,6 +122,36 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return EXIT_OK if summary["drained"] else EXIT_FAILURE
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from . import bench  # noqa: PLC0415 - the service never needs the benchmark
+
+    opts = bench.BenchOptions(
+        quick=args.quick,
+        repeats=args.repeats,
+        packs=args.packs or [],
+        data=Path(args.data),
+        price_sync_per_1k_tokens=args.price_sync,
+        price_sync_low=args.price_sync_low,
+        price_sync_high=args.price_sync_high,
+        batch_discount=args.batch_discount,
+        tokens_per_reading=args.tokens_per_reading,
+        readings_per_second=args.readings_per_second,
+        progress=not args.quiet,
+    )
+    results = bench.run_bench(opts)
+    command = (
+        "edge-agent bench " + " ".join(sys.argv[2:]) if len(sys.argv) > 1 else "edge-agent bench"
+    )
+    sys.stdout.write(bench.table(results))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    if args.markdown:
+        Path(args.markdown).write_text(bench.markdown(results, command.strip()))
+    if args.plot:
+        bench.plot(results, Path(args.plot))
+    return EXIT_OK
+
+
 def cmd_cloud(args: argparse.Namespace) -> int:
     from .cloud import main_cloud  # noqa: PLC0415 - the device never needs the cloud worker
 
@@ -217,6 +247,27 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--keep", action="store_true", help="keep the temporary state folder")
     demo.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     demo.set_defaults(func=cmd_demo)
+
+    bench_p = sub.add_parser(
+        "bench", help="latency, memory and cloud cost here, vs the raw runtime and all-cloud"
+    )
+    bench_p.add_argument("--quick", action="store_true", help="fewer repeats (under a minute)")
+    bench_p.add_argument("--repeats", type=int, default=0, help="passes over the test windows")
+    bench_p.add_argument("--packs", nargs="*", help="packs to measure (default: device packs)")
+    bench_p.add_argument("--data", default=str(DEMO_DATA), help="JSON lines of test windows")
+    bench_p.add_argument("--json", help="write every figure as JSON to this file")
+    bench_p.add_argument("--markdown", help="write a Markdown report to this file")
+    bench_p.add_argument("--plot", help="write a PNG of latency per pattern (needs matplotlib)")
+    bench_p.add_argument("--price-sync", type=float, default=0.04, help="$ per 1K tokens, sync")
+    bench_p.add_argument("--price-sync-low", type=float, default=0.025, help="low sync price")
+    bench_p.add_argument("--price-sync-high", type=float, default=0.06, help="high sync price")
+    bench_p.add_argument("--batch-discount", type=float, default=0.5, help="batch discount")
+    bench_p.add_argument("--tokens-per-reading", type=int, default=1500, help="tokens per call")
+    bench_p.add_argument(
+        "--readings-per-second", type=float, default=1.0, help="one device's reading rate"
+    )
+    bench_p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    bench_p.set_defaults(func=cmd_bench)
 
     cloud = sub.add_parser("cloud", help="the cloud fallback worker (urgent + batch tiers)")
     cloud.set_defaults(func=cmd_cloud)

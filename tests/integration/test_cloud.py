@@ -408,6 +408,19 @@ def test_duplicates_are_answered_again_but_scored_and_charged_once(
     )
 
 
+def test_dedupe_memory_is_bounded_least_recently_used_first(
+    broker: Mosquitto, topic_prefix: str, devices: Devices, pack: PackUnderTest
+) -> None:
+    worker = CloudWorker(cloud_settings(broker.port, topic_prefix, pack, cloud_dedupe_keys="2"))
+    with running(worker):
+        for seq in (1, 2, 1, 3, 1, 2):  # 2 is the oldest when 3 arrives; 1 was used again
+            devices.send_urgent(hard_case("dev-1", seq, pack.windows[0]))
+            devices.receive()
+    assert worker.counters["urgent_scored"] == 4  # 1, 2, 3 and 2 again
+    assert worker.counters["duplicates"] == 2  # the second and third 1
+    assert worker.ledger.summary()["devices"]["dev-1"]["urgent"] == 4
+
+
 def test_garbage_is_rejected_counted_and_the_worker_keeps_answering(
     broker: Mosquitto, topic_prefix: str, devices: Devices, pack: PackUnderTest
 ) -> None:

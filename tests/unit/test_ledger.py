@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from edge_agent.cloud import CostLedger
+from edge_agent.cloud import CloudWorker, CostLedger
 from edge_agent.config import load_settings
 
 DAY1 = dt.datetime(2026, 11, 27, 12, 0, tzinfo=dt.timezone.utc)
@@ -159,3 +159,26 @@ def test_from_settings_uses_the_cloud_section() -> None:
 def test_invalid_prices_are_refused(price: float, discount: float, tokens: int) -> None:
     with pytest.raises(ValueError, match="must"):
         CostLedger(price, discount, tokens)
+
+
+def test_worker_continues_a_saved_ledger_and_moves_an_invalid_one_aside(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.json"
+    env = {"EDGE_AGENT_CLOUD_LEDGER_PATH": str(path)}
+    saved = ledger()
+    saved.observe("dev-a", 10)
+    saved.charge("dev-a", "urgent", cases=2, at=DAY1)
+    saved.write(path)
+
+    worker = CloudWorker(load_settings(None, env=env))  # no broker: nothing connects yet
+    assert worker.ledger.summary()["devices"]["dev-a"]["urgent"] == 2
+    worker.ledger.charge("dev-a", "batch", at=DAY1)
+    worker.write_ledger()
+    assert json.loads(path.read_text())["devices"]["dev-a"]["batch"] == 1
+
+    path.write_text("{ torn write")
+    fresh = CloudWorker(load_settings(None, env=env))
+    assert fresh.ledger.summary()["total"]["urgent"] == 0
+    assert (tmp_path / "ledger.json.invalid").read_text() == "{ torn write"
+    assert not path.exists()
+    fresh.write_ledger()  # nothing recorded yet: still written, so the file exists again
+    assert json.loads(path.read_text())["total"]["spend"] == 0.0
