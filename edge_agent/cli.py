@@ -280,6 +280,14 @@ def build_parser() -> argparse.ArgumentParser:
     mverify = msub.add_parser("verify", help="check every file's size and sha256")
     mverify.add_argument("packs", nargs="*", help="pack names or folders (default: all)")
     mverify.set_defaults(func=cmd_models_verify)
+    # `--config` is accepted before or after the subcommand (`edge-agent run --config F`).
+    subparsers = [*sub.choices.values(), *msub.choices.values()]
+    for p in subparsers:
+        p.add_argument(
+            "--config",
+            default=argparse.SUPPRESS,
+            help="TOML config file (default: $EDGE_AGENT_CONFIG)",
+        )
     return parser
 
 

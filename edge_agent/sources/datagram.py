@@ -23,7 +23,16 @@ def _udp_address(text: str) -> tuple[str, int]:
 
 
 class DatagramSource:
-    def __init__(self, kind: str, path: str, max_line_bytes: int, batch: int, max_wait_s: float):
+    def __init__(
+        self,
+        kind: str,
+        path: str,
+        max_line_bytes: int,
+        batch: int,
+        max_wait_s: float,
+        *,
+        socket_mode: int = 0o660,
+    ) -> None:
         self.kind = kind
         self.path = path
         self.cap = max_line_bytes
@@ -38,6 +47,8 @@ class DatagramSource:
                 if Path(path).is_socket():
                     os.unlink(path)  # a stale socket of an earlier run
                 self.sock.bind(path)
+                # Sensor daemons run as other users; the service's umask would leave 0600.
+                os.chmod(path, socket_mode)
         except OSError as exc:
             self.sock.close()
             raise ConfigError(f"source.path {path}: cannot bind a {kind} socket: {exc}") from exc

@@ -1,0 +1,64 @@
+from __future__ import annotations
+
+import pytest
+
+from edge_agent.bench import BenchOptions, budgets, cost_section, stats
+
+
+def test_stats_percentiles_and_throughput() -> None:
+    s = stats([1.0] * 98 + [10.0, 20.0], cpu_s=0.05, wall_s=0.5)
+    assert s["n"] == 100
+    assert s["p50_ms"] == 1.0
+    assert s["p99_ms"] == pytest.approx(10.1)
+    assert s["throughput_per_s"] == 200.0
+    assert s["cpu_ms_per_reading"] == pytest.approx(0.5)
+
+
+def test_cost_arithmetic() -> None:
+    opts = BenchOptions(
+        price_sync_per_1k_tokens=0.04,
+        price_sync_low=0.02,
+        price_sync_high=0.06,
+        batch_discount=0.5,
+        tokens_per_reading=1000,
+        readings_per_second=1.0,
+    )
+    cost = cost_section({"urgent_rate": 0.02, "batch_rate": 0.08}, opts)
+    month = 30 * 86400
+    d = cost["scenarios"]["default"]
+    assert cost["readings_per_month"] == month
+    assert d["all_cloud_sync"] == pytest.approx(month * 0.04)
+    assert d["all_cloud_batch"] == pytest.approx(month * 0.02)
+    assert d["hybrid"] == pytest.approx(month * (0.02 * 0.04 + 0.08 * 0.02))
+    assert d["hybrid_vs_sync"] == pytest.approx(0.02 + 0.08 * 0.5)
+    assert cost["scenarios"]["low"]["all_cloud_sync"] == pytest.approx(month * 0.02)
+    assert cost["scenarios"]["high"]["all_cloud_sync"] == pytest.approx(month * 0.06)
+
+
+def test_budget_verdicts() -> None:
+    def s(p99: float, per_s: float = 0.0) -> dict[str, float]:
+        return {"p50_ms": p99 / 2, "p95_ms": p99, "p99_ms": p99, "throughput_per_s": per_s}
+
+    results = {
+        "packs": {
+            "m@1": {
+                "backend": "onnx",
+                "floor": {"single": s(0.02), "batched": s(0.1, 600_000)},
+                "naive": s(0.2),
+                "agent": {"single": s(0.06), "batched": s(0.1, 200_000), "from_array": s(0.025)},
+            }
+        },
+        "process": {"peak_rss_bytes": 100 * 2**20},
+        "cold_start": {"ready_s": 2.0},
+        "all_cloud": {"round_trip_excluding_cloud_model": {"p99_ms": 1.0}},
+        "telemetry": {"p99_ratio": 1.05},
+    }
+    verdicts = {b["budget"]: b["pass"] for b in budgets(results)}
+    assert verdicts["m@1: agent p99 per line / raw run p99"] is False  # 3x
+    assert verdicts["m@1: agent p99 from a validated array / raw run p99"] is True  # 1.25x
+    assert verdicts["m@1: raw batched throughput / agent micro-batched throughput"] is False  # 3x
+    assert verdicts["m@1: agent p99 / naive p99"] is True
+    assert verdicts["ONNX agent peak RSS"] is True
+    assert verdicts["cold start to READY=1 (ONNX)"] is False
+    assert verdicts["hard-case round trip p99, excluding the cloud model"] is True
+    assert verdicts["p99 with telemetry on / off"] is True
