@@ -372,12 +372,13 @@ def all_cloud(settings: Settings, x: np.ndarray, passes: int, port: int) -> dict
     ok = sum(client.batch([case(i, "batch") for i in range(size)]) for _ in range(n_batches))
     wall = time.perf_counter() - t0w
     client.close()
+    cloud_model = worker.scorer.ref
     worker.stop()
     return {
         "sync": sync,
         "round_trip_excluding_cloud_model": stats(broker_only),
         "batch": {"cases_per_s": ok * size / wall, "batch_size": size, "batches": ok},
-        "cloud_model": worker.scorer.ref if worker._scorer else settings.cloud.pack,
+        "cloud_model": cloud_model,
     }
 
 

@@ -27,11 +27,18 @@ topic (``<prefix>/<device>/verdict`` or below), so nobody can make the worker
 publish elsewhere. Every refusal is counted as ``rejected_<reason>`` and
 logged at most once per ``REJECT_LOG_INTERVAL_S`` per reason.
 
-At-least-once on the wire, effectively-once in the cloud: each scored case's
-verdict is remembered under its (device, idempotency key) in a bounded LRU of
-``cloud.dedupe_keys`` entries. A case seen again is counted in ``duplicates``,
-is neither scored nor charged again, and gets the remembered verdict once
-more (so a device whose first answer was lost still gets one). The memory is
+A batch is refused as a whole only when its envelope is bad (size, JSON,
+version, device); each case is then decoded and validated on its own, so one
+bad case is refused alone and the others are answered.
+
+At-least-once on the wire, effectively-once in the cloud: the model's answer
+(label, confidence, model) to each scored case is remembered under its
+(device, idempotency key) — the payload's ``key``, which the device also
+sends as the ``idempotency-key`` user property — in a bounded LRU of
+``cloud.dedupe_keys`` entries. A case seen again is counted in
+``duplicates``, is neither scored nor charged again, and is answered again
+from memory (so a device whose first answer was lost still gets one). Keys
+are scoped by device, so one device cannot pre-empt another's. The memory is
 per worker: a redelivery that the broker routes to another worker of the
 group is scored there again.
 

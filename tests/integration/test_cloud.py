@@ -42,7 +42,7 @@ from edge_agent.modelpack import open_pack
 from edge_agent.readings import ReadingDecoder
 from edge_agent.scorer import Scorer
 from tests.broker import Mosquitto
-from tests.conftest import MODELS, TEST_JSONL, make_fake_pack
+from tests.conftest import MODELS, TEST_JSONL
 
 pytestmark = pytest.mark.integration
 
@@ -56,28 +56,23 @@ TIMEOUT = 10.0
 @dataclass
 class PackUnderTest:
     path: Path
-    windows: list[list[list[float]]]  #: real readings when the dataset is present
+    windows: list[list[list[float]]]  #: real BasicMotions test windows
     labels: list[str]
     name: str
 
 
 @pytest.fixture
-def pack(tmp_path: Path) -> PackUnderTest:
-    """The cloud pack with real BasicMotions windows; a fake pack only while it is not built."""
-    if CLOUD_PACK.is_dir():
-        manifest = open_pack(CLOUD_PACK).manifest
-        lines = TEST_JSONL.read_text().splitlines() if TEST_JSONL.exists() else []
-        windows = [json.loads(line)["values"] for line in lines if line.strip()]
-        if not windows:  # the pack without its dataset: windows inside the training range
-            shape = manifest.input.shape
-            windows = [
-                [[0.1 * ((c + s + i) % 7) for s in range(shape[1])] for c in range(shape[0])]
-                for i in range(20)
-            ]
-        return PackUnderTest(CLOUD_PACK, windows, list(manifest.labels), manifest.name)
-    folder = make_fake_pack(tmp_path / "fake-cloud")
-    windows = [[[float(i % 3), 0.9, 0.1, 0.2], [0.5, 0.6, 0.7, 0.8]] for i in range(20)]
-    return PackUnderTest(folder, windows, ["a", "b", "c"], "fake-pack")
+def pack() -> PackUnderTest:
+    """The real cloud pack and real windows (written by scripts/train_sensor_model.py)."""
+    if not (CLOUD_PACK / "manifest.toml").is_file() or not TEST_JSONL.is_file():
+        pytest.fail(
+            f"{CLOUD_PACK} and {TEST_JSONL} are needed: python scripts/train_sensor_model.py"
+        )
+    manifest = open_pack(CLOUD_PACK).manifest
+    lines = TEST_JSONL.read_text().splitlines()
+    windows = [json.loads(line)["values"] for line in lines if line.strip()]
+    assert windows, f"{TEST_JSONL} holds no readings"
+    return PackUnderTest(CLOUD_PACK, windows, list(manifest.labels), manifest.name)
 
 
 def cloud_settings(port: int, prefix: str, pack: PackUnderTest, **extra: str) -> Settings:
@@ -174,7 +169,7 @@ class Devices:
         correlation: bytes | None = None,
         key: str | None = None,
     ) -> None:
-        props = Properties(PacketTypes.PUBLISH)
+        props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
         if response_topic is not None:
             props.ResponseTopic = response_topic
         if correlation is not None:
@@ -202,7 +197,7 @@ class Devices:
 
     def receive_n(self, n: int, timeout: float = TIMEOUT) -> list[Received]:
         deadline = time.monotonic() + timeout
-        out = []
+        out: list[Received] = []
         while len(out) < n:
             out.append(self.inbox.get(timeout=max(0.01, deadline - time.monotonic())))
         return out
