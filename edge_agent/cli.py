@@ -8,6 +8,7 @@ Subcommands::
     edge-agent score [FILE|-] [--model PACK]   JSON lines in, decisions out
     edge-agent models list [--json]            installed model packs
     edge-agent models verify [PACK ...]        check every file's size and sha256
+    edge-agent models fetch PACK [PACK ...]    put a pack's large file into the model store
 
 Logging is configured here and only here; under systemd stderr goes to the
 journal. Exit codes: 0 success, 1 a model or runtime failure, 2 bad usage or
@@ -48,7 +49,9 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 def _open_scorer(settings: Settings, pack_ref: str | None) -> Scorer:
-    pack = resolve(pack_ref or settings.model.pack, settings.model.packs_dir)
+    pack = resolve(
+        pack_ref or settings.model.pack, settings.model.packs_dir, settings.model.store_dir
+    )
     options = BackendOptions(
         intra_op_threads=settings.model.intra_op_threads,
         inter_op_threads=settings.model.inter_op_threads,
@@ -160,7 +163,7 @@ def cmd_cloud(args: argparse.Namespace) -> int:
 
 def cmd_models_list(args: argparse.Namespace) -> int:
     settings = _settings(args)
-    packs = discover(settings.model.packs_dir)
+    packs = discover(settings.model.packs_dir, settings.model.store_dir)
     if args.json:
         sys.stdout.write(json.dumps([p.summary() for p in packs], indent=2) + "\n")
         return EXIT_OK
@@ -177,9 +180,9 @@ def cmd_models_list(args: argparse.Namespace) -> int:
 def cmd_models_verify(args: argparse.Namespace) -> int:
     settings = _settings(args)
     packs: list[ModelPack] = (
-        [resolve(ref, settings.model.packs_dir) for ref in args.packs]
+        [resolve(ref, settings.model.packs_dir, settings.model.store_dir) for ref in args.packs]
         if args.packs
-        else discover(settings.model.packs_dir)
+        else discover(settings.model.packs_dir, settings.model.store_dir)
     )
     failed = 0
     for pack in packs:
@@ -193,6 +196,22 @@ def cmd_models_verify(args: argparse.Namespace) -> int:
     return EXIT_FAILURE if failed else EXIT_OK
 
 
+def cmd_models_fetch(args: argparse.Namespace) -> int:
+    from .fetch import fetch_pack  # noqa: PLC0415 - only this command fetches
+
+    settings = _settings(args)
+    packs = [resolve(ref, settings.model.packs_dir, settings.model.store_dir) for ref in args.packs]
+    for pack in packs:
+        result = fetch_pack(pack, progress=None if args.quiet else sys.stderr)
+        pack.verify()
+        if result is None:
+            sys.stdout.write(f"ok   {pack.ref}: nothing to fetch (no store file)\n")
+        else:
+            how = "fetched" if result.fetched else "already in the store"
+            sys.stdout.write(f"ok   {pack.ref}: {result.path} ({how}, verified)\n")
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="edge-agent",
@@ -201,7 +220,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"edge-agent {__version__}")
     parser.add_argument("--config", help="TOML config file (default: $EDGE_AGENT_CONFIG)")
     parser.add_argument(
-        "--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"]
+        "--log-level",
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="default: INFO for the services (run, cloud), WARNING for the rest",
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -280,6 +301,12 @@ def build_parser() -> argparse.ArgumentParser:
     mverify = msub.add_parser("verify", help="check every file's size and sha256")
     mverify.add_argument("packs", nargs="*", help="pack names or folders (default: all)")
     mverify.set_defaults(func=cmd_models_verify)
+    mfetch = msub.add_parser(
+        "fetch", help="put a pack's large file (GGUF) into the model store, verified by sha256"
+    )
+    mfetch.add_argument("packs", nargs="+", help="pack names or folders")
+    mfetch.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
+    mfetch.set_defaults(func=cmd_models_fetch)
     # `--config` is accepted before or after the subcommand (`edge-agent run --config F`).
     subparsers = [*sub.choices.values(), *msub.choices.values()]
     for p in subparsers:
@@ -294,9 +321,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    level = args.log_level or ("INFO" if args.command in ("run", "cloud") else "WARNING")
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if getattr(args, "batch", None) is not None and args.batch < 1:
         parser.error("--batch must be at least 1")
     try:

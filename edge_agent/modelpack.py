@@ -133,6 +133,9 @@ class LlamaSpec(_Table, frozen=True):
     n_ubatch: Annotated[int, msgspec.Meta(ge=1, le=48)] = 32
     #: llama.cpp threads for this pack (``model.intra_op_threads`` is for ONNX Runtime).
     threads: Annotated[int, msgspec.Meta(ge=1, le=256)] = 2
+    #: llama.cpp's extra weight buffer types (repacking, e.g. AMX). Off: the AMX path crashed
+    #: on multi-token batches on the dev machine (ggml-org/llama.cpp#20824).
+    extra_buffers: bool = False
 
 
 class Manifest(_Table, frozen=True):

@@ -13,6 +13,7 @@ them; telemetry counts them) and do not change between releases.
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -82,7 +83,18 @@ def _id_of(line: bytes) -> Any:
     try:
         return _id_decoder.decode(line).id
     except (msgspec.MsgspecError, UnicodeDecodeError, RecursionError):
-        return None
+        pass
+    if b"NaN" in line or b"Infinity" in line:
+        # Not JSON, but the standard library reads these constants: only to echo the id.
+        try:
+            obj = json.loads(line)
+        except (ValueError, RecursionError):
+            return None
+        if isinstance(obj, dict):
+            rid = obj.get("id")
+            if rid is None or isinstance(rid, (str, int, bool)):
+                return rid
+    return None
 
 
 class ReadingDecoder:

@@ -17,11 +17,13 @@ __all__ = ["REGISTRY", "Backend", "BackendOptions", "BackendOutput", "create"]
 REGISTRY: dict[str, str] = {
     "onnx": "edge_agent.backends.onnx:OnnxBackend",
     "fake": "edge_agent.backends.fake:FakeBackend",
+    "llama_cpp": "edge_agent.backends.llama_cpp:LlamaCppBackend",
 }
 
 #: What to install when a backend's runtime is missing.
 _INSTALL_HINT: dict[str, str] = {
     "onnx": "pip install onnxruntime",
+    "llama_cpp": "pip install 'edge-agent[llm]'",
 }
 
 

@@ -54,10 +54,13 @@ def test_clean_windows_never_trip_the_raw_guard(scorer: Scorer, split: tuple) ->
 def test_single_and_batched_scoring_agree(scorer: Scorer, split: tuple) -> None:
     windows = split[0][:8]
     batched = score_all(scorer, windows)
+    # Dynamic int8 quantization scales activations per call, so a window's probabilities move
+    # slightly with the batch it is scored in; fp32 agrees to float precision.
+    tolerance = 1e-2 if scorer.pack.manifest.metrics.get("quantization") == "dynamic" else 1e-5
     for w, b in zip(windows, batched, strict=True):
         (single,) = scorer.score([Reading(w.copy())])
         assert single.label == b.label
-        assert single.confidence == pytest.approx(b.confidence, abs=1e-5)
+        assert single.confidence == pytest.approx(b.confidence, abs=tolerance)
 
 
 def test_probabilities_are_calibrated_as_recorded(scorer: Scorer, split: tuple) -> None:
