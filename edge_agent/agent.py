@@ -58,7 +58,12 @@ def open_outbox(settings: Settings) -> Outbox:
         Cls.BATCH: ClassLimits(o.batch_max_rows, o.batch_max_bytes, o.batch_ttl_s),
         Cls.TELEMETRY: ClassLimits(o.telemetry_max_rows, o.telemetry_max_bytes, o.telemetry_ttl_s),
     }
-    return Outbox(Path(settings.device.state_dir) / "outbox.db", limits, o.max_total_bytes)
+    return Outbox(
+        Path(settings.device.state_dir) / "outbox.db",
+        limits,
+        o.max_total_bytes,
+        hard_sync=o.hard_sync.upper(),
+    )
 
 
 def _percentile(values: list[float], q: float) -> float | None:

@@ -255,7 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--loops", type=int, default=10, help="passes over the test windows")
     demo.add_argument("--rate-hz", type=float, default=200.0, help="readings per second")
-    demo.add_argument("--noise", type=float, default=0.3, help="sensor noise, x channel std")
+    demo.add_argument("--noise", type=float, default=1.5, help="sensor noise, x channel std")
     demo.add_argument("--seed", type=int, default=0, help="noise seed")
     demo.add_argument(
         "--readings-per-second",

@@ -93,6 +93,7 @@ class MqttSettings(_Section, frozen=True):
 
 
 class OutboxSettings(_Section, frozen=True):
+    hard_sync: Literal["full", "normal"] = "full"
     max_total_bytes: Annotated[int, msgspec.Meta(ge=64 * 1024)] = 64 * 1024 * 1024
     urgent_max_rows: PositiveInt = 10_000
     urgent_max_bytes: PositiveInt = 32 * 1024 * 1024

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import sys
 import tempfile
@@ -86,7 +87,11 @@ def demo_settings(base: Settings | None, state: Path, port: int, args: Any) -> S
     }
     if base is not None and base.model.pack:
         env["EDGE_AGENT_MODEL_PACK"] = base.model.pack
-    return load_settings(None, env=env)
+    # The user's EDGE_AGENT_* variables apply too, except where the demo must decide.
+    merged = {k: v for k, v in os.environ.items() if k.startswith("EDGE_AGENT_")}
+    merged.pop("EDGE_AGENT_CONFIG", None)
+    merged.update(env)
+    return load_settings(None, env=merged)
 
 
 class _Progress:

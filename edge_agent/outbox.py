@@ -16,7 +16,11 @@ telemetry   metrics. Full: drops its own oldest (counted).
 
 Hard cases are committed with ``synchronous=FULL`` (the WAL is fsynced before
 ``put`` returns, so an accepted hard case survives a crash or power cut);
-telemetry with ``NORMAL``. Messages past their TTL are deleted unsent and
+telemetry with ``NORMAL``. ``outbox.hard_sync = "normal"`` trades the power-cut
+guarantee for latency: the WAL then reaches the disk at checkpoints only, so
+accepted hard cases still survive a process crash (SIGKILL) but the last ones
+before a power cut may be lost; the fsync (milliseconds on many SD cards and
+virtual disks) leaves the hard-case path. Messages past their TTL are deleted unsent and
 counted. TTLs use the monotonic clock while the machine has not rebooted
 (the kernel's boot id is stored with each row) and the wall clock across a
 reboot. Sequence numbers for idempotency keys come from here too: every open
@@ -95,7 +99,17 @@ CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v INTEGER NOT NULL);
 class Outbox:
     """Thread-safe durable queue in ``<state_dir>/outbox.db``."""
 
-    def __init__(self, path: Path, limits: dict[Cls, ClassLimits], max_total_bytes: int) -> None:
+    def __init__(
+        self,
+        path: Path,
+        limits: dict[Cls, ClassLimits],
+        max_total_bytes: int,
+        *,
+        hard_sync: str = "FULL",
+    ) -> None:
+        if hard_sync not in ("FULL", "NORMAL"):
+            raise OutboxError(f"hard_sync must be FULL or NORMAL, not {hard_sync!r}")
+        self.hard_sync = hard_sync
         self.path = path
         self.limits = limits
         self.max_total_bytes = max_total_bytes
@@ -167,7 +181,7 @@ class Outbox:
         hard = any(cls is not Cls.TELEMETRY for cls, _, _, _ in items)
         with self._lock:
             try:
-                self._set_sync("FULL" if hard else "NORMAL")
+                self._set_sync(self.hard_sync if hard else "NORMAL")
                 self._db.execute("BEGIN IMMEDIATE")
                 try:
                     now_m, now_w = time.monotonic(), time.time()
