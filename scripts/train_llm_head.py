@@ -480,8 +480,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "description": (
             "BasicMotions activity from SmolLM2-135M-Instruct (Q4_1 GGUF, llama.cpp): the window"
             " as a short text after a cached prompt prefix, one evaluation, a fitted logistic"
-            " head on the last token's hidden state. A demonstration of the LLM path: the ONNX"
-            " packs are more accurate and ~1000x cheaper on this numeric task"
+            " head on the last token's hidden state. A demonstration of the LLM path: on this"
+            " numeric task the ONNX packs are more accurate and far cheaper (docs/backends.md)"
         ),
         "labels": list(LABELS),
     }

@@ -45,7 +45,12 @@ def test_budget_verdicts() -> None:
                 "backend": "onnx",
                 "floor": {"single": s(0.02), "batched": s(0.1, 600_000)},
                 "naive": s(0.2),
-                "agent": {"single": s(0.06), "batched": s(0.1, 200_000), "from_array": s(0.025)},
+                "agent": {
+                    "single": s(0.06),
+                    "batched": s(0.1, 200_000),
+                    "from_array": s(0.025),
+                    "from_array_batched": s(0.1, 400_000),
+                },
             }
         },
         "process": {"peak_rss_bytes": 100 * 2**20},
@@ -57,6 +62,7 @@ def test_budget_verdicts() -> None:
     assert verdicts["m@1: agent p99 per line / raw run p99"] is False  # 3x
     assert verdicts["m@1: agent p99 from a validated array / raw run p99"] is True  # 1.25x
     assert verdicts["m@1: raw batched throughput / agent micro-batched throughput"] is False  # 3x
+    assert verdicts["m@1: raw batched throughput / agent micro-batched from arrays"] is True
     assert verdicts["m@1: agent p99 / naive p99"] is True
     assert verdicts["ONNX agent peak RSS"] is True
     assert verdicts["cold start to READY=1 (ONNX)"] is False
