@@ -64,25 +64,39 @@ class OodGuard:
         self.saturation = ood.saturation_fraction
 
     def reasons(self, x: FloatArray) -> list[str | None]:
-        """One reason (or None) per window of ``x`` shaped [N, channels, samples]."""
+        """One reason (or None) per window of ``x`` shaped [N, channels, samples].
+
+        Written for the common case (nothing wrong) to cost a handful of numpy calls:
+        the standard deviation is computed only for channels whose range is small
+        enough that it could be below the dead-sensor limit (a window of T samples with
+        range r has a standard deviation of at least r / sqrt(2T)).
+        """
         n = x.shape[0]
         out: list[str | None] = [None] * n
         if not self.enabled:
             return out
         xmin = x.min(axis=2)
         xmax = x.max(axis=2)
-        dead = (x.std(axis=2) < self.dead_std).any(axis=1)
+        span = xmax - xmin
+        maybe_dead = span < self.dead_std * np.sqrt(2.0 * x.shape[2])
+        if maybe_dead.any():
+            dead = (maybe_dead & (x.std(axis=2) < self.dead_std)).any(axis=1)
+        else:
+            dead = maybe_dead.any(axis=1)
         out_of_range = ((xmin < self.lower) | (xmax > self.upper)).any(axis=1)
-        spread = xmax > xmin
-        at_max = (x == xmax[:, :, None]).mean(axis=2)
-        at_min = (x == xmin[:, :, None]).mean(axis=2)
-        saturated = (spread & ((at_max > self.saturation) | (at_min > self.saturation))).any(axis=1)
-        for i in range(n):
+        limit = self.saturation * x.shape[2]
+        at_max = (x == xmax[:, :, None]).sum(axis=2)
+        at_min = (x == xmin[:, :, None]).sum(axis=2)
+        saturated = ((span > 0) & ((at_max > limit) | (at_min > limit))).any(axis=1)
+        flagged = dead | out_of_range | saturated
+        if not flagged.any():
+            return out
+        for i in np.flatnonzero(flagged):
             if dead[i]:
                 out[i] = "dead_sensor"
             elif out_of_range[i]:
                 out[i] = "out_of_range"
-            elif saturated[i]:
+            else:
                 out[i] = "saturated"
         return out
 

@@ -113,9 +113,11 @@ fi
 if ! command -v qemu-aarch64-static >/dev/null; then
     [[ $(id -u) -eq 0 ]] || die "qemu-aarch64-static is missing; as root: apt-get install -y qemu-user-static"
     log "installing qemu-user-static (apt-get)"
+    t0=$(now)
     export DEBIAN_FRONTEND=noninteractive
     run "$WORK/apt-host.log" "apt-get update" apt-get update -q
     run "$WORK/apt-host.log" "apt-get install qemu-user-static" apt-get install -y -q qemu-user-static
+    log "installed qemu-user-static in $(since "$t0") s"
 fi
 QEMU=$(command -v qemu-aarch64-static)
 log "$("$QEMU" --version | head -n 1), CPU model $CPU"
