@@ -206,6 +206,9 @@ class Agent:
             "outbox_events": dict(self.outbox.counters),
             "link": dict(self.link.counters),
             "connected": self.link.connected.is_set(),
+            # The outbox cannot be written (disk full, read-only): scoring goes on, hard cases
+            # are refused (counted in link.store_failed_*), telemetry is dropped.
+            "degraded": bool(self.outbox.write_error),
             "reconnects": self.link.counters["disconnects"],
             "router": dict(self.router.counters),
         }
@@ -217,9 +220,11 @@ class Agent:
         lat = self.latency.percentiles()
         p99 = f"{lat['p99']:.2f} ms" if lat["p99"] is not None else "-"
         link = "connected" if self.link.connected.is_set() else "offline"
+        degraded = self.outbox.write_error
         return (
             f"{c['local'] + c['hard']} readings, {c['hard']} hard, {c['rejected']} rejected;"
             f" p99 {p99}; broker {link}; outbox {sum(self.outbox.depth().values())}"
+            + (f"; DEGRADED: outbox not writable ({degraded})" if degraded else "")
         )
 
     # -- running (main thread) --------------------------------------------------------

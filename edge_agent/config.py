@@ -11,6 +11,7 @@ Every key and its default is listed in docs/config.md.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import socket
@@ -276,6 +277,11 @@ def load_settings(path: str | Path | None = None, env: Mapping[str, str] | None 
             raise ConfigError(f"{origin}: cannot read config file: {exc.strerror}") from exc
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{origin}: not valid TOML: {exc}") from exc
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{origin}: not valid UTF-8 at byte {exc.start}") from exc
+        except RecursionError as exc:
+            raise ConfigError(f"{origin}: not valid TOML: nested too deeply") from exc
+    _reject_non_finite(data, origin, "")
     try:
         msgspec.convert(data, Settings)  # file alone first, so errors name the file
     except msgspec.ValidationError as exc:
@@ -286,10 +292,24 @@ def load_settings(path: str | Path | None = None, env: Mapping[str, str] | None 
         merged = dict(current) if isinstance(current, dict) else {}
         merged.update(values)
         data[section] = merged
+    _reject_non_finite(overrides, "environment (EDGE_AGENT_* variables)", "")
     try:
         return msgspec.convert(data, Settings)
     except msgspec.ValidationError as exc:
         raise _translate(exc, "environment (EDGE_AGENT_* variables)") from exc
+
+
+def _reject_non_finite(data: Any, origin: str, at: str) -> None:
+    """inf and nan are valid TOML (and float() reads them) but no setting means them:
+    an infinite TTL, backoff or price would break arithmetic far from the config."""
+    if isinstance(data, float) and not math.isfinite(data):
+        raise ConfigError(f"{origin}: key '{at}': {data} is not a finite number")
+    if isinstance(data, dict):
+        for key, value in data.items():
+            _reject_non_finite(value, origin, f"{at}.{key}" if at else str(key))
+    elif isinstance(data, list):
+        for value in data:
+            _reject_non_finite(value, origin, at)
 
 
 def read_secret(path: str) -> str:

@@ -13,7 +13,9 @@ TCP_NODELAY, optional TLS (CA, client certificate and key) and user name with
 a password read from a file at connect time. A retained ``status`` message
 says ``online`` after every connect; the last will says ``offline``. A CONNACK
 with a failure reason code (bad credentials, not authorised) is a failed
-attempt, never "connected". Reconnects back off exponentially with jitter.
+attempt, never "connected". A broker silent for 1.5x the keepalive (a half-open
+connection: the broker hangs, or a NAT forgot us) is taken as lost, counted in
+``keepalive_timeouts``. Reconnects back off exponentially with jitter.
 Each connection uses a fresh paho client, and what was in flight on a lost
 connection is replayed from the outbox on the next one (duplicates carry the
 same idempotency key), so nothing depends on paho's in-memory queue.
@@ -55,6 +57,8 @@ log = logging.getLogger(__name__)
 
 #: PUBACK reason code "No matching subscribers": the broker took the message and gave it to nobody.
 NO_MATCHING_SUBSCRIBERS = 0x10
+#: Longest sleep of the link loop (bounds how late keepalive checks and retries run).
+LOOP_MAX_S = 0.5
 
 
 def new_client(settings: Settings, client_id: str) -> mqtt.Client:
@@ -127,12 +131,21 @@ class Link:
         self._held: dict[int, float] = {}  # row id -> monotonic time it may be retried
         self._attempt = 0
         self._next_attempt = 0.0
+        self._connected_at = 0.0
         self._dirty = True
         self._recheck_at = float("inf")
         self._last_loop = time.monotonic()
+        self._last_in = time.monotonic()  # last time bytes came from the broker
+        # paho pings when the broker has been silent for a keepalive, and drops the connection
+        # only a keepalive after an unanswered ping (up to 2x keepalive after the broker went
+        # away). A healthy broker is never silent longer than keepalive + one loop turn + the
+        # ping's round trip, so silence past 1.5x keepalive (less one loop turn, the check's
+        # own lateness) means a half-open connection.
+        self._silence_limit_s = 1.5 * settings.mqtt.keepalive_s - LOOP_MAX_S
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
+        self._pipe_closed = False
         self._status_payload = encoder.encode(
             Status(v=SCHEMA_VERSION, device=device_id, state="online", model=model)
         )
@@ -165,6 +178,8 @@ class Link:
         return True
 
     def _wake(self) -> None:
+        if self._pipe_closed:
+            return
         # A full pipe means the link thread is already due to wake.
         with contextlib.suppress(BlockingIOError):
             os.write(self._wake_w, b"\0")
@@ -200,6 +215,12 @@ class Link:
         self._wake()
         if self._thread.is_alive():
             self._thread.join(timeout)
+        # Closed here, not by the thread: other threads may still call submit(), and a closed
+        # descriptor number can be reused by any file this process opens next.
+        if not self._thread.is_alive() and not self._pipe_closed:
+            self._pipe_closed = True
+            os.close(self._wake_r)
+            os.close(self._wake_w)
 
     # -- the link thread --------------------------------------------------------------
 
@@ -222,18 +243,22 @@ class Link:
         finally:
             self._store_submissions()
             self._shutdown()
-            os.close(self._wake_r)
-            os.close(self._wake_w)
 
     def _timeout(self) -> float:
-        """How long the loop may sleep: until the next retry or batch is due, at most 1 s."""
+        """How long the loop may sleep: until the next retry or batch is due, at most
+        ``LOOP_MAX_S``."""
         now = time.monotonic()
         due = [self._recheck_at, *list(self._held.values())[:1000]]
-        return max(0.0, min(1.0, *(t - now for t in due)))
+        return max(0.0, min(LOOP_MAX_S, *(t - now for t in due)))
 
     def _wait(self, client: mqtt.Client | None, timeout: float) -> None:
         """Sleep until the socket, a submission or the timeout wakes us; run paho's I/O."""
         sock = client.socket() if client is not None else None
+        if client is not None and sock is None:
+            # paho closed the socket itself (e.g. the broker dropped us during the TLS or MQTT
+            # handshake, as with a refused client certificate): nothing would ever wake us.
+            self._lost("the connection was closed")
+            return
         rlist: list[Any] = [self._wake_r]
         wlist: list[Any] = []
         if client is not None and sock is not None:
@@ -257,10 +282,17 @@ class Link:
                 if rc != mqtt.MQTT_ERR_SUCCESS and self._client is client:
                     self._lost(f"network: {mqtt.error_string(rc)}")
                     return
+                if step == client.loop_read:
+                    self._last_in = time.monotonic()
         if self._client is client:
             rc = client.loop_misc()  # keepalive pings and their timeouts
             if rc != mqtt.MQTT_ERR_SUCCESS and self._client is client:
                 self._lost(f"network: {mqtt.error_string(rc)}")
+                return
+        silent = time.monotonic() - self._last_in
+        if self._client is client and self.connected.is_set() and silent > self._silence_limit_s:
+            self.counters["keepalive_timeouts"] += 1
+            self._lost(f"no packet from the broker for {silent:.1f} s (half-open connection)")
 
     def _store_submissions(self) -> None:
         items: list[tuple[Cls, str, str, bytes]] = []
@@ -323,6 +355,11 @@ class Link:
         self._dirty = True
         if was_connected:
             self.counters["disconnects"] += 1
+            # The backoff starts again only after a connection that lasted a keepalive: a
+            # broker that accepts and then drops us at once (mosquitto 2.0 does so after
+            # refusing a publish by ACL) must not cause a tight reconnect loop.
+            if time.monotonic() - self._connected_at >= self.settings.mqtt.keepalive_s:
+                self._attempt = 0
         self._failed_attempt(why)
 
     def _on_connect(
@@ -334,7 +371,7 @@ class Link:
             self._lost(f"CONNACK refused: {rc}")
             return
         set_nodelay(client)
-        self._attempt = 0
+        self._connected_at = self._last_in = time.monotonic()
         self.last_error = ""
         self.counters["connects"] += 1
         client.publish(self.topics.status(self.device), self._status_payload, qos=1, retain=True)
@@ -371,7 +408,20 @@ class Link:
                 log.warning("no cloud worker subscribed to %s messages; holding them", name)
             self._hold(entry.ids, lk.retry_no_subscribers_s)
             return
-        self.outbox.ack(entry.ids)
+        failed: OutboxError | None = None
+        try:
+            self.outbox.ack(entry.ids)
+        except OutboxError as exc:
+            failed = exc
+        if failed is not None:
+            # Delivered, but the outbox cannot forget it (read-only, disk full): it stays
+            # stored and is sent again later with the same idempotency key.
+            self.counters["ack_failed"] += len(entry.ids)
+            log.error(
+                "cannot record the acknowledgement of %d message(s): %s", len(entry.ids), failed
+            )
+            self._hold(entry.ids, lk.retry_refused_s)
+            return
         self.counters[f"published_{entry.cls.name.lower()}"] += len(entry.ids)
         self._dirty = True
 
@@ -403,10 +453,21 @@ class Link:
             if room <= 0:
                 self._dirty = True
                 return
-            if cls is Cls.BATCH:
-                self._drain_batches(room, busy)
-                continue
-            for message in self.outbox.pending(cls, room, busy):
+            failed: OutboxError | None = None
+            messages: list[Message] = []
+            try:
+                if cls is Cls.BATCH:
+                    self._drain_batches(room, busy)
+                else:
+                    messages = self.outbox.pending(cls, room, busy)
+            except OutboxError as exc:
+                failed = exc
+            if failed is not None:
+                self.counters["outbox_read_failed"] += 1
+                log.error("cannot read the outbox: %s", failed)
+                self._recheck_at = time.monotonic() + self.settings.link.retry_refused_s
+                return
+            for message in messages:
                 self._publish_one(message)
 
     def _drain_batches(self, room: int, busy: set[int]) -> None:

@@ -114,6 +114,8 @@ class Outbox:
         self.limits = limits
         self.max_total_bytes = max_total_bytes
         self.counters: Counter[str] = Counter()
+        #: Why the last write transaction failed (disk full, read-only); "" once one succeeds.
+        self.write_error = ""
         self._lock = threading.Lock()
         self._boot = _boot_id()
         self._rows = dict.fromkeys(Cls, 0)
@@ -218,12 +220,14 @@ class Outbox:
                     self._rollback()
                     raise
             except sqlite3.Error as exc:
+                self.write_error = str(exc)
                 error = OutboxError(f"{self.path}: cannot store messages: {exc}")
                 for cls, _, _, _ in items:
                     self.counters[f"write_errors_{cls.name.lower()}"] += 1
                     if cls is Cls.TELEMETRY:
                         self.counters["dropped_telemetry"] += 1
                 return [error for _ in items]
+            self.write_error = ""
             for cls, _ in stored:
                 self.counters[f"put_{cls.name.lower()}"] += 1
         return results
@@ -292,20 +296,26 @@ class Outbox:
         expired: list[tuple[int, int]] = []
         with self._lock:
             try:
-                rows = self._db.execute(
-                    "SELECT id, key, topic, payload, size, boot_id, expires_mono, expires_wall"
-                    " FROM messages WHERE cls = ? ORDER BY id LIMIT ?",
-                    (int(cls), limit + len(skip)),
-                ).fetchall()
-                for mid, key, topic, payload, size, boot, exp_m, exp_w in rows:
-                    if mid in skip:
-                        continue
-                    remaining = exp_m - now_m if boot == self._boot else exp_w - now_w
-                    if remaining <= 0:
-                        expired.append((mid, size))
-                        continue
-                    if len(out) < limit:
-                        out.append(Message(mid, cls, key, topic, bytes(payload), remaining))
+                after = -1
+                while True:  # again past expired rows, so that they never hide live ones
+                    want = limit - len(out) + len(skip)
+                    rows = self._db.execute(
+                        "SELECT id, key, topic, payload, size, boot_id, expires_mono, expires_wall"
+                        " FROM messages WHERE cls = ? AND id > ? ORDER BY id LIMIT ?",
+                        (int(cls), after, want),
+                    ).fetchall()
+                    for mid, key, topic, payload, size, boot, exp_m, exp_w in rows:
+                        after = mid
+                        if mid in skip:
+                            continue
+                        remaining = exp_m - now_m if boot == self._boot else exp_w - now_w
+                        if remaining <= 0:
+                            expired.append((mid, size))
+                            continue
+                        if len(out) < limit:
+                            out.append(Message(mid, cls, key, topic, bytes(payload), remaining))
+                    if len(out) >= limit or len(rows) < want:
+                        break
                 if expired:
                     self._set_sync("NORMAL")
                     self._db.executemany(

@@ -146,7 +146,9 @@ class ReadingDecoder:
         arr = self._check_shape(arr)
         # One float64 pass: the sum is finite exactly when every value is (600 float32 values
         # cannot overflow a float64 sum, and NaN or +-Inf always propagate).
-        if not np.isfinite(arr.sum(dtype=np.float64)):
+        with np.errstate(invalid="ignore"):  # +inf + -inf is NaN: not finite, rejected below
+            total = arr.sum(dtype=np.float64)
+        if not np.isfinite(total):
             raise ReadingError("non_finite", "'values' holds NaN, Infinity or out-of-range numbers")
         return Reading(values=arr, id=reading_id)
 

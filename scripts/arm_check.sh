@@ -29,6 +29,8 @@
 #   ARM_DATA           readings to score (default <checkout>/data/basicmotions/test.jsonl)
 #   ARM_APT_SOURCES    a sources file (one-line or deb822) for the arm64 sysroot
 #                      (default: the host's Debian sources)
+#   ARM_LLM_MODEL      --llm: the llama_cpp pack (default: the first one in models/)
+#   ARM_LLM_READINGS   --llm: how many test readings to score (default 8; ~10 s each emulated)
 set -euo pipefail
 
 started=$(date +%s.%N)
@@ -96,7 +98,8 @@ native() {
 }
 
 # --- preconditions ---------------------------------------------------------------------------
-[[ $(uname -m) == x86_64 || $(uname -m) == aarch64 ]] || die "unsupported host $(uname -m)"
+[[ $(uname -m) == x86_64 ]] ||
+    die "this check emulates aarch64 on an x86_64 host; on $(uname -m), run the tests natively"
 [[ -x $NATIVE_PY ]] || die "no native Python at $NATIVE_PY: run scripts/setup --dev first" \
     "(or set ARM_NATIVE_PYTHON)"
 native_version=$("$NATIVE_PY" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
@@ -223,8 +226,8 @@ requirements=$WORK/requirements.txt
 constraints=$WORK/constraints.txt
 "$NATIVE_PY" "$HERE/requirements.py" "$REPO/pyproject.toml" >"$requirements"
 # The same versions as the native venv, so the comparison is about the architecture only.
-"$NATIVE_PY" -m pip freeze --all --exclude-editable --disable-pip-version-check 2>/dev/null |
-    grep -E '^[A-Za-z0-9_.-]+==' >"$constraints" || true
+"$NATIVE_PY" "$HERE/requirements.py" --pins "$REPO/pyproject.toml" >"$constraints" ||
+    die "could not read the native versions of the requirements"
 wheels_key=$(cat "$requirements" "$constraints" <(echo "${target_args[*]}") | sha256sum | cut -c1-16)
 WHEELS=$CACHE/wheels/$wheels_key
 
@@ -340,7 +343,9 @@ note "$("$NATIVE_PY" "$HERE/timing_report.py" "$WORK/timing-native.json" "$WORK/
 # PyPI has no aarch64 wheel of llama-cpp-python, so it is cross-compiled here with Debian's
 # aarch64 gcc (a device compiles it natively: pip install 'edge-agent[llm]'). It loads
 # libllama.so with ctypes, so no aarch64 Python headers are needed. Then a few readings are
-# scored with the LLM pack natively and as aarch64, and the decisions compared.
+# scored with the LLM pack natively and as aarch64: labels must be equal; confidence and route
+# differences are reported, not failed (docs/arm.md: the pack's confidences move by up to
+# ~0.2 between the x86 and aarch64 builds, and its 0.995 threshold turns that into routes).
 llm_check() {
     local version pack llm_site build t0 native_s arm_s verdict lib
     version=$(native -c 'import importlib.metadata as m; print(m.version("llama-cpp-python"))' \
@@ -388,9 +393,11 @@ for r in requires:
         print(r)' "$SITE" "$build"/llama_cpp_python-*.whl >"$WORK/llm-requirements.txt"
         mkdir -p "$build/deps"
         if [[ -s $WORK/llm-requirements.txt ]]; then
+            "$NATIVE_PY" -m pip freeze --all --exclude-editable --disable-pip-version-check \
+                2>/dev/null | grep -E '^[A-Za-z0-9_.-]+==' >"$WORK/llm-constraints.txt" || true
             run "$WORK/llm-pip.log" "pip download (llama-cpp-python's requirements)" \
                 "$NATIVE_PY" -m pip download "${pip_quiet[@]}" --no-cache-dir "${target_args[@]}" \
-                -d "$build/deps" -r "$WORK/llm-requirements.txt" -c "$constraints"
+                -d "$build/deps" -r "$WORK/llm-requirements.txt" -c "$WORK/llm-constraints.txt"
             run "$WORK/llm-pip.log" "pip install --target (llama-cpp-python's requirements)" \
                 "$NATIVE_PY" -m pip install "${pip_quiet[@]}" --no-index --no-deps \
                 --root-user-action=ignore "${target_args[@]}" --target "$llm_site.new" "$build"/deps/*.whl
@@ -410,7 +417,7 @@ for r in requires:
         note "llm: cross-compiled llama-cpp-python $version for aarch64 in $(since "$t0") s"
     fi
 
-    local readings=${ARM_LLM_READINGS:-4} tol=${ARM_LLM_TOL:-$TOL}
+    local readings=${ARM_LLM_READINGS:-8}
     grep -m "$readings" . "$DATA" >"$WORK/llm-input.jsonl"
     log "llm: score $readings readings with $pack: native, then emulated (slow)"
     t0=$(now)
@@ -421,7 +428,7 @@ for r in requires:
     extra_path=$llm_site arm -m edge_agent score "$WORK/llm-input.jsonl" --model "$pack" -q \
         >"$WORK/score-llm-arm.jsonl" || die "emulated edge-agent score with $pack failed"
     arm_s=$(since "$t0")
-    if ! verdict=$(native "$HERE/compare_decisions.py" --tol "$tol" \
+    if ! verdict=$(native "$HERE/compare_decisions.py" --labels-only \
         "$WORK/score-llm-native.jsonl" "$WORK/score-llm-arm.jsonl"); then
         printf '%s\n' "$verdict" | sed 's/^/    | /' >&2
         die "aarch64 decisions of $pack differ from native"

@@ -96,7 +96,12 @@ def test_batch_and_single_readings_agree(
     x = test_split[0][:8]
     batch = scorer.backend.score_batch(x).probs
     singles = np.concatenate([scorer.backend.score(w).probs for w in x])
-    np.testing.assert_array_equal(batch, singles)
+    # The language model's part is identical; the head's matrix product may round differently
+    # for a stack than for one row.
+    np.testing.assert_allclose(batch, singles, rtol=0, atol=1e-6)
+    hidden = getattr(scorer.backend, "hidden", None)
+    assert hidden is not None
+    np.testing.assert_array_equal(hidden(x), np.concatenate([hidden(w[None]) for w in x]))
 
 
 def test_cached_prefix_equals_a_full_evaluation(

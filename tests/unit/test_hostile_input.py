@@ -1,0 +1,477 @@
+"""Hostile input, property-based: every decoder answers with a clear, counted error or a valid
+result, and never with any other exception.
+
+Decoders under test: device input (``ReadingDecoder.decode``), the cloud worker's handling of a
+raw MQTT message (``CloudWorker._on_message``, with the fake pack), the device's verdict
+decoding (``Reconciler.on_verdict``) and config files (``load_settings``). Inputs: arbitrary
+bytes, JSON of any shape, malformed and deeply nested JSON, huge lines, NaN/Infinity, wrong
+shapes and types, invalid UTF-8, duplicate keys.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import paho.mqtt.client as mqtt
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from edge_agent.cloud import CloudWorker
+from edge_agent.config import Settings, load_settings
+from edge_agent.errors import ConfigError, ReadingError
+from edge_agent.messages import SCHEMA_VERSION, HardCase, LocalDecision, Verdict, encoder
+from edge_agent.modelpack import open_pack
+from edge_agent.readings import REASONS, ReadingDecoder
+from edge_agent.router import Reconciler
+from edge_agent.scorer import Scorer
+from tests.conftest import make_fake_pack
+
+SHAPE = (2, 4)  # the fake pack's input shape
+MAX_LINE = 64 * 1024
+FAST = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+# -- strategies --------------------------------------------------------------------------
+
+scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(2**70), max_value=2**70),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=20),
+)
+json_values = st.recursive(
+    scalars,
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=6),
+        st.dictionaries(st.text(max_size=8), inner, max_size=6),
+    ),
+    max_leaves=40,
+)
+numbers = st.one_of(
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.integers(min_value=-(2**70), max_value=2**70),
+    st.sampled_from([3.5e38, -3.5e38, 1e308, 5e-324, -0.0]),
+)
+#: Nearly right ``values``: the right or a wrong shape, numbers or anything in the cells.
+cells = st.one_of(numbers, numbers, numbers, scalars, json_values)
+values_like = st.one_of(
+    st.lists(st.lists(numbers, min_size=4, max_size=4), min_size=2, max_size=2),
+    st.lists(st.lists(cells, min_size=0, max_size=6), min_size=0, max_size=4),
+    cells,
+)
+
+
+def dumps(obj: Any) -> bytes:
+    """JSON as a careless or hostile sender writes it: NaN/Infinity tokens allowed."""
+    return json.dumps(obj, allow_nan=True).encode()
+
+
+@st.composite
+def hostile_bytes(draw: st.DrawFn, valid: bytes) -> bytes:
+    """Damage a valid message: truncate, splice bytes, nest deeply, duplicate keys, pad."""
+    kind = draw(st.sampled_from(["truncate", "splice", "deep", "dup", "pad", "raw", "nan"]))
+    if kind == "truncate":
+        return valid[: draw(st.integers(0, max(0, len(valid) - 1)))]
+    if kind == "splice":
+        at = draw(st.integers(0, len(valid)))
+        junk = draw(st.binary(min_size=1, max_size=8) | st.sampled_from([b"\xff", b"\xc3\x28"]))
+        return valid[:at] + junk + valid[at:]
+    if kind == "deep":
+        depth = draw(st.integers(100, 100_000))
+        opener = draw(st.sampled_from([b"[", b'{"a":']))
+        closer = b"]" if opener == b"[" else b"}"
+        nested = opener * depth + b"1" + closer * depth
+        return valid[:-1] + b',"id":' + nested + b"}" if valid.endswith(b"}") else nested
+    if kind == "dup":
+        key = draw(st.sampled_from([b"values", b"key", b"device", b"v", b"tier", b"verdicts"]))
+        return valid[:-1] + b',"' + key + b'":' + dumps(draw(json_values)) + b"}"
+    if kind == "pad":
+        return valid + b" " * draw(st.integers(0, 200_000))
+    if kind == "nan":
+        return valid.replace(b"1.0", draw(st.sampled_from([b"NaN", b"Infinity", b"-Infinity"])))
+    return draw(st.binary(max_size=300))
+
+
+# -- device input ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def decoder() -> ReadingDecoder:
+    return ReadingDecoder(SHAPE, max_line_bytes=MAX_LINE)
+
+
+VALID_LINE = dumps({"id": "r1", "values": [[1.0, 0.5, 0, 0], [0, 0, 0, 0]]})
+
+
+def check_reading(decoder: ReadingDecoder, line: bytes, seen: Counter[str]) -> None:
+    error: ReadingError | None = None
+    try:
+        reading = decoder.decode(line)
+    except ReadingError as exc:
+        error = exc
+    if error is not None:
+        assert error.code in REASONS, error.code
+        assert error.message
+        seen[error.code] += 1
+        decoder.reject_id(line)  # echoing the id of a rejected line never raises either
+        return
+    seen["ok"] += 1
+    assert reading.values.shape == SHAPE
+    assert reading.values.dtype == np.float32
+    assert np.isfinite(reading.values).all()
+
+
+READING_CODES: Counter[str] = Counter()
+
+
+@FAST
+@given(line=st.binary(max_size=2000))
+def test_reading_decoder_on_arbitrary_bytes(decoder: ReadingDecoder, line: bytes) -> None:
+    check_reading(decoder, line, READING_CODES)
+
+
+@FAST
+@given(obj=json_values)
+def test_reading_decoder_on_any_json(decoder: ReadingDecoder, obj: Any) -> None:
+    check_reading(decoder, dumps(obj), READING_CODES)
+
+
+@FAST
+@given(values=values_like, rid=json_values, extra=st.dictionaries(st.text(max_size=5), scalars))
+def test_reading_decoder_on_nearly_right_readings(
+    decoder: ReadingDecoder, values: Any, rid: Any, extra: dict[str, Any]
+) -> None:
+    check_reading(decoder, dumps({**extra, "id": rid, "values": values}), READING_CODES)
+
+
+@FAST
+@given(line=hostile_bytes(VALID_LINE))
+def test_reading_decoder_on_damaged_readings(decoder: ReadingDecoder, line: bytes) -> None:
+    check_reading(decoder, line, READING_CODES)
+
+
+def test_reading_decoder_fixed_hostile_cases(decoder: ReadingDecoder) -> None:
+    cases = {
+        b"x" * (MAX_LINE + 1): "too_large",
+        b"[" * 50_000: None,  # malformed or too deep: either is a clear code
+        b'{"values":' + b"[" * 10_000 + b"]" * 10_000 + b"}": None,
+        b'{"values": [[NaN, 1, 2, 3], [0, 0, 0, 0]]}': "non_finite",
+        b'{"values": [[1e39, 1, 2, 3], [0, 0, 0, 0]]}': "non_finite",
+        b'{"values": [[1, 1, 2, 3], [0, 0, 0, 0]], "values": 7}': "wrong_shape",
+        b'{"values": [[1, 1, 2, 3], [0, 0, 0, "\xff"]]}': "invalid_utf8",
+        b'{"values": [[1, 1, 2, 3], [0, 0, 0, 0]]}\x00': "malformed_json",
+    }
+    for line, code in cases.items():
+        with pytest.raises(ReadingError) as err:
+            decoder.decode(line)
+        assert err.value.code in REASONS
+        if code is not None:
+            assert err.value.code == code, (line[:60], err.value.code)
+    # Duplicate keys: every occurrence is validated (msgspec) and the last one wins.
+    with pytest.raises(ReadingError):
+        decoder.decode(b'{"values": 7, "values": [[2, 1, 2, 3], [0, 0, 0, 0]]}')
+    r = decoder.decode(
+        b'{"values": [[9, 1, 2, 3], [0, 0, 0, 0]], "values": [[2, 1, 2, 3], [0, 0, 0, 0]]}'
+    )
+    assert r.values[0, 0] == 2
+
+
+# -- the cloud worker --------------------------------------------------------------------
+
+
+@dataclass
+class _Info:
+    mid: int
+    rc: int = mqtt.MQTT_ERR_SUCCESS
+
+
+class _Client:
+    """Stands in for paho's client: records what the worker publishes."""
+
+    def __init__(self) -> None:
+        self.published: list[tuple[str, bytes]] = []
+
+    def publish(self, topic: str, payload: bytes, qos: int = 0, properties: Any = None) -> _Info:
+        self.published.append((topic, payload))
+        return _Info(len(self.published))
+
+
+@pytest.fixture(scope="module")
+def worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[CloudWorker, _Client]]:
+    pack = make_fake_pack(tmp_path_factory.mktemp("pack") / "fake-pack")
+    env = {"EDGE_AGENT_MQTT_TOPIC_PREFIX": "edge", "EDGE_AGENT_CLOUD_MAX_PAYLOAD_BYTES": "65536"}
+    scorer = Scorer.open(open_pack(pack))
+    w = CloudWorker(load_settings(None, env=env), scorer=scorer)
+    # What start() sets up, without a network thread: messages are handed in directly.
+    w._readings = ReadingDecoder(scorer.shape)
+    yield w, _Client()
+    scorer.close()
+
+
+def urgent_case(seq: int = 1, device: str = "dev-1") -> bytes:
+    return encoder.encode(
+        HardCase(
+            v=SCHEMA_VERSION,
+            key=f"{device}:{seq}",
+            device=device,
+            seq=seq,
+            values=[[1.0, 0.5, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]],
+            local=LocalDecision("a", 0.4, "low_confidence", "m@1"),
+            tier="urgent",
+        )
+    )
+
+
+def batch_of(cases: list[bytes], device: str = "dev-1") -> bytes:
+    return b'{"v":1,"device":"%s","cases":[%s]}' % (device.encode(), b",".join(cases))
+
+
+def deliver(
+    w: CloudWorker, client: _Client, topic: str, payload: bytes, response_topic: Any = None
+) -> None:
+    msg = mqtt.MQTTMessage(topic=topic.encode())
+    msg.payload = payload
+    props = Properties(PacketTypes.PUBLISH)
+    if response_topic is not None:
+        props.ResponseTopic = response_topic
+        props.CorrelationData = b"c"
+    msg.properties = props
+    before = sum(w.counters.values())
+    w._on_message(client, None, msg)  # type: ignore[arg-type]
+    assert w.counters["errors"] == 0, "a message reached the worker's last line of defence"
+    # Every message is accounted for: answered, refused or a duplicate.
+    assert sum(w.counters.values()) > before
+
+
+CLOUD_TOPICS = st.sampled_from(
+    ["edge/dev-1/hard", "edge/dev-1/batch", "edge/dev-2/hard", "edge/dev-1/other", "edge/+/hard"]
+)
+
+
+@FAST
+@given(topic=CLOUD_TOPICS, payload=st.binary(max_size=2000))
+def test_cloud_worker_on_arbitrary_bytes(
+    worker: tuple[CloudWorker, _Client], topic: str, payload: bytes
+) -> None:
+    deliver(*worker, topic, payload)
+
+
+@FAST
+@given(topic=CLOUD_TOPICS, obj=json_values)
+def test_cloud_worker_on_any_json(
+    worker: tuple[CloudWorker, _Client], topic: str, obj: Any
+) -> None:
+    deliver(*worker, topic, dumps(obj))
+
+
+@FAST
+@given(
+    seq=st.integers(0, 10**6),
+    field=st.sampled_from(["v", "key", "device", "seq", "values", "local", "tier", "id"]),
+    value=json_values,
+    as_batch=st.booleans(),
+)
+def test_cloud_worker_on_cases_with_one_wrong_field(
+    worker: tuple[CloudWorker, _Client], seq: int, field: str, value: Any, as_batch: bool
+) -> None:
+    case = json.loads(urgent_case(seq))
+    case[field] = value
+    body = dumps(case)
+    if as_batch:
+        deliver(*worker, "edge/dev-1/batch", batch_of([urgent_case(seq + 1), body]))
+    else:
+        deliver(*worker, "edge/dev-1/hard", body, response_topic="edge/dev-1/verdict")
+
+
+@FAST
+@given(
+    payload=hostile_bytes(urgent_case(7)),
+    response_topic=st.one_of(
+        st.none(),
+        st.sampled_from(["edge/dev-1/verdict", "edge/dev-2/verdict", "edge/dev-1/verdict/#"]),
+        st.text(max_size=40),
+    ),
+)
+def test_cloud_worker_on_damaged_cases(
+    worker: tuple[CloudWorker, _Client], payload: bytes, response_topic: str | None
+) -> None:
+    deliver(*worker, "edge/dev-1/hard", payload, response_topic=response_topic)
+
+
+@FAST
+@given(payload=hostile_bytes(batch_of([urgent_case(1), urgent_case(2)])))
+def test_cloud_worker_on_damaged_batches(
+    worker: tuple[CloudWorker, _Client], payload: bytes
+) -> None:
+    deliver(*worker, "edge/dev-1/batch", payload)
+
+
+def test_cloud_worker_only_answers_on_the_senders_own_verdict_topic(
+    worker: tuple[CloudWorker, _Client],
+) -> None:
+    w, client = worker
+    client.published.clear()
+    deliver(w, client, "edge/dev-1/hard", urgent_case(99), response_topic="edge/dev-2/verdict")
+    deliver(w, client, "edge/dev-1/hard", urgent_case(98, "dev-2"))
+    deliver(w, client, "edge/dev-1/hard", urgent_case(97), response_topic="edge/dev-1/verdict/x")
+    assert [t for t, _ in client.published] == ["edge/dev-1/verdict/x"]
+    assert w.counters["rejected_response_topic"] >= 1
+    assert w.counters["rejected_device_mismatch"] >= 1
+
+
+# -- verdicts reaching the device --------------------------------------------------------
+
+
+def verdict(key: str = "dev1:1") -> bytes:
+    return encoder.encode(
+        Verdict(
+            v=SCHEMA_VERSION,
+            key=key,
+            device="dev1",
+            seq=1,
+            label="a",
+            confidence=0.9,
+            model="m@1",
+            tier="urgent",
+        )
+    )
+
+
+@pytest.fixture(scope="module")
+def reconciler() -> Reconciler:
+    return Reconciler(Settings().router)
+
+
+@FAST
+@given(payload=st.one_of(st.binary(max_size=2000), json_values.map(dumps)))
+def test_reconciler_on_arbitrary_payloads(reconciler: Reconciler, payload: bytes) -> None:
+    before = sum(reconciler.counters.values())
+    reconciler.on_verdict(payload)
+    assert sum(reconciler.counters.values()) == before + 1 or b"verdicts" in payload
+
+
+@FAST
+@given(
+    payload=st.one_of(
+        hostile_bytes(verdict()),
+        hostile_bytes(b'{"v":1,"device":"dev1","verdicts":[%s]}' % verdict()),
+    )
+)
+def test_reconciler_on_damaged_verdicts(reconciler: Reconciler, payload: bytes) -> None:
+    reconciler.expect("dev1:1", "a", "urgent")
+    reconciler.on_verdict(payload)  # never raises
+
+
+# -- config files ------------------------------------------------------------------------
+
+SECTIONS = ["device", "model", "input", "source", "mqtt", "outbox", "link", "router", "cloud"]
+KEYS = [
+    "id", "state_dir", "pack", "max_batch", "max_line_bytes", "kind", "port", "host",
+    "keepalive_s", "hard_sync", "urgent_ttl_s", "inflight_window", "urgent_below",
+    "urgent_reasons", "dedupe_keys", "price_sync_per_1k_tokens", "password", "unknown",
+]  # fmt: skip
+toml_scalars = st.one_of(
+    st.integers(min_value=-(2**63), max_value=2**63 - 1).map(str),
+    st.floats(allow_nan=True, allow_infinity=True).map(
+        lambda f: (
+            "nan" if math.isnan(f) else ("inf" if f > 0 else "-inf") if math.isinf(f) else repr(f)
+        )
+    ),
+    st.booleans().map(lambda b: "true" if b else "false"),
+    st.text(max_size=20).map(json.dumps),
+    st.sampled_from(["1979-05-27T07:32:00Z", "07:32:00", "[1, 2]", "{a = 1}", '"""x"""']),
+)
+
+
+@st.composite
+def toml_documents(draw: st.DrawFn) -> bytes:
+    lines = []
+    for _ in range(draw(st.integers(0, 4))):
+        lines.append(f"[{draw(st.sampled_from([*SECTIONS, 'bogus', 'mqtt.tls']))}]")
+        for _ in range(draw(st.integers(0, 4))):
+            lines.append(f"{draw(st.sampled_from(KEYS))} = {draw(toml_scalars)}")
+    text = "\n".join(lines).encode()
+    damage = draw(st.sampled_from(["none", "none", "splice", "deep", "dup", "binary"]))
+    if damage == "splice":
+        at = draw(st.integers(0, len(text)))
+        text = text[:at] + draw(st.binary(min_size=1, max_size=6)) + text[at:]
+    elif damage == "deep":
+        depth = draw(st.integers(10, 50_000))
+        text += b"\n[device]\nid = " + b"[" * depth + b"]" * depth
+    elif damage == "dup":
+        text += b"\n[mqtt]\nport = 1\n[mqtt]\nport = 2\n"
+    elif damage == "binary":
+        text = draw(st.binary(max_size=300))
+    return text
+
+
+CONFIG_OUTCOMES: Counter[str] = Counter()
+
+
+@FAST
+@given(doc=toml_documents())
+def test_load_settings_on_arbitrary_toml(
+    tmp_path_factory: pytest.TempPathFactory, doc: bytes
+) -> None:
+    path = Path(tmp_path_factory.getbasetemp()) / "hostile.toml"
+    path.write_bytes(doc)
+    error: ConfigError | None = None
+    try:
+        s = load_settings(path, env={})
+    except ConfigError as exc:
+        error = exc
+    if error is not None:
+        assert str(path) in str(error)
+        CONFIG_OUTCOMES["ConfigError"] += 1
+        return
+    CONFIG_OUTCOMES["ok"] += 1
+    for section in SECTIONS:  # every float a setting holds is finite
+        for value in msgspec_fields(getattr(s, section)):
+            assert not isinstance(value, float) or math.isfinite(value)
+
+
+def msgspec_fields(obj: Any) -> list[Any]:
+    return [getattr(obj, f) for f in obj.__struct_fields__]
+
+
+@pytest.mark.parametrize(
+    "doc",
+    [
+        b'[device]\nid = "\xff"\n',
+        b"[device]\nid = " + b"[" * 100_000 + b"]" * 100_000 + b"\n",
+        b"[outbox]\nurgent_ttl_s = inf\n",
+        b"[link]\nreconnect_max_s = inf\n",
+        b"[cloud]\nprice_sync_per_1k_tokens = inf\n",
+        b"[router]\nurgent_below = nan\n",
+    ],
+)
+def test_load_settings_fixed_hostile_cases(tmp_path: Path, doc: bytes) -> None:
+    path = tmp_path / "c.toml"
+    path.write_bytes(doc)
+    with pytest.raises(ConfigError, match=str(path)):
+        load_settings(path, env={})
+
+
+def test_non_finite_environment_values_are_refused() -> None:
+    with pytest.raises(ConfigError, match="EDGE_AGENT_"):
+        load_settings(None, env={"EDGE_AGENT_LINK_RECONNECT_MAX_S": "inf"})
+
+
+def test_every_rejection_code_was_reached() -> None:
+    """Runs last in this module: the properties above did exercise each reason."""
+    if not READING_CODES:
+        pytest.skip("run together with the property tests above")
+    print(f"\nreading outcomes: {dict(READING_CODES)}; config outcomes: {dict(CONFIG_OUTCOMES)}")
+    assert {"malformed_json", "not_an_object", "wrong_type", "wrong_shape", "non_finite"} <= set(
+        READING_CODES
+    )
