@@ -120,8 +120,8 @@ class LlamaSpec(_Table, frozen=True):
 
     ``prefix`` is decoded once and kept in the KV cache; per reading only the text
     ``encoding`` of the window is decoded and the ``head`` (a file of the pack) is
-    applied to the last token's hidden state. ``n_ubatch`` at most 48 keeps the
-    cached-prefix result identical to a full evaluation of prefix + suffix.
+    applied to the last token's hidden state. ``n_ubatch`` at most 48 (flash attention
+    on) keeps the cached-prefix result identical to a full evaluation of prefix + suffix.
     """
 
     model: _RelPath

@@ -4,6 +4,8 @@
 #
 #   scripts/arm_check.sh          the ONNX path: unit tests + `edge-agent score` vs native
 #   scripts/arm_check.sh --llm    also the llama.cpp backend (cross-built llama-cpp-python)
+#   --skip-unit-tests             leave out the emulated unit tests (quicker, to try another
+#                                 pack or CPU model; CI runs them)
 #
 # Steps (see docs/arm.md):
 #   1. qemu-user-static from Debian (apt-get, as root) if qemu-aarch64-static is missing.
@@ -52,16 +54,18 @@ WORK=$CACHE/run
 PY_ARM=$SYSROOT/usr/bin/python3-qemu
 
 llm=0
+unit_tests=1
 extra_path=""
 for arg in "$@"; do
     case $arg in
         --llm) llm=1 ;;
+        --skip-unit-tests) unit_tests=0 ;;
         -h | --help)
             sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'
             exit 0
             ;;
         *)
-            echo "usage: $0 [--llm]" >&2
+            echo "usage: $0 [--llm] [--skip-unit-tests]" >&2
             exit 2
             ;;
     esac
@@ -296,18 +300,22 @@ from edge_agent.modelpack import resolve
 print(resolve(sys.argv[1]).ref)' "$MODEL") || die "no model pack to score with (${MODEL:-the default pack})"
 
 # (b) the unit tests.
-log "emulated: python -m pytest tests/unit -q -p no:cacheprovider (this takes a while)"
-t0=$(now)
-if ! (cd "$REPO" && arm -m pytest tests/unit -q -p no:cacheprovider) >"$WORK/pytest-arm.log" 2>&1; then
-    tail -n 30 "$WORK/pytest-arm.log" | sed 's/^/    | /' >&2
-    if (cd "$REPO" && native -m pytest tests/unit -q -p no:cacheprovider) >"$WORK/pytest-native.log" 2>&1; then
-        die "unit tests fail as aarch64 but pass natively: an ARM difference (log: $WORK/pytest-arm.log)"
+if ((unit_tests)); then
+    log "emulated: python -m pytest tests/unit -q -p no:cacheprovider (this takes a while)"
+    t0=$(now)
+    if ! (cd "$REPO" && arm -m pytest tests/unit -q -p no:cacheprovider) >"$WORK/pytest-arm.log" 2>&1; then
+        tail -n 30 "$WORK/pytest-arm.log" | sed 's/^/    | /' >&2
+        if (cd "$REPO" && native -m pytest tests/unit -q -p no:cacheprovider) >"$WORK/pytest-native.log" 2>&1; then
+            die "unit tests fail as aarch64 but pass natively: an ARM difference (log: $WORK/pytest-arm.log)"
+        fi
+        die "unit tests fail as aarch64, and natively too: not ARM-specific (logs: $WORK/pytest-*.log)"
     fi
-    die "unit tests fail as aarch64, and natively too: not ARM-specific (logs: $WORK/pytest-*.log)"
+    pytest_s=$(since "$t0")
+    note "aarch64 unit tests: $(grep -E '^[0-9]+ passed' "$WORK/pytest-arm.log" | tail -n 1 | sed 's/ in .*//')," \
+        "${pytest_s} s wall"
+else
+    note "aarch64 unit tests: SKIPPED (--skip-unit-tests)"
 fi
-pytest_s=$(since "$t0")
-note "aarch64 unit tests: $(grep -E '^[0-9]+ passed' "$WORK/pytest-arm.log" | tail -n 1 | sed 's/ in .*//')," \
-    "${pytest_s} s wall"
 
 # (c) edge-agent score, native vs emulated, on the test data and on a noisy variant of it.
 native "$HERE/noisy_readings.py" "$DATA" "$WORK/noisy.jsonl" || die "could not write noisy readings"

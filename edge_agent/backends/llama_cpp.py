@@ -18,10 +18,11 @@ module. How a reading is scored, with no text generation:
    last row the bias), and ``softmax(logits / T)`` with the temperature ``T``
    of ``[calibration]`` gives the calibrated probabilities.
 
-With ``n_ubatch`` at most 48 (the manifest refuses more) and flash attention
-off, the cached-prefix result is bit-identical to a full evaluation of prefix
-plus suffix (``LlamaRunner.hidden_uncached``; the integration tests compare
-them).
+With flash attention on and ``n_ubatch`` at most 48 (the manifest refuses
+more), the cached-prefix result is bit-identical to a full evaluation of
+prefix plus suffix in one batch (``LlamaRunner.hidden_uncached``; the
+integration tests compare them). With flash attention off it is not: the
+attention of the last token, decoded alone, runs through another kernel.
 
 Threads: llama.cpp uses ``[llama].threads`` of the pack (default 2); the
 ``model.intra_op_threads`` setting is ONNX Runtime's and does not apply here.
@@ -200,7 +201,10 @@ class LlamaRunner:
         cparams.n_threads_batch = threads
         cparams.embeddings = False
         cparams.pooling_type = llama_cpp.LLAMA_POOLING_TYPE_NONE
-        cparams.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        # Flash attention on: its CPU kernel treats each query row alike whatever the batch, so
+        # a token decoded alone gets the same hidden state as inside a batch. With it off the
+        # attention of a single token runs through another kernel and differs (measured).
+        cparams.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
         cparams.no_perf = True
         ctx = llama_cpp.llama_init_from_model(self._model, cparams)
         if not ctx:
