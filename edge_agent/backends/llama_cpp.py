@@ -7,7 +7,7 @@ module. How a reading is scored, with no text generation:
 1. At load the pack's fixed ``[llama].prefix`` is tokenized and decoded once;
    its keys and values stay in the context's KV cache (sequence 0).
 2. Per reading the window is turned into a short text by the pack's
-   ``[llama].encoding`` (``WindowEncoding`` below: about a dozen tokens).
+   ``[llama].encoding`` (``WindowEncoding`` below: 7 to 9 tokens).
 3. The cache is cut back to the prefix (``llama_memory_seq_rm``) and only that
    suffix is decoded: all but its last token with embeddings off and no
    output, then the last token alone with embeddings on, so the model's output
@@ -39,12 +39,20 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import llama_cpp
+# llama.cpp's CPU backend runs its threads under OpenMP, whose idle workers spin between
+# evaluations. On a small device that shares its cores, that spinning starves the other
+# processes and then the scorer itself: on the 2-core dev VM under load, p95 per reading went
+# from ~0.1 s with passive waiting to seconds with the default. libgomp reads this once, when
+# llama.cpp is loaded, so it is set (unless the operator set it) before the import below.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import llama_cpp  # after the OpenMP setting above
 import numpy as np
 import numpy.typing as npt
 

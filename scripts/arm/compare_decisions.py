@@ -5,9 +5,11 @@ decided. Per line: ``id``, ``label``, ``route``, ``reason`` and ``model`` must b
 ``confidence`` within ``--tol``; rejected lines must carry the same error code and message.
 ``latency_ms`` is not compared (it is a timing); its medians are printed.
 
-``--labels-only`` (the llama.cpp check): ``id``, ``label``, ``model`` and rejections must be
-equal; differences in ``route``, ``reason`` and ``confidence`` are counted and printed but do
-not fail (see docs/arm.md: the LLM pack's confidences move between CPU builds).
+``--confident-only`` (the llama.cpp check): ``id``, ``model`` and rejections must be equal,
+and so must the label wherever either side acted on it locally (``route`` local). Label
+differences on readings both sides escalate (the cloud answers those), and differences in
+``route``, ``reason`` and ``confidence``, are counted and printed but do not fail: the LLM
+pack's confidences move between CPU builds (docs/arm.md).
 
 Prints a one-line summary, or the differences.
 
@@ -25,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 EXACT = ("id", "label", "route", "reason", "model")
-LABELS_ONLY = ("id", "label", "model")
+CONFIDENT_ONLY = ("id", "model")
 SHOWN = 10
 
 
@@ -41,6 +43,12 @@ def _differences(
     if "error" in a:
         return [] if a == b else [f"{where}: error {a['error']} vs {b['error']}"]
     out = [f"{where}: {k} {a.get(k)!r} vs {b.get(k)!r}" for k in keys if a.get(k) != b.get(k)]
+    local = "local" in (a.get("route"), b.get("route"))
+    if "label" not in keys and local and a.get("label") != b.get("label"):
+        out.append(
+            f"{where}: label {a.get('label')!r} ({a.get('route')}) vs {b.get('label')!r}"
+            f" ({b.get('route')}): a local decision with a different label"
+        )
     if tol is not None and abs(float(a["confidence"]) - float(b["confidence"])) > tol:
         out.append(f"{where}: confidence {a['confidence']} vs {b['confidence']} (tol {tol})")
     return out
@@ -59,7 +67,11 @@ def main() -> int:
     parser.add_argument("native", type=Path)
     parser.add_argument("emulated", type=Path)
     parser.add_argument("--tol", type=float, default=1e-5, help="largest confidence difference")
-    parser.add_argument("--labels-only", action="store_true", help="fail on label differences only")
+    parser.add_argument(
+        "--confident-only",
+        action="store_true",
+        help="fail only on label differences of decisions either side took locally",
+    )
     args = parser.parse_args()
     native, emulated = _lines(args.native), _lines(args.emulated)
     problems: list[str] = []
@@ -67,10 +79,10 @@ def main() -> int:
         problems.append(f"{args.native}: no output lines")
     if len(native) != len(emulated):
         problems.append(f"{len(native)} native lines vs {len(emulated)} emulated lines")
-    keys, tol = (LABELS_ONLY, None) if args.labels_only else (EXACT, args.tol)
+    keys, tol = (CONFIDENT_ONLY, None) if args.confident_only else (EXACT, args.tol)
     routes: Counter[str] = Counter()
     diffs: list[float] = []
-    moved: list[str] = []  # --labels-only: route changes, reported
+    moved: list[str] = []  # --confident-only: route or label changes, reported
     for n, (a, b) in enumerate(zip(native, emulated, strict=False), start=1):
         where = f"line {n} (id {a.get('id', b.get('id'))!r})"
         problems += _differences(where, a, b, keys, tol)
@@ -79,9 +91,10 @@ def main() -> int:
             continue
         routes[str(a.get("route"))] += 1
         diffs.append(abs(float(a["confidence"]) - float(b["confidence"])))
-        if a.get("route") != b.get("route"):
+        if a.get("route") != b.get("route") or a.get("label") != b.get("label"):
             moved.append(
-                f"{a.get('id')}: {a['route']} {a['confidence']} -> {b['route']} {b['confidence']}"
+                f"{a.get('id')}: {a['label']} {a['route']} {a['confidence']}"
+                f" -> {b['label']} {b['route']} {b['confidence']}"
             )
     if problems:
         sys.stdout.write(f"{len(problems)} difference(s):\n")
@@ -97,10 +110,10 @@ def main() -> int:
         if diffs
         else "no decisions"
     )
-    what = "labels equal" if args.labels_only else "lines equal"
+    what = "lines, no confident disagreement" if args.confident_only else "lines equal"
     routed = ""
-    if args.labels_only:
-        routed = f"; routes differ on {len(moved)}/{len(diffs)}" + (
+    if args.confident_only:
+        routed = f"; label or route differs on {len(moved)}/{len(diffs)}" + (
             f" ({'; '.join(moved[:SHOWN])}{'; ...' if len(moved) > SHOWN else ''})" if moved else ""
         )
     latency = _latency(native, emulated) if diffs else ""
