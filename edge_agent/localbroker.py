@@ -61,6 +61,9 @@ class Mosquitto:
             "log_dest stderr\n"
             "log_type error\nlog_type warning\nlog_type notice\n"
             "max_queued_messages 0\n"
+            # Deliver to subscribers at once instead of holding all but 20 in broker memory,
+            # where a broker crash loses what it has already acknowledged to the publisher.
+            "max_inflight_messages 0\n"
             # Without it Nagle's algorithm meets delayed ACKs and each round trip costs ~40 ms.
             "set_tcp_nodelay true\n"
             f"{self.extra}\n"

@@ -27,7 +27,11 @@ attention of the last token, decoded alone, runs through another kernel.
 Threads: llama.cpp uses ``[llama].threads`` of the pack (default 2); the
 ``model.intra_op_threads`` setting is ONNX Runtime's and does not apply here.
 One backend instance owns one llama.cpp context and serialises its calls; a
-second scoring thread needs its own backend.
+second scoring thread needs its own backend. llama.cpp's threads synchronise
+through OpenMP, which spins by default: fastest on an idle device, ruinous in
+the tail when other processes compete for the cores, where
+``OMP_WAIT_POLICY=PASSIVE`` in the environment (read once, when llama.cpp is
+loaded) trades half the speed for a bounded tail (numbers in docs/backends.md).
 
 ``ood_score`` is how far (in encoding levels) the window's statistics fall
 outside the scale the text encoding can express (0 inside it): the language
@@ -39,20 +43,12 @@ from __future__ import annotations
 
 import ctypes
 import logging
-import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-# llama.cpp's CPU backend runs its threads under OpenMP, whose idle workers spin between
-# evaluations. On a small device that shares its cores, that spinning starves the other
-# processes and then the scorer itself: on the 2-core dev VM under load, p95 per reading went
-# from ~0.1 s with passive waiting to seconds with the default. libgomp reads this once, when
-# llama.cpp is loaded, so it is set (unless the operator set it) before the import below.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-import llama_cpp  # after the OpenMP setting above
+import llama_cpp
 import numpy as np
 import numpy.typing as npt
 
