@@ -58,12 +58,11 @@ from .errors import EdgeAgentError
 from .link import set_nodelay
 from .localbroker import Mosquitto
 from .messages import SCHEMA_VERSION, HardCase, LocalDecision, Verdict
-from .modelpack import BUNDLED_PACKS_DIR, ModelPack, discover, resolve
+from .modelpack import BUNDLED_TEST_DATA, ModelPack, discover, resolve
 from .readings import Reading
 from .scorer import Scorer
 from .sources.replay import ReplaySource
 
-DEFAULT_DATA = BUNDLED_PACKS_DIR.parent / "data" / "basicmotions" / "test.jsonl"
 SECONDS_PER_MONTH = 30 * 86400
 
 
@@ -72,7 +71,7 @@ class BenchOptions:
     quick: bool = False
     repeats: int = 0  #: passes over the test windows per measurement (0 = 50, or 5 with --quick)
     packs: list[str] = field(default_factory=list)
-    data: Path = DEFAULT_DATA
+    data: Path = BUNDLED_TEST_DATA
     price_sync_per_1k_tokens: float = 0.04
     price_sync_low: float = 0.025
     price_sync_high: float = 0.06

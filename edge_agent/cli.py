@@ -30,7 +30,7 @@ from .agent import Agent, stdout_writer
 from .backends.base import BackendOptions
 from .config import Settings, load_settings
 from .errors import ConfigError, EdgeAgentError, ModelError
-from .modelpack import BUNDLED_PACKS_DIR, ModelPack, discover, resolve
+from .modelpack import BUNDLED_TEST_DATA, ModelPack, discover, resolve
 from .pipeline import ScorePipeline
 from .scorer import Scorer
 from .sources import open_source
@@ -38,7 +38,6 @@ from .sources.lines import chunked_lines
 
 log = logging.getLogger("edge_agent")
 
-DEMO_DATA = BUNDLED_PACKS_DIR.parent / "data" / "basicmotions" / "test.jsonl"
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
@@ -263,7 +262,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=1.0,
         help="one device's reading rate, for the monthly cost estimate",
     )
-    demo.add_argument("--data", default=str(DEMO_DATA), help="JSON lines with 'label' fields")
+    demo.add_argument(
+        "--data", default=str(BUNDLED_TEST_DATA), help="JSON lines with 'label' fields"
+    )
     demo.add_argument("--json", action="store_true", help="print the summary as JSON")
     demo.add_argument("--keep", action="store_true", help="keep the temporary state folder")
     demo.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
@@ -275,7 +276,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench_p.add_argument("--quick", action="store_true", help="fewer repeats (under a minute)")
     bench_p.add_argument("--repeats", type=int, default=0, help="passes over the test windows")
     bench_p.add_argument("--packs", nargs="*", help="packs to measure (default: device packs)")
-    bench_p.add_argument("--data", default=str(DEMO_DATA), help="JSON lines of test windows")
+    bench_p.add_argument(
+        "--data", default=str(BUNDLED_TEST_DATA), help="JSON lines of test windows"
+    )
     bench_p.add_argument("--json", help="write every figure as JSON to this file")
     bench_p.add_argument("--markdown", help="write a Markdown report to this file")
     bench_p.add_argument("--plot", help="write a PNG of latency per pattern (needs matplotlib)")

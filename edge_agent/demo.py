@@ -35,14 +35,13 @@ from .config import Settings, load_settings
 from .errors import ConfigError
 from .localbroker import Mosquitto
 from .messages import Verdict
-from .modelpack import BUNDLED_PACKS_DIR, resolve
+from .modelpack import resolve
 from .readings import Reading, ReadingDecoder
 from .scorer import Scorer
 from .sources.replay import ReplaySource
 
 log = logging.getLogger(__name__)
 
-DEFAULT_DATA = BUNDLED_PACKS_DIR.parent / "data" / "basicmotions" / "test.jsonl"
 SECONDS_PER_MONTH = 30 * 86400
 
 

@@ -36,6 +36,8 @@ MANIFEST = "manifest.toml"
 SUPPORTED_SCHEMA = 1
 #: Where the packs shipped with the source tree live.
 BUNDLED_PACKS_DIR = Path(__file__).resolve().parent.parent / "models"
+#: The held-out BasicMotions windows shipped with the source tree (demo and benchmark input).
+BUNDLED_TEST_DATA = BUNDLED_PACKS_DIR.parent / "data" / "basicmotions" / "test.jsonl"
 
 _Sha256 = Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{64}$")]
 _RelPath = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")]

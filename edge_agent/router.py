@@ -79,7 +79,7 @@ class Router:
 
 @dataclass(slots=True)
 class _Pending:
-    deadline: float
+    sent: float
     local_label: str
     tier: str
 
@@ -110,10 +110,9 @@ class Reconciler:
 
     def expect(self, key: str, local_label: str, tier: str) -> None:
         """Remember a hard case sent to the cloud (urgent ones with a deadline)."""
-        deadline = self.clock() + self.s.deadline_ms / 1000.0
         with self._lock:
             pending = self._pending[tier]
-            pending[key] = _Pending(deadline, local_label, tier)
+            pending[key] = _Pending(self.clock(), local_label, tier)
             if len(pending) > self.s.max_pending:
                 old_key, _ = pending.popitem(last=False)
                 self.counters[f"forgotten_{tier}"] += 1
@@ -150,8 +149,7 @@ class Reconciler:
                 self.counters["verdicts_late"] += 1
             else:
                 self.counters["verdicts_on_time"] += 1
-                sent = entry.deadline - self.s.deadline_ms / 1000.0
-                self.round_trips_ms.append((now - sent) * 1000.0)
+                self.round_trips_ms.append((now - entry.sent) * 1000.0)
         agree = v.label == entry.local_label
         self.counters["agree" if agree else "disagree"] += 1
         for listener in self.listeners:
@@ -164,7 +162,7 @@ class Reconciler:
             urgent = self._pending[URGENT]
             while urgent:
                 key, first = next(iter(urgent.items()))
-                if first.deadline > now:
+                if first.sent + self.s.deadline_ms / 1000.0 > now:
                     break
                 del urgent[key]
                 self._overdue[key] = first
