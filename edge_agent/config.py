@@ -117,6 +117,8 @@ class LinkSettings(_Section, frozen=True):
     batch_max_cases: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 100
     batch_max_wait_s: NonNegFloat = 60.0
     max_payload_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 256 * 1024
+    confirm: Literal["verdict", "puback"] = "verdict"
+    confirm_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 30.0
 
 
 class RouterSettings(_Section, frozen=True):

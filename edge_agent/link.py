@@ -4,9 +4,16 @@ The link thread is the only code that touches paho-mqtt and the only writer
 of the outbox. Producers (the scoring loop) hand it messages through a
 bounded queue with ``submit``, which never blocks; the link thread stores
 each batch of submissions in the outbox in one transaction (one fsync) and
-only then publishes. It deletes a message when the broker's PUBACK carries a
-success reason code; a failure code keeps the message, is counted, and the
-message is retried after a pause.
+only then publishes. A PUBACK with a failure reason code keeps the message,
+is counted, and the message is retried after a pause. With a success code,
+telemetry is deleted; a hard case is deleted when the cloud's verdict for its
+idempotency key arrives on the device's verdict topic (``link.confirm =
+"verdict"``, the default). It is sent again if none came within
+``link.confirm_timeout_s``, and at once on the next connection when the
+connection the broker acknowledged it on is lost: a broker that acknowledged
+a hard case and then died (without persistence it forgets what it had not
+yet delivered) cannot lose it. ``link.confirm = "puback"`` deletes hard cases at the PUBACK instead,
+for a cloud tier that does not answer (e.g. a batch service that only stores).
 
 The connection: paho-mqtt 2.x with callback API version 2 and MQTT v5,
 TCP_NODELAY, optional TLS (CA, client certificate and key) and user name with
@@ -42,6 +49,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import msgspec
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
@@ -90,6 +98,32 @@ def set_nodelay(client: mqtt.Client) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
+class _KeyOnly(msgspec.Struct):
+    key: str
+
+
+class _VerdictKeys(msgspec.Struct):
+    """The idempotency keys a verdict message answers (one verdict or a batch of them)."""
+
+    key: str | None = None
+    verdicts: list[_KeyOnly] | None = None
+
+
+_keys_decoder = msgspec.json.Decoder(_VerdictKeys)
+
+
+def verdict_keys(payload: bytes) -> list[str]:
+    """Keys of a verdict message; [] for anything else (the reconciler counts malformed ones)."""
+    try:
+        got = _keys_decoder.decode(payload)
+    except (msgspec.MsgspecError, UnicodeDecodeError, RecursionError):
+        return []
+    keys = [v.key for v in got.verdicts or []]
+    if got.key is not None:
+        keys.append(got.key)
+    return keys
+
+
 @dataclass(slots=True)
 class _Inflight:
     ids: list[int]
@@ -129,6 +163,11 @@ class Link:
         self._client: mqtt.Client | None = None
         self._inflight: dict[int, _Inflight] = {}
         self._held: dict[int, float] = {}  # row id -> monotonic time it may be retried
+        # Hard cases the broker took, awaiting the verdict: row id -> the connection it took
+        # them on (a broker that dropped that connection may have died holding them).
+        self._awaiting: dict[int, int] = {}
+        self._generation = 0
+        self._confirm = settings.link.confirm == "verdict"
         self._attempt = 0
         self._next_attempt = 0.0
         self._connected_at = 0.0
@@ -352,6 +391,12 @@ class Link:
         if self._inflight:
             self.counters["inflight_replayed"] += sum(len(f.ids) for f in self._inflight.values())
         self._inflight.clear()  # still in the outbox: replayed on the next connection
+        # What the broker took on this connection but the cloud has not answered: if the broker
+        # died, it died with them. Sent again as soon as there is a connection.
+        now = time.monotonic()
+        for row, generation in self._awaiting.items():
+            if generation == self._generation:
+                self._held[row] = now
         self._dirty = True
         if was_connected:
             self.counters["disconnects"] += 1
@@ -371,6 +416,7 @@ class Link:
             self._lost(f"CONNACK refused: {rc}")
             return
         set_nodelay(client)
+        self._generation += 1
         self._connected_at = self._last_in = time.monotonic()
         self.last_error = ""
         self.counters["connects"] += 1
@@ -401,12 +447,19 @@ class Link:
             log.error("broker refused %d %s message(s): %s", len(entry.ids), name, rc)
             self._hold(entry.ids, lk.retry_refused_s)
             return
-        if rc.value == NO_MATCHING_SUBSCRIBERS and entry.cls is not Cls.TELEMETRY:
+        hard = entry.cls is not Cls.TELEMETRY
+        if rc.value == NO_MATCHING_SUBSCRIBERS and hard:
             # No cloud worker is subscribed (yet): the broker would drop a hard case. Keep it.
             self.counters[f"no_subscribers_{name}"] += len(entry.ids)
             if self.counters[f"no_subscribers_{name}"] == len(entry.ids):
                 log.warning("no cloud worker subscribed to %s messages; holding them", name)
             self._hold(entry.ids, lk.retry_no_subscribers_s)
+            return
+        if hard and self._confirm:
+            # The broker has it; the verdict (or a resend after the timeout) settles it.
+            self.counters[f"published_{name}"] += len(entry.ids)
+            self._awaiting.update(dict.fromkeys(entry.ids, self._generation))
+            self._hold(entry.ids, lk.confirm_timeout_s)
             return
         failed: OutboxError | None = None
         try:
@@ -432,14 +485,44 @@ class Link:
 
     def _on_message(self, _client: mqtt.Client, _ud: Any, msg: mqtt.MQTTMessage) -> None:
         self.counters["verdict_messages"] += 1
+        payload = bytes(msg.payload)
+        if self._confirm:
+            self._settle(verdict_keys(payload))
         if self.on_verdict is not None:
-            self.on_verdict(bytes(msg.payload))
+            self.on_verdict(payload)
+
+    def _settle(self, keys: list[str]) -> None:
+        """The cloud answered these hard cases: forget them."""
+        if not keys:
+            return
+        try:
+            rows = self.outbox.confirm(keys)
+        except OutboxError as exc:
+            # Kept, and sent again after the timeout: the cloud answers a duplicate again.
+            self.counters["confirm_failed"] += len(keys)
+            log.error("cannot record %d verdict(s) in the outbox: %s", len(keys), exc)
+            return
+        for row in rows:
+            if self._awaiting.pop(row, None) is not None:
+                self._held.pop(row, None)
+                continue
+            # The verdict overtook the broker's PUBACK: nothing to wait for after it.
+            for entry in self._inflight.values():
+                if row in entry.ids:
+                    entry.ids.remove(row)
+                    self.counters[f"published_{entry.cls.name.lower()}"] += 1
+                    break
+        self.counters["confirmed"] += len(rows)
 
     def _drain(self) -> None:
         window = self.settings.link.inflight_window
         now = time.monotonic()
         if self._held and min(self._held.values()) <= now:
-            self._held = {k: t for k, t in self._held.items() if t > now}
+            due = [k for k, t in self._held.items() if t <= now]
+            for row in due:
+                del self._held[row]
+                if self._awaiting.pop(row, None) is not None:
+                    self.counters["unconfirmed_resent"] += 1
             self._dirty = True
         if now >= self._recheck_at:
             self._recheck_at = float("inf")

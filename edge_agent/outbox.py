@@ -1,7 +1,10 @@
-"""The durable outbox: an SQLite (WAL) queue of messages waiting for a broker acknowledgement.
+"""The durable outbox: an SQLite (WAL) queue of messages waiting for an acknowledgement.
 
-A message is written here before it is published and deleted only when the
-broker acknowledges it with a success reason code. Three classes, each with
+A message is written here before it is published. Telemetry is deleted when
+the broker acknowledges it with a success reason code (``ack``); a hard case,
+by default (``link.confirm = "verdict"``), only when the cloud's verdict for
+its idempotency key comes back (``confirm``), so that a broker that dies
+holding it cannot lose it. Three classes, each with
 its own bounds (rows and bytes), TTL and policy when full:
 
 ==========  ==========================================================
@@ -92,6 +95,7 @@ CREATE TABLE IF NOT EXISTS messages (
     expires_wall REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS messages_by_cls ON messages (cls, id);
+CREATE INDEX IF NOT EXISTS messages_by_key ON messages (key);
 CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v INTEGER NOT NULL);
 """
 
@@ -352,6 +356,35 @@ class Outbox:
                 raise OutboxError(
                     f"{self.path}: cannot delete acknowledged messages: {exc}"
                 ) from exc
+        return gone
+
+    def confirm(self, keys: list[str]) -> list[int]:
+        """Delete the hard cases (urgent or batch) with these idempotency keys, because the
+        cloud answered them; returns the ids of the rows that were still there."""
+        if not keys:
+            return []
+        gone: list[int] = []
+        with self._lock:
+            try:
+                self._set_sync("NORMAL")
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    for key in keys:
+                        for mid, c, size in self._db.execute(
+                            "DELETE FROM messages WHERE key = ? AND cls IN (?, ?)"
+                            " RETURNING id, cls, size",
+                            (key, int(Cls.URGENT), int(Cls.BATCH)),
+                        ).fetchall():
+                            gone.append(int(mid))
+                            self._rows[Cls(c)] -= 1
+                            self._bytes[Cls(c)] -= size
+                            self.counters[f"confirmed_{Cls(c).name.lower()}"] += 1
+                    self._db.execute("COMMIT")
+                except BaseException:
+                    self._rollback()
+                    raise
+            except sqlite3.Error as exc:
+                raise OutboxError(f"{self.path}: cannot delete confirmed messages: {exc}") from exc
         return gone
 
     def depth(self) -> dict[str, int]:

@@ -78,3 +78,9 @@ def settings_env(port: int, prefix: str, state_dir: Path, **extra: str) -> dict[
     }
     env.update({f"EDGE_AGENT_{k.upper()}": v for k, v in extra.items()})
     return env
+
+
+def puback_env(port: int, prefix: str, state_dir: Path, **extra: str) -> dict[str, str]:
+    """``settings_env`` for tests without a cloud worker answering: the broker's PUBACK
+    settles a hard case (``link.confirm = "puback"``) instead of the cloud's verdict."""
+    return settings_env(port, prefix, state_dir, link_confirm="puback", **extra)

@@ -15,6 +15,8 @@ from pathlib import Path
 import msgspec
 import pytest
 
+from edge_agent.cloud import CloudWorker
+from edge_agent.config import load_settings
 from edge_agent.messages import Batch, HardCase
 from tests.broker import Mosquitto
 from tests.conftest import make_fake_pack, settings_env
@@ -33,6 +35,8 @@ def agent_env(broker: Mosquitto, prefix: str, state: Path, pack: Path) -> dict[s
             prefix,
             state,
             model_pack=str(pack),
+            cloud_pack=str(pack),
+            cloud_group="pool",
             router_cooldown_s="0",
             router_max_urgent_per_minute="1000000",
             link_batch_max_cases="20",
@@ -112,7 +116,10 @@ def test_sigkill_at_random_points_loses_no_accepted_hard_case(
     pack = make_fake_pack(tmp_path / "pack")
     state = tmp_path / "state"
     env = agent_env(broker, topic_prefix, state, pack)
-    collector = Collector(broker.port, topic_prefix)
+    worker = CloudWorker(load_settings(None, env=env))  # answers; its verdicts settle cases
+    worker.start()
+    assert worker.ready.wait(10), worker.last_error
+    collector = Collector(broker.port, topic_prefix)  # sees every send, duplicates included
     accepted: set[str] = set()
     try:
         for round_ in range(KILLS):
@@ -122,6 +129,10 @@ def test_sigkill_at_random_points_loses_no_accepted_hard_case(
         assert len(accepted) > 50 * KILLS
         missing = collector.wait_for(accepted, 30)
         assert missing == set(), f"{len(missing)} of {len(accepted)} accepted hard cases lost"
+        unanswered = [k for k in accepted if worker._remembered("dev1", k) is None]
+        assert unanswered == [], f"{len(unanswered)} accepted hard cases never reached the worker"
+        scored = worker.counters["urgent_scored"] + worker.counters["batch_cases_scored"]
+        assert scored == len(collector.keys)  # every key sent was scored once, duplicates dropped
         # A key always names the same reading: duplicates are re-sends, never new readings.
         seen: dict[str, str] = {}
         for topic, payload, _ in collector.messages:
@@ -138,3 +149,4 @@ def test_sigkill_at_random_points_loses_no_accepted_hard_case(
         db.close()
     finally:
         collector.close()
+        worker.stop()

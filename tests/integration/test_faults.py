@@ -38,7 +38,7 @@ from edge_agent.modelpack import open_pack, resolve
 from edge_agent.outbox import Cls
 from edge_agent.scorer import Scorer
 from tests.broker import Mosquitto, free_port
-from tests.conftest import TEST_JSONL, make_fake_pack, settings_env
+from tests.conftest import TEST_JSONL, make_fake_pack, puback_env
 from tests.mqtt_peer import Collector
 
 pytestmark = pytest.mark.integration
@@ -107,7 +107,7 @@ def accepted_keys(data: bytes, into: list[str]) -> None:
 def test_half_open_broker_is_detected_within_1_5x_keepalive_and_scoring_is_unaffected(
     broker: Mosquitto, topic_prefix: str, tmp_path: Path
 ) -> None:
-    env = settings_env(
+    env = puback_env(
         broker.port,
         topic_prefix,
         tmp_path / "state",
@@ -219,7 +219,7 @@ def test_publishes_refused_by_an_acl_stay_in_the_outbox_until_allowed(
     )
     # "user root": the broker keeps its privileges and can read the ACL under pytest's 0700 tmp.
     b = Mosquitto(tmp_path / "broker", extra=f"user root\nacl_file {acl}").start()
-    env = settings_env(
+    env = puback_env(
         b.port,
         topic_prefix,
         tmp_path / "state",
@@ -333,7 +333,7 @@ def test_long_backlog_drains_in_window_urgent_first_and_never_sends_expired(
 ) -> None:
     net = Forwarder(broker.port)
     window = 16
-    env = settings_env(
+    env = puback_env(
         net.port,
         topic_prefix,
         tmp_path / "state",
@@ -447,7 +447,7 @@ def set_read_only(agent: Agent, on: bool) -> None:
 
 
 def storage_fault_settings(broker: Mosquitto, prefix: str, state: Path) -> Settings:
-    env = settings_env(
+    env = puback_env(
         broker.port,
         prefix,
         state,
