@@ -495,12 +495,16 @@ class Link:
         """The cloud answered these hard cases: forget them."""
         if not keys:
             return
+        failed: OutboxError | None = None
+        rows: list[int] = []
         try:
             rows = self.outbox.confirm(keys)
         except OutboxError as exc:
+            failed = exc
+        if failed is not None:
             # Kept, and sent again after the timeout: the cloud answers a duplicate again.
             self.counters["confirm_failed"] += len(keys)
-            log.error("cannot record %d verdict(s) in the outbox: %s", len(keys), exc)
+            log.error("cannot record %d verdict(s) in the outbox: %s", len(keys), failed)
             return
         for row in rows:
             if self._awaiting.pop(row, None) is not None:
