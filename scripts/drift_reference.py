@@ -31,6 +31,7 @@ How to run
 from __future__ import annotations
 
 import argparse
+import logging
 import re
 import sys
 from collections.abc import Sequence
@@ -226,6 +227,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = ap.parse_args(argv)
     packs = [open_pack(p) for p in args.packs] if args.packs else onnx_packs()
     if args.measure:
+        logging.getLogger("edge_agent.drift").setLevel(logging.ERROR)  # the flag's log lines
         for pack in packs:
             measure(pack, args.window, args.test, args.train)
         return 0
