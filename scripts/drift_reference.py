@@ -26,6 +26,7 @@ How to run
     .venv/bin/python scripts/drift_reference.py [--packs models/basicmotions-int8 ...]
     .venv/bin/python scripts/drift_reference.py --check
     .venv/bin/python scripts/drift_reference.py --measure [--window 200]
+    .venv/bin/python scripts/drift_reference.py --cost --packs models/basicmotions-int8
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import argparse
 import logging
 import re
 import sys
+import timeit
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -215,6 +217,21 @@ def measure(pack: ModelPack, window: int, test: Path, train: Path) -> None:
             print(f"    {kind} {amount:g}: PSI/readings-to-flag " + ", ".join(cells))
 
 
+def cost(pack: ModelPack, test: Path) -> None:
+    """Time ``record`` (scoring thread) and ``snapshot`` (telemetry thread)."""
+    w = load_windows(test, tuple(pack.manifest.input.shape))[0]
+    n = 200_000
+    mon = _monitor(pack, DriftSettings().window)
+    best = min(timeit.repeat(lambda: mon.record(w, 0.97, False), number=n, repeat=5))
+    print(f"{pack.ref}: DriftMonitor.record {best / n * 1e6:.2f} us per reading")
+    for window in (200, 1000, 10_000):
+        mon = _monitor(pack, window)
+        for _ in range(window):
+            mon.record(w, 0.97, False)
+        best = min(timeit.repeat(mon.snapshot, number=10, repeat=3))
+        print(f"  snapshot at window {window}: {best / 10 * 1e3:.2f} ms per telemetry tick")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     ap.add_argument("--packs", nargs="*", type=Path, help="pack folders (default: ONNX packs)")
@@ -223,6 +240,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--bins", type=int, default=BINS)
     ap.add_argument("--check", action="store_true", help="write nothing; exit 1 if stale")
     ap.add_argument("--measure", action="store_true", help="print what the monitor sees")
+    ap.add_argument("--cost", action="store_true", help="time record and snapshot")
     ap.add_argument("--window", type=int, default=DriftSettings().window)
     args = ap.parse_args(argv)
     packs = [open_pack(p) for p in args.packs] if args.packs else onnx_packs()
@@ -230,6 +248,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.getLogger("edge_agent.drift").setLevel(logging.ERROR)  # the flag's log lines
         for pack in packs:
             measure(pack, args.window, args.test, args.train)
+        return 0
+    if args.cost:
+        logging.getLogger("edge_agent.drift").setLevel(logging.ERROR)
+        for pack in packs:
+            cost(pack, args.test)
         return 0
     return write(packs, args.train, args.bins, args.check)
 
