@@ -30,7 +30,7 @@ from tests.mqtt_peer import Collector
 pytestmark = pytest.mark.integration
 
 WINDOW = 200
-LOOPS = 12  # 480 readings: the window fills at 200, the shift below starts at 240
+LOOPS = 16  # 640 readings: the window fills at 200, the shift below starts at 240
 ONSET = 240
 #: acc_z's train std is 3.546 (data/basicmotions/README.md): +0.25 x std, the smallest offset
 #: docs/drift.md promises to catch on every channel.
@@ -71,12 +71,10 @@ def run_agent(
     thread.join(60)
     assert codes == [0]
     # The drain waited for the outbox; give the last telemetry messages a moment to arrive.
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
-        snaps = [json.loads(p) for t, p, _ in list(collector.messages) if t.endswith("/telemetry")]
-        if any(s["readings"] == LOOPS * 40 for s in snaps):
-            break
-        time.sleep(0.05)
+    # (The very last tick, taken while the agent closes, may not be published: the final
+    # numbers are checked in the textfile, which that tick writes.)
+    time.sleep(0.3)
+    snaps = [json.loads(p) for t, p, _ in list(collector.messages) if t.endswith("/telemetry")]
     collector.close()
     snaps.sort(key=lambda s: s["time_unix"])
     return snaps, textfile.read_text()
@@ -88,7 +86,7 @@ def test_unchanged_replay_never_flags(
     with caplog.at_level(logging.WARNING, logger="edge_agent.drift"):
         snaps, text = run_agent(broker, topic_prefix, tmp_path)
     assert snaps, "no telemetry"
-    assert snaps[-1]["readings"] == LOOPS * 40
+    assert f"edge_agent_readings {LOOPS * 40}" in text
     drift = [s["drift"] for s in snaps]
     assert all(d["flag"] is False for d in drift)
     assert drift[0]["state"] in ("warming_up", "ok")
