@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from .config import Settings
+from .drift import DriftMonitor
 from .link import Link
 from .messages import SCHEMA_VERSION, HardCase, LocalDecision, Topics, encoder
 from .outbox import ClassLimits, Cls, Outbox
@@ -109,6 +110,7 @@ class Agent:
         )
         t = settings.telemetry
         self.latency = LatencyWindow(t.latency_window)
+        self.drift = DriftMonitor(scorer.pack, settings.drift)
         self.probe = SystemProbe(settings.device.state_dir)
         self.telemetry = TelemetryThread(
             t.interval_s,
@@ -132,6 +134,7 @@ class Agent:
     def _route(self, d: Decision) -> tuple[str, str] | None:
         self.counters["readings"] += 1
         self.latency.record(d.latency_ms)
+        self.drift.record(d.reading.values, d.confidence, d.route == "hard")
         if d.route != "hard":
             return None
         tier = self.router.tier(d)
@@ -211,6 +214,7 @@ class Agent:
             "degraded": bool(self.outbox.write_error),
             "reconnects": self.link.counters["disconnects"],
             "router": dict(self.router.counters),
+            "drift": self.drift.snapshot(),
         }
         snap.update(self.probe.read())
         return snap
@@ -225,6 +229,7 @@ class Agent:
             f"{c['local'] + c['hard']} readings, {c['hard']} hard, {c['rejected']} rejected;"
             f" p99 {p99}; broker {link}; outbox {sum(self.outbox.depth().values())}"
             + (f"; DEGRADED: outbox not writable ({degraded})" if degraded else "")
+            + ("; DRIFT (see telemetry drift block)" if self.drift.flag else "")
         )
 
     # -- running (main thread) --------------------------------------------------------

@@ -73,6 +73,12 @@ class SourceSettings(_Section, frozen=True):
     loops: Annotated[int, msgspec.Meta(ge=0)] = 1
     noise: NonNegFloat = 0.0
     seed: int = 0
+    #: replay: a simulated faulty sensor: channel index (-1: none) whose values become
+    #: value x shift_gain + shift_offset, from the shift_after-th replayed reading on.
+    shift_channel: Annotated[int, msgspec.Meta(ge=-1)] = -1
+    shift_offset: float = 0.0
+    shift_gain: float = 1.0
+    shift_after: Annotated[int, msgspec.Meta(ge=0)] = 0
     host: str = "127.0.0.1"
     port: Port = 1883
     max_wait_ms: NonNegFloat = 2.0
@@ -142,6 +148,17 @@ class TelemetrySettings(_Section, frozen=True):
     status_interval_s: Annotated[float, msgspec.Meta(gt=0)] = 5.0
 
 
+class DriftSettings(_Section, frozen=True):
+    """Drift monitoring against the pack's ``[drift]`` reference (see docs/drift.md)."""
+
+    enabled: bool = True
+    window: Annotated[int, msgspec.Meta(ge=20, le=10_000)] = 200
+    psi_threshold: Annotated[float, msgspec.Meta(gt=0.0)] = 0.6
+    psi_clear: Annotated[float, msgspec.Meta(gt=0.0)] = 0.5
+    epsilon: Annotated[float, msgspec.Meta(gt=0.0, le=0.1)] = 1e-3
+    hard_rate_excess: Fraction = 0.0
+
+
 class CloudSettings(_Section, frozen=True):
     pack: str = "basicmotions-cloud"
     group: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.-]{1,64}$")] = "cloud"
@@ -166,6 +183,7 @@ class Settings(_Section, frozen=True):
     router: RouterSettings = msgspec.field(default_factory=RouterSettings)
     cloud: CloudSettings = msgspec.field(default_factory=CloudSettings)
     telemetry: TelemetrySettings = msgspec.field(default_factory=TelemetrySettings)
+    drift: DriftSettings = msgspec.field(default_factory=DriftSettings)
 
     @property
     def device_id(self) -> str:

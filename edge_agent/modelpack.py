@@ -140,6 +140,28 @@ class LlamaSpec(_Table, frozen=True):
     extra_buffers: bool = False
 
 
+class DriftReference(_Table, frozen=True):
+    """The training distribution drift monitoring compares live readings with (drift.py).
+
+    Written by ``scripts/drift_reference.py`` from the training split. ``stats`` are
+    per-channel window statistics (``mean``, ``std``); the monitored features are every
+    stat of every ``input.channels`` entry, stat-major (``acc_x_mean`` ... ``gyr_z_std``).
+    ``edges`` holds each feature's inner quantile bin edges (bins - 1, ascending) and
+    ``proportions`` the share of reference windows per bin. ``confidence_edges`` are the
+    inner edges of the confidence histogram, ``confidence_proportions`` and ``hard_rate``
+    what the pack's own scorer gave on the reference windows.
+    """
+
+    stats: list[str]
+    edges: list[list[float]]
+    proportions: list[list[float]]
+    confidence_edges: list[float]
+    confidence_proportions: list[float]
+    hard_rate: Annotated[float, msgspec.Meta(ge=0.0, le=1.0)]
+    windows: Annotated[int, msgspec.Meta(ge=1)]
+    source: str = ""
+
+
 class Manifest(_Table, frozen=True):
     schema_version: int
     name: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
@@ -158,6 +180,7 @@ class Manifest(_Table, frozen=True):
     training: dict[str, _Metric] = {}
     fetch: FetchSpec | None = None
     llama: LlamaSpec | None = None
+    drift: DriftReference | None = None
 
 
 def default_store_dir() -> Path:

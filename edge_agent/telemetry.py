@@ -11,7 +11,8 @@ directory, temperatures where the device has sensors; latency p50/p95/p99
 over the last ``telemetry.latency_window`` readings; counters (readings,
 rejects by reason, local, hard urgent/batch, refusals, verdicts on time /
 late / missed, local-cloud agreement, outbox depth per class, drops,
-reconnects).
+reconnects); the ``drift`` section (drift.py: per-feature PSI against the
+pack's training reference, confidence histogram, hard rate, the drift flag).
 """
 
 from __future__ import annotations
@@ -122,10 +123,21 @@ def prometheus_text(snapshot: Snapshot, prefix: str = "edge_agent") -> str:
             label_text = "{" + inner + "}"
         lines.append(f"{metric}{label_text} {value}")
 
+    def labelled(key: str, value: Mapping[Any, Any]) -> None:
+        for sub, v in value.items():
+            emit(key, v, {"name": _metric_name(str(sub))})
+
     for key, value in snapshot.items():
-        if isinstance(value, dict):
+        if isinstance(value, dict) and any(isinstance(v, dict) for v in value.values()):
+            # A section (e.g. "drift"): its numbers are gauges <key>_<sub>, its tables
+            # labelled series <key>_<sub>{name="..."}; strings and lists are JSON-only.
             for sub, v in value.items():
-                emit(key, v, {"name": _metric_name(str(sub))})
+                if isinstance(v, dict):
+                    labelled(f"{key}_{sub}", v)
+                else:
+                    emit(f"{key}_{sub}", v)
+        elif isinstance(value, dict):
+            labelled(key, value)
         else:
             emit(key, value)
     return "\n".join(lines) + "\n"

@@ -1213,6 +1213,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                 )
             )
         print_summary(edge, cloud, ood, latency, results, args)
+    # The [drift] reference (per-channel window statistics of the train split) goes at the end
+    # of each manifest; the model files are not touched (scripts/drift_reference.py).
+    import drift_reference  # noqa: PLC0415 - a sibling script, imported when it is needed
+
+    train_jsonl = data_dir / "train.jsonl"
+    folders = [args.out_models / name for name, *_ in packs]
+    drift_reference.write(
+        [drift_reference.open_pack(f) for f in folders], train_jsonl, drift_reference.BINS, False
+    )
     return 0
 
 

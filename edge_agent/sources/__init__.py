@@ -6,7 +6,8 @@ kind      ``source.path`` and behaviour
 jsonl     a file, FIFO or ``-`` (stdin); JSON lines as for ``edge-agent score``
 replay    a dataset file of JSON lines, replayed ``source.loops`` times (0 = forever) at
           ``source.rate_hz`` readings per second (0 = as fast as possible), optionally
-          with Gaussian sensor noise (``source.noise`` x each channel's std)
+          with Gaussian sensor noise (``source.noise`` x each channel's std) and a
+          simulated offset/gain on one channel (``source.shift_*``)
 udp       ``host:port`` to bind; one JSON line per datagram (sensor daemons push)
 unix      a Unix datagram socket path to bind; one JSON line per datagram
 mqtt      a topic on the broker at ``source.host:source.port``; one JSON line per message
@@ -57,7 +58,17 @@ def open_source(settings: Settings, shape: tuple[int, ...], hop: int | None) -> 
         source = jsonl.JsonlSource(s.path, cap)
     elif s.kind == "replay":
         source = replay.ReplaySource(
-            s.path, cap, rate_hz=s.rate_hz, loops=s.loops, noise=s.noise, seed=s.seed, batch=batch
+            s.path,
+            cap,
+            rate_hz=s.rate_hz,
+            loops=s.loops,
+            noise=s.noise,
+            seed=s.seed,
+            batch=batch,
+            shift_channel=s.shift_channel,
+            shift_offset=s.shift_offset,
+            shift_gain=s.shift_gain,
+            shift_after=s.shift_after,
         )
     elif s.kind in ("udp", "unix"):
         source = datagram.DatagramSource(

@@ -2,8 +2,11 @@
 
 With ``noise`` > 0, Gaussian noise of ``noise`` times each channel's standard
 deviation (within the window) is added to every replayed window, seeded, so a
-demo can show what a noisy sensor does to the hybrid split. Lines that are
-not valid readings are replayed as they are, to be rejected and counted.
+demo can show what a noisy sensor does to the hybrid split. With
+``shift_channel`` >= 0, one channel of every window from the ``shift_after``-th
+replayed reading on becomes ``value x shift_gain + shift_offset``: a sensor
+that lost its calibration, for trying drift monitoring (docs/drift.md). Lines
+that are not valid readings are replayed as they are, to be rejected and counted.
 """
 
 from __future__ import annotations
@@ -35,6 +38,10 @@ class ReplaySource:
         noise: float,
         seed: int,
         batch: int,
+        shift_channel: int = -1,
+        shift_offset: float = 0.0,
+        shift_gain: float = 1.0,
+        shift_after: int = 0,
     ) -> None:
         try:
             raw = Path(path).read_bytes()
@@ -50,8 +57,15 @@ class ReplaySource:
         self.rng = np.random.default_rng(seed)
         self.batch = batch
         self.replayed = 0
+        self.shift_channel = shift_channel
+        self.shift_offset = shift_offset
+        self.shift_gain = shift_gain
+        self.shift_after = shift_after
 
-    def _noisy(self, line: bytes, loop: int) -> bytes:
+    def _transform(self, line: bytes, loop: int, index: int) -> bytes:
+        shift = self.shift_channel >= 0 and index >= self.shift_after
+        if self.noise == 0 and not shift:
+            return line
         try:
             w = msgspec.json.decode(line, type=_Window)
             arr = np.asarray(w.values, dtype=np.float64)
@@ -59,7 +73,11 @@ class ReplaySource:
             return line  # not a window: replayed unchanged, rejected downstream
         if arr.ndim != 2:
             return line
-        arr = arr + self.rng.normal(size=arr.shape) * self.noise * arr.std(axis=1, keepdims=True)
+        if self.noise > 0:
+            noise = self.rng.normal(size=arr.shape) * self.noise
+            arr = arr + noise * arr.std(axis=1, keepdims=True)
+        if shift and 0 <= self.shift_channel < arr.shape[0]:
+            arr[self.shift_channel] = arr[self.shift_channel] * self.shift_gain + self.shift_offset
         rid = w.id if loop == 0 else f"{w.id}#{loop}"
         return msgspec.json.encode({"id": rid, "values": np.round(arr, 6).tolist()})
 
@@ -69,8 +87,11 @@ class ReplaySource:
         while self.loops == 0 or loop < self.loops:
             for i in range(0, len(self.lines), self.batch if self.rate_hz == 0 else 1):
                 chunk = self.lines[i : i + (self.batch if self.rate_hz == 0 else 1)]
-                if self.noise > 0:
-                    chunk = [self._noisy(line, loop) for line in chunk]
+                if self.noise > 0 or self.shift_channel >= 0:
+                    chunk = [
+                        self._transform(line, loop, self.replayed + j)
+                        for j, line in enumerate(chunk)
+                    ]
                 if self.rate_hz > 0:
                     due = start + self.replayed / self.rate_hz
                     delay = due - time.monotonic()
