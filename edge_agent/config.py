@@ -159,6 +159,28 @@ class DriftSettings(_Section, frozen=True):
     hard_rate_excess: Fraction = 0.0
 
 
+class RolloutSettings(_Section, frozen=True):
+    """Model updates on the device (see docs/models.md). A release's manifest may state its own
+    bounds in ``[rollout]``; these are the defaults."""
+
+    enabled: bool = True
+    #: Folder of trusted Ed25519 public keys (``*.pub``); empty: ``<state_dir>/trusted-keys``.
+    #: ``$CREDENTIALS_DIRECTORY/release-key.pub`` (systemd ``LoadCredential=``) is trusted too.
+    trusted_keys_dir: str = ""
+    max_file_bytes: Annotated[int, msgspec.Meta(ge=1)] = 512 * 1024 * 1024
+    max_files: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 32
+    chunk_bytes: Annotated[int, msgspec.Meta(ge=1024, le=1024 * 1024)] = 64 * 1024
+    shadow_readings: Annotated[int, msgspec.Meta(ge=1)] = 200
+    shadow_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 3600.0
+    shadow_queue: Annotated[int, msgspec.Meta(ge=1)] = 1000
+    min_agreement: Fraction = 0.95
+    max_hard_rate_increase: Fraction = 0.05
+    max_p99_ms: Annotated[float, msgspec.Meta(gt=0)] = 50.0
+    health_readings: Annotated[int, msgspec.Meta(ge=1)] = 200
+    health_max_hard_rate_increase: Fraction = 0.2
+    health_max_error_rate: Fraction = 0.01
+
+
 class CloudSettings(_Section, frozen=True):
     pack: str = "basicmotions-cloud"
     group: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.-]{1,64}$")] = "cloud"
@@ -184,6 +206,7 @@ class Settings(_Section, frozen=True):
     cloud: CloudSettings = msgspec.field(default_factory=CloudSettings)
     telemetry: TelemetrySettings = msgspec.field(default_factory=TelemetrySettings)
     drift: DriftSettings = msgspec.field(default_factory=DriftSettings)
+    rollout: RolloutSettings = msgspec.field(default_factory=RolloutSettings)
 
     @property
     def device_id(self) -> str:

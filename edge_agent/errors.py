@@ -11,6 +11,7 @@ boundary with ``raise ... from exc`` so the original stays in the traceback::
     │   ├── ModelPackError      a manifest is missing, unreadable or invalid
     │   ├── ModelIntegrityError a model file is missing, has the wrong size or sha256
     │   ├── BackendUnavailable  the backend's runtime is not installed / unknown name
+    │   ├── ReleaseError        a signed model release was refused (signature, version, size, name)
     │   └── ModelLoadError      the runtime refused the model, or warm-up failed
     ├── ReadingError            one reading was rejected (carries a stable reason code)
     ├── OutboxError             the durable queue could not take or keep a message
@@ -44,6 +45,12 @@ class ModelIntegrityError(ModelError):
 
 class BackendUnavailable(ModelError):
     """The backend named by a pack is unknown or its runtime is not installed."""
+
+
+class ReleaseError(ModelError):
+    """A model release was refused: bad or missing signature, untrusted key, a file that
+    fails its sha256 or size, a name with a path in it, or a version lower than the
+    committed one."""
 
 
 class ModelLoadError(ModelError):

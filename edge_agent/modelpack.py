@@ -162,6 +162,27 @@ class DriftReference(_Table, frozen=True):
     source: str = ""
 
 
+class SelfTest(_Table, frozen=True):
+    """Golden inputs: a JSON-lines file of the pack (``{"values", "label", "confidence"}`` per
+    line) that a candidate must reproduce before it may serve (see rollout.py)."""
+
+    file: _RelPath
+    confidence_tolerance: Annotated[float, msgspec.Meta(ge=0.0, le=1.0)] = 0.02
+
+
+class RolloutBounds(_Table, frozen=True):
+    """A release's own bounds for shadow scoring and the health window; unset keys take the
+    device's ``[rollout]`` config."""
+
+    shadow_readings: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    min_agreement: Annotated[float, msgspec.Meta(ge=0.0, le=1.0)] | None = None
+    max_hard_rate_increase: Annotated[float, msgspec.Meta(ge=0.0, le=1.0)] | None = None
+    max_p99_ms: Annotated[float, msgspec.Meta(gt=0.0)] | None = None
+    health_readings: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    health_max_hard_rate_increase: Annotated[float, msgspec.Meta(ge=0.0, le=1.0)] | None = None
+    health_max_error_rate: Annotated[float, msgspec.Meta(ge=0.0, le=1.0)] | None = None
+
+
 class Manifest(_Table, frozen=True):
     schema_version: int
     name: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
@@ -181,6 +202,8 @@ class Manifest(_Table, frozen=True):
     fetch: FetchSpec | None = None
     llama: LlamaSpec | None = None
     drift: DriftReference | None = None
+    selftest: SelfTest | None = None
+    rollout: RolloutBounds | None = None
 
 
 def default_store_dir() -> Path:
@@ -310,6 +333,10 @@ def open_pack(path: str | Path, store_dir: str | Path = "") -> ModelPack:
     if manifest.fetch is not None and not store_files:
         raise ModelPackError(f"{manifest_path}: [fetch] given but no file has store = true")
     listed = {f.path for f in manifest.files}
+    if manifest.selftest is not None and manifest.selftest.file not in listed:
+        raise ModelPackError(
+            f"{manifest_path}: selftest.file = {manifest.selftest.file!r} is not listed in [[files]]"
+        )
     if manifest.llama is not None:
         for key in ("model", "head"):
             rel = getattr(manifest.llama, key)
