@@ -140,6 +140,21 @@ class LlamaSpec(_Table, frozen=True):
     extra_buffers: bool = False
 
 
+class PromptSpec(_Table, frozen=True):
+    """How the cloud tier asks an OpenAI-compatible endpoint about a hard case (endpoint.py).
+
+    ``system`` and ``user`` are ``string.Template`` texts (``$name``); the placeholders are
+    listed in ``endpoint.PLACEHOLDERS`` (the labels, the device's local answer, a per-channel
+    summary of the window). The reply must be exactly one of the pack's labels.
+    """
+
+    user: Annotated[str, msgspec.Meta(min_length=1)]
+    system: str = ""
+    max_tokens: Annotated[int, msgspec.Meta(ge=1, le=256)] = 4
+    temperature: Annotated[float, msgspec.Meta(ge=0.0, le=2.0)] = 0.0
+    stop: list[str] = ["\n"]
+
+
 class Manifest(_Table, frozen=True):
     schema_version: int
     name: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
@@ -158,6 +173,7 @@ class Manifest(_Table, frozen=True):
     training: dict[str, _Metric] = {}
     fetch: FetchSpec | None = None
     llama: LlamaSpec | None = None
+    prompt: PromptSpec | None = None
 
 
 def default_store_dir() -> Path:

@@ -147,7 +147,7 @@ def test_from_settings_uses_the_cloud_section() -> None:
             "EDGE_AGENT_CLOUD_TOKENS_PER_READING": "2000",
         },
     )
-    led = CostLedger.from_settings(settings.cloud)
+    led = CostLedger.from_settings(settings.cloud, settings.endpoint)
     assert led.unit_price("urgent") == pytest.approx(0.2)
     assert led.unit_price("batch") == pytest.approx(0.12)
 
