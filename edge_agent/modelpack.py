@@ -152,7 +152,7 @@ class PromptSpec(_Table, frozen=True):
     system: str = ""
     max_tokens: Annotated[int, msgspec.Meta(ge=1, le=256)] = 4
     temperature: Annotated[float, msgspec.Meta(ge=0.0, le=2.0)] = 0.0
-    stop: list[str] = ["\n"]
+    stop: list[str] = msgspec.field(default_factory=lambda: ["\n"])
 
 
 class Manifest(_Table, frozen=True):
