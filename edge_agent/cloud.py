@@ -88,7 +88,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from .backends.base import BackendOptions
 from .config import CloudSettings, EndpointSettings, Settings
-from .endpoint import EndpointTier, Job, Prompt, Reply
+from .endpoint import TRANSIENT, EndpointTier, Job, Prompt, Reply
 from .errors import ConfigError, EdgeAgentError, ReadingError
 from .link import new_client, set_nodelay
 from .messages import (
@@ -1367,8 +1367,10 @@ class CloudWorker:
                 ctx.answers[p.index] = (p.case, answer)
                 self.counters["batch_cases_scored"] += 1
                 continue
+            failure = reply.failure or "bad_response"
             if (
-                p.tries < s.batch_max_tries
+                failure in TRANSIENT
+                and p.tries < s.batch_max_tries
                 and len(self._retries) < s.max_retry_cases
                 and not self._stop.is_set()
             ):
@@ -1376,7 +1378,9 @@ class CloudWorker:
                 self._retries.append(_Retry(time.monotonic() + delay, ctx.device, p))
                 self.counters["batch_retries_scheduled"] += 1
                 continue
-            if p.tries >= s.batch_max_tries:
+            if failure not in TRANSIENT:
+                reason = failure  # the answer itself was wrong (unparseable, 401, ...): final
+            elif p.tries >= s.batch_max_tries:
                 reason = "gave_up"
             elif self._stop.is_set():
                 reason = "stopped"

@@ -72,6 +72,8 @@ FAILURES = (
     "overloaded",
     "stopped",
 )
+#: Failures worth another try later (batch tier): the endpoint, not the case, was at fault.
+TRANSIENT = frozenset({"unreachable", "rate_limited", "server_error", "deadline", "overloaded"})
 #: Placeholders a ``[prompt]`` template may use.
 PLACEHOLDERS = (
     "labels",
