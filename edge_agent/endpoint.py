@@ -137,8 +137,8 @@ class Prompt:
         for i, channel in enumerate(values):
             name = self.channels[i] if i < len(self.channels) else f"ch{i}"
             rows.append(
-                f"{name}: mean {float(channel.mean()):.2f}, std {float(channel.std()):.2f},"
-                f" min {float(channel.min()):.2f}, max {float(channel.max()):.2f}"
+                f"{name}: mean {_num(channel.mean())}, std {_num(channel.std())},"
+                f" min {_num(channel.min())}, max {_num(channel.max())}"
             )
         return {
             "labels": ", ".join(self.labels),
@@ -183,6 +183,11 @@ class Prompt:
         if t.endswith("."):
             t = t[:-1].rstrip()
         return self._by_lower.get(t.lower())
+
+
+def _num(x: Any) -> str:
+    text = f"{float(x):.2f}"
+    return "0.00" if text == "-0.00" else text
 
 
 # ----------------------------------------------------------------------------- retry-after
