@@ -80,6 +80,9 @@ class BenchOptions:
     readings_per_second: float = 1.0
     sync_latency_ms: tuple[float, float] = (200.0, 300.0)
     progress: bool = True
+    #: A cloud worker's ledger file (``cloud.ledger_path``) with endpoint requests in it: the
+    #: cost section then also prices the measured tokens per request (``measured_tokens``).
+    ledger: Path | None = None
 
     @property
     def passes(self) -> int:
@@ -567,6 +570,29 @@ def agent_process(
 # -- cost and budgets -----------------------------------------------------------------
 
 
+def measured_tokens(ledger_file: Path) -> dict[str, Any]:
+    """Mean tokens per endpoint request and the prices, from a cloud worker's ledger file."""
+    try:
+        data = json.loads(ledger_file.read_text())
+        pricing = data["pricing"]
+        total = data["total"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise EdgeAgentError(f"{ledger_file}: not a cloud ledger file: {exc}") from exc
+    if not pricing.get("tokens_measured"):
+        raise EdgeAgentError(f"{ledger_file}: no endpoint request was billed in this ledger")
+    return {
+        "ledger": str(ledger_file),
+        "requests": total["calls"],
+        "mean_prompt_tokens": pricing["mean_prompt_tokens"],
+        "mean_completion_tokens": pricing["mean_completion_tokens"],
+        "price_prompt_per_1k": pricing["price_prompt_per_1k"],
+        "price_completion_per_1k": pricing["price_completion_per_1k"],
+        "batch_price_factor": pricing["batch_price_factor"],
+        "unit_price_urgent": pricing["unit_price_urgent"],
+        "unit_price_batch": pricing["unit_price_batch"],
+    }
+
+
 def cost_section(escalation: dict[str, float], opts: BenchOptions) -> dict[str, Any]:
     """Monthly cost of all-cloud sync, all-cloud batch and the hybrid at the measured rates."""
     monthly = opts.readings_per_second * SECONDS_PER_MONTH
@@ -591,6 +617,18 @@ def cost_section(escalation: dict[str, float], opts: BenchOptions) -> dict[str, 
         hybrid = monthly * (escalation["urgent_rate"] * u_sync + escalation["batch_rate"] * u_batch)
         out["scenarios"][name] = {
             "price_sync_per_1k_tokens": price,
+            "all_cloud_sync": monthly * u_sync,
+            "all_cloud_batch": monthly * u_batch,
+            "hybrid": hybrid,
+            "hybrid_vs_sync": hybrid / (monthly * u_sync) if u_sync else None,
+        }
+    if opts.ledger is not None:
+        m = measured_tokens(opts.ledger)
+        u_sync, u_batch = m["unit_price_urgent"], m["unit_price_batch"]
+        hybrid = monthly * (escalation["urgent_rate"] * u_sync + escalation["batch_rate"] * u_batch)
+        out["measured"] = m
+        out["scenarios"]["measured"] = {
+            "price_sync_per_1k_tokens": "measured",
             "all_cloud_sync": monthly * u_sync,
             "all_cloud_batch": monthly * u_batch,
             "hybrid": hybrid,
@@ -903,10 +941,20 @@ def table(results: dict[str, Any]) -> str:
     ]
     for hname, cost in results["cost"].items():
         for name, s in cost["scenarios"].items():
+            price = s["price_sync_per_1k_tokens"]
             lines.append(
-                f"  {hname:<10} {name:<8} ${s['price_sync_per_1k_tokens']}/1K:"
+                f"  {hname:<10} {name:<8} {'tokens' if price == 'measured' else f'${price}/1K'}:"
                 f" all-cloud sync ${s['all_cloud_sync']:,.0f},"
                 f" batch ${s['all_cloud_batch']:,.0f}, hybrid ${s['hybrid']:,.0f}"
+            )
+        m = cost.get("measured")
+        if m is not None:
+            lines.append(
+                f"  {hname:<10} measured: {m['requests']} endpoint requests in {m['ledger']},"
+                f" {m['mean_prompt_tokens']:.1f} prompt + {m['mean_completion_tokens']:.1f}"
+                f" completion tokens each (${m['price_prompt_per_1k']}/1K prompt,"
+                f" ${m['price_completion_per_1k']}/1K completion, batch x"
+                f"{m['batch_price_factor']})"
             )
     lines += ["", "budgets:"]
     for b in results["budgets"]:

@@ -139,6 +139,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         tokens_per_reading=args.tokens_per_reading,
         readings_per_second=args.readings_per_second,
         progress=not args.quiet,
+        ledger=Path(args.ledger) if args.ledger else None,
     )
     results = bench.run_bench(opts)
     command = (
@@ -289,6 +290,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench_p.add_argument("--tokens-per-reading", type=int, default=1500, help="tokens per call")
     bench_p.add_argument(
         "--readings-per-second", type=float, default=1.0, help="one device's reading rate"
+    )
+    bench_p.add_argument(
+        "--ledger",
+        help="a cloud worker's ledger file with endpoint requests: also price measured tokens",
     )
     bench_p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     bench_p.set_defaults(func=cmd_bench)

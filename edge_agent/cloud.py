@@ -67,6 +67,7 @@ import json
 import logging
 import math
 import os
+import queue
 import random
 import signal
 import socket
@@ -86,7 +87,8 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from .backends.base import BackendOptions
-from .config import CloudSettings, Settings
+from .config import CloudSettings, EndpointSettings, Settings
+from .endpoint import TRANSIENT, EndpointTier, Job, Prompt, Reply
 from .errors import ConfigError, EdgeAgentError, ReadingError
 from .link import new_client, set_nodelay
 from .messages import (
@@ -112,6 +114,9 @@ LEDGER_WRITE_INTERVAL_S = 30.0
 LEDGER_KEEP_DAYS = 400
 #: Longest time the network thread sleeps in one paho ``loop`` call (bounds stop latency).
 LOOP_TIMEOUT_S = 0.1
+#: The same while endpoint requests are open: how late a finished request's verdict can be
+#: picked up by the network thread (which alone touches the MQTT client).
+BUSY_LOOP_TIMEOUT_S = 0.005
 #: A rejection reason is logged at most once per this many seconds; the rest are counted.
 REJECT_LOG_INTERVAL_S = 10.0
 #: At stop: longest wait for the broker's acknowledgements of verdicts already published.
@@ -141,6 +146,10 @@ class Usage:
     tokens: int = 0
     spend_urgent: float = 0.0
     spend_batch: float = 0.0
+    #: Endpoint requests billed (with a ``usage``), answered or not, and their tokens.
+    calls: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
 
     @property
     def cases(self) -> int:
@@ -156,6 +165,22 @@ class Usage:
         self.tokens += other.tokens
         self.spend_urgent += other.spend_urgent
         self.spend_batch += other.spend_batch
+        self.calls += other.calls
+        self.prompt_tokens += other.prompt_tokens
+        self.completion_tokens += other.completion_tokens
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "urgent": self.urgent,
+            "batch": self.batch,
+            "tokens": self.tokens,
+            "calls": self.calls,
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "spend_urgent": _money(self.spend_urgent),
+            "spend_batch": _money(self.spend_batch),
+            "spend": _money(self.spend),
+        }
 
 
 class _SavedUsage(msgspec.Struct):
@@ -164,6 +189,9 @@ class _SavedUsage(msgspec.Struct):
     tokens: int = 0
     spend_urgent: float = 0.0
     spend_batch: float = 0.0
+    calls: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
 
 
 class _SavedDevice(msgspec.Struct):
@@ -183,9 +211,19 @@ def _money(x: float) -> float:
 class CostLedger:
     """Pure arithmetic over what the cloud scored; thread-safe.
 
-    Prices: a case costs ``tokens_per_reading`` tokens; urgent (synchronous)
-    cases ``tokens / 1000 * price_sync_per_1k_tokens``, batch cases the same
-    times ``1 - batch_discount``. Figures are kept per device and UTC day.
+    Prices, cloud pack (estimated): a case costs ``tokens_per_reading`` tokens;
+    urgent (synchronous) cases ``tokens / 1000 * price_sync_per_1k_tokens``,
+    batch cases the same times ``1 - batch_discount``. Figures are kept per
+    device and UTC day.
+
+    Prices, endpoint (measured, ``charge_tokens``): every billed request costs
+    its ``usage`` — ``prompt_tokens / 1000 * price_prompt_per_1k +
+    completion_tokens / 1000 * price_completion_per_1k`` — times
+    ``batch_price_factor`` in the batch tier; a request whose answer did not
+    parse is billed too (``calls`` counts billed requests, ``urgent``/``batch``
+    the cases answered). Once requests were billed, the unit price of a case
+    (and so the all-cloud counterfactual below) is the measured mean tokens per
+    request at those prices, not the ``tokens_per_reading`` estimate.
 
     The counterfactual: each hard case carries the number of readings its
     device had scored so far (``readings_total``); the highest value seen per
@@ -202,6 +240,10 @@ class CostLedger:
         batch_discount: float,
         tokens_per_reading: int,
         keep_days: int = LEDGER_KEEP_DAYS,
+        *,
+        price_prompt_per_1k: float = 0.0,
+        price_completion_per_1k: float = 0.0,
+        batch_price_factor: float = 0.5,
     ) -> None:
         if price_sync_per_1k_tokens < 0 or not math.isfinite(price_sync_per_1k_tokens):
             raise ValueError("price_sync_per_1k_tokens must be a finite number >= 0")
@@ -213,19 +255,63 @@ class CostLedger:
         self.batch_discount = batch_discount
         self.tokens_per_reading = tokens_per_reading
         self.keep_days = keep_days
+        for price in (price_prompt_per_1k, price_completion_per_1k):
+            if price < 0 or not math.isfinite(price):
+                raise ValueError("endpoint prices must be finite numbers >= 0")
+        if not 0.0 <= batch_price_factor <= 1.0:
+            raise ValueError("batch_price_factor must be within [0, 1]")
+        self.price_prompt_per_1k = price_prompt_per_1k
+        self.price_completion_per_1k = price_completion_per_1k
+        self.batch_price_factor = batch_price_factor
         self._days: dict[str, dict[str, Usage]] = {}
         self._readings_total: dict[str, int] = {}
         self._lock = threading.Lock()
         self._changes = 0
 
     @classmethod
-    def from_settings(cls, cloud: CloudSettings) -> CostLedger:
-        return cls(cloud.price_sync_per_1k_tokens, cloud.batch_discount, cloud.tokens_per_reading)
+    def from_settings(cls, cloud: CloudSettings, endpoint: EndpointSettings) -> CostLedger:
+        return cls(
+            cloud.price_sync_per_1k_tokens,
+            cloud.batch_discount,
+            cloud.tokens_per_reading,
+            price_prompt_per_1k=endpoint.price_prompt_per_1k,
+            price_completion_per_1k=endpoint.price_completion_per_1k,
+            batch_price_factor=endpoint.batch_price_factor,
+        )
 
     # -- prices -------------------------------------------------------------------------
 
+    def token_price(self, tier: Tier, prompt_tokens: float, completion_tokens: float) -> float:
+        """Cost of an endpoint request with these measured tokens in ``tier``."""
+        sync = (
+            prompt_tokens / 1000.0 * self.price_prompt_per_1k
+            + completion_tokens / 1000.0 * self.price_completion_per_1k
+        )
+        return sync if tier == "urgent" else sync * self.batch_price_factor
+
+    def _measured_locked(self) -> tuple[float, float] | None:
+        calls = prompt = completion = 0
+        for per_device in self._days.values():
+            for u in per_device.values():
+                calls += u.calls
+                prompt += u.prompt_tokens
+                completion += u.completion_tokens
+        return (prompt / calls, completion / calls) if calls else None
+
+    def measured_tokens(self) -> tuple[float, float] | None:
+        """Mean (prompt, completion) tokens per billed endpoint request; None before any."""
+        with self._lock:
+            return self._measured_locked()
+
     def unit_price(self, tier: Tier) -> float:
-        """Cost of one case in ``tier``."""
+        """Cost of one case in ``tier``: measured tokens once the endpoint billed any."""
+        with self._lock:
+            measured = self._measured_locked()
+        return self._unit_price(tier, measured)
+
+    def _unit_price(self, tier: Tier, measured: tuple[float, float] | None) -> float:
+        if measured is not None:
+            return self.token_price(tier, *measured)
         sync = self.tokens_per_reading / 1000.0 * self.price_sync_per_1k_tokens
         return sync if tier == "urgent" else sync * (1.0 - self.batch_discount)
 
@@ -237,17 +323,11 @@ class CostLedger:
         """Record ``cases`` scored cases of ``device`` in ``tier``; returns what they cost."""
         if cases < 0:
             raise ValueError("cases must be >= 0")
-        when = at if at is not None else dt.datetime.now(dt.timezone.utc)
-        if when.tzinfo is not None:
-            when = when.astimezone(dt.timezone.utc)
-        day = when.date().isoformat()
-        cost = cases * self.unit_price(tier)
+        day = self._day(at)
+        sync = self.tokens_per_reading / 1000.0 * self.price_sync_per_1k_tokens
+        cost = cases * (sync if tier == "urgent" else sync * (1.0 - self.batch_discount))
         with self._lock:
-            per_device = self._days.get(day)
-            if per_device is None:
-                per_device = self._days[day] = {}
-                self._expire()
-            usage = per_device.setdefault(device, Usage())
+            usage = self._usage_locked(day, device)
             usage.tokens += cases * self.tokens_per_reading
             if tier == "urgent":
                 usage.urgent += cases
@@ -257,6 +337,54 @@ class CostLedger:
                 usage.spend_batch += cost
             self._changes += 1
         return cost
+
+    def charge_tokens(
+        self,
+        device: str,
+        tier: Tier,
+        prompt_tokens: int,
+        completion_tokens: int,
+        *,
+        answered: bool,
+        at: dt.datetime | None = None,
+    ) -> float:
+        """Record one billed endpoint request (its ``usage``); returns what it cost.
+
+        ``answered``: the reply was a label (counts as a scored case); an unparseable
+        reply is billed all the same.
+        """
+        if prompt_tokens < 0 or completion_tokens < 0:
+            raise ValueError("token counts must be >= 0")
+        cost = self.token_price(tier, prompt_tokens, completion_tokens)
+        day = self._day(at)
+        with self._lock:
+            usage = self._usage_locked(day, device)
+            usage.calls += 1
+            usage.prompt_tokens += prompt_tokens
+            usage.completion_tokens += completion_tokens
+            usage.tokens += prompt_tokens + completion_tokens
+            if tier == "urgent":
+                usage.urgent += int(answered)
+                usage.spend_urgent += cost
+            else:
+                usage.batch += int(answered)
+                usage.spend_batch += cost
+            self._changes += 1
+        return cost
+
+    @staticmethod
+    def _day(at: dt.datetime | None) -> str:
+        when = at if at is not None else dt.datetime.now(dt.timezone.utc)
+        if when.tzinfo is not None:
+            when = when.astimezone(dt.timezone.utc)
+        return when.date().isoformat()
+
+    def _usage_locked(self, day: str, device: str) -> Usage:
+        per_device = self._days.get(day)
+        if per_device is None:
+            per_device = self._days[day] = {}
+            self._expire()
+        return per_device.setdefault(device, Usage())
 
     def observe(self, device: str, readings_total: int) -> None:
         """Note the readings count a device reported with a hard case (the highest one counts)."""
@@ -289,17 +417,14 @@ class CostLedger:
                 out.setdefault(device, Usage()).add(usage)
         return out
 
-    def _figures(self, usage: Usage, reported: int, readings: int) -> dict[str, Any]:
+    def _figures(
+        self, usage: Usage, reported: int, readings: int, measured: tuple[float, float] | None
+    ) -> dict[str, Any]:
         """Actual spend next to the all-cloud cost of ``readings`` readings."""
-        sync = readings * self.unit_price("urgent")
-        batch = readings * self.unit_price("batch")
+        sync = readings * self._unit_price("urgent", measured)
+        batch = readings * self._unit_price("batch", measured)
         return {
-            "urgent": usage.urgent,
-            "batch": usage.batch,
-            "tokens": usage.tokens,
-            "spend_urgent": _money(usage.spend_urgent),
-            "spend_batch": _money(usage.spend_batch),
-            "spend": _money(usage.spend),
+            **usage.as_dict(),
             "readings_total": reported,
             "readings_priced": readings,
             "all_cloud_sync": _money(sync),
@@ -311,6 +436,7 @@ class CostLedger:
     def summary(self) -> dict[str, Any]:
         """Everything as a JSON-able dict (also the ledger file's content)."""
         with self._lock:
+            measured = self._measured_locked()
             totals = self._totals_locked()
             devices = sorted(set(totals) | set(self._readings_total))
             per_device: dict[str, dict[str, Any]] = {}
@@ -320,24 +446,14 @@ class CostLedger:
                 usage = totals.get(d, Usage())
                 reported = self._readings_total.get(d, 0)
                 priced = max(reported, usage.cases)
-                per_device[d] = self._figures(usage, reported, priced)
+                per_device[d] = self._figures(usage, reported, priced, measured)
                 grand.add(usage)
                 reported_sum += reported
                 priced_sum += priced
-            total = self._figures(grand, reported_sum, priced_sum)
+            total = self._figures(grand, reported_sum, priced_sum, measured)
             total["devices"] = len(devices)
             days = {
-                day: {
-                    d: {
-                        "urgent": u.urgent,
-                        "batch": u.batch,
-                        "tokens": u.tokens,
-                        "spend_urgent": _money(u.spend_urgent),
-                        "spend_batch": _money(u.spend_batch),
-                        "spend": _money(u.spend),
-                    }
-                    for d, u in sorted(by_device.items())
-                }
+                day: {d: u.as_dict() for d, u in sorted(by_device.items())}
                 for day, by_device in sorted(self._days.items())
             }
         return {
@@ -346,8 +462,14 @@ class CostLedger:
                 "price_sync_per_1k_tokens": self.price_sync_per_1k_tokens,
                 "batch_discount": self.batch_discount,
                 "tokens_per_reading": self.tokens_per_reading,
-                "unit_price_urgent": _money(self.unit_price("urgent")),
-                "unit_price_batch": _money(self.unit_price("batch")),
+                "price_prompt_per_1k": self.price_prompt_per_1k,
+                "price_completion_per_1k": self.price_completion_per_1k,
+                "batch_price_factor": self.batch_price_factor,
+                "tokens_measured": measured is not None,
+                "mean_prompt_tokens": None if measured is None else round(measured[0], 3),
+                "mean_completion_tokens": None if measured is None else round(measured[1], 3),
+                "unit_price_urgent": _money(self._unit_price("urgent", measured)),
+                "unit_price_batch": _money(self._unit_price("batch", measured)),
             },
             "total": total,
             "devices": per_device,
@@ -369,7 +491,16 @@ class CostLedger:
                 target = self._days.setdefault(day, {})
                 for device, s in by_device.items():
                     target.setdefault(device, Usage()).add(
-                        Usage(s.urgent, s.batch, s.tokens, s.spend_urgent, s.spend_batch)
+                        Usage(
+                            s.urgent,
+                            s.batch,
+                            s.tokens,
+                            s.spend_urgent,
+                            s.spend_batch,
+                            s.calls,
+                            s.prompt_tokens,
+                            s.completion_tokens,
+                        )
                     )
             for device, sd in saved.devices.items():
                 if sd.readings_total > self._readings_total.get(device, 0):
@@ -456,11 +587,15 @@ class _BatchEnvelope(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 
 class _Answer(NamedTuple):
-    """What the model said about a case: all the dedupe memory keeps per key."""
+    """What the model said about a case: all the dedupe memory keeps per key.
+
+    With ``no_verdict`` set it is the cloud's "no answer" (never remembered).
+    """
 
     label: str
     confidence: float
     model: str
+    no_verdict: str | None = None
 
     def verdict(self, case: HardCase, tier: Tier, cloud_ms: float) -> Verdict:
         return Verdict(
@@ -474,6 +609,7 @@ class _Answer(NamedTuple):
             tier=tier,
             cloud_ms=cloud_ms,
             id=case.id,
+            no_verdict=self.no_verdict,
         )
 
 
@@ -484,6 +620,42 @@ class _Pending:
     index: int
     case: HardCase
     reading: Reading
+    tries: int = 0  #: endpoint requests made for it so far
+
+
+@dataclass(slots=True)
+class _UrgentCtx:
+    """An urgent case handed to the endpoint: what its answer needs."""
+
+    case: HardCase
+    reply_to: str
+    correlation: bytes | None
+    client: mqtt.Client
+    mid: int
+    qos: int
+    received_ns: int
+
+
+@dataclass(slots=True)
+class _BatchCtx:
+    """A batch (or a group of retried batch cases) handed to the endpoint."""
+
+    device: str
+    answers: list[tuple[HardCase, _Answer | None]]
+    echoes: list[tuple[int, int]]
+    client: mqtt.Client | None  #: None for retries (nothing to acknowledge)
+    mid: int
+    qos: int
+    received_ns: int
+
+
+@dataclass(slots=True)
+class _Retry:
+    """A batch case whose request failed, due for another try."""
+
+    due: float
+    device: str
+    pending: _Pending
 
 
 class CloudWorker:
@@ -500,7 +672,7 @@ class CloudWorker:
         self.worker_id = self.cloud.worker_id or f"{socket.gethostname()}-{os.getpid()}"
         self.client_id = f"edge-cloud-{self.worker_id}"
         self.counters: Counter[str] = Counter()
-        self.ledger = CostLedger.from_settings(self.cloud)
+        self.ledger = CostLedger.from_settings(self.cloud, settings.endpoint)
         self.connected = threading.Event()
         self.ready = threading.Event()  #: connected and both subscriptions granted
         self.failed = ""  #: why the worker gave up, if it did
@@ -523,6 +695,11 @@ class CloudWorker:
         self._unacked: set[int] = set()
         self._ledger_written = -1
         self._stopped = False
+        self._endpoint: EndpointTier | None = None
+        self._model_name = ""
+        #: Finished endpoint work, handed from the request threads to the network thread.
+        self._done: queue.SimpleQueue[Job | tuple[_BatchCtx, list[Job]]] = queue.SimpleQueue()
+        self._retries: list[_Retry] = []
         if self.cloud.ledger_path:
             self._load_ledger(Path(self.cloud.ledger_path))
 
@@ -538,6 +715,21 @@ class CloudWorker:
         """Open the cloud pack (unless given a scorer) and start the network thread."""
         if self._thread is not None:
             raise RuntimeError("the worker was already started")
+        if self.cloud.backend == "endpoint" and self._owns_scorer:
+            pack = resolve(self.cloud.pack, self.settings.model.packs_dir)
+            prompt = Prompt.from_pack(pack)
+            self._endpoint = EndpointTier(self.settings.endpoint, prompt)
+            self._model_name = f"{self.settings.endpoint.model}@endpoint"
+            self._readings = ReadingDecoder(tuple(pack.manifest.input.shape))
+            log.info(
+                "cloud tier: endpoint %s, model %s, prompt of %s",
+                self.settings.endpoint.base_url,
+                self.settings.endpoint.model,
+                pack.ref,
+            )
+            self._thread = threading.Thread(target=self._run, name="edge-cloud-net", daemon=True)
+            self._thread.start()
+            return
         if self._scorer is None:
             pack = resolve(self.cloud.pack, self.settings.model.packs_dir)
             options = BackendOptions(
@@ -566,6 +758,8 @@ class CloudWorker:
             alive = self._thread.is_alive()
             if alive:
                 log.error("the network thread did not end within %.1f s", timeout)
+        if not alive:
+            self._close_endpoint()
         self.write_ledger()
         if self._owns_scorer and self._scorer is not None and not alive:
             self._scorer.close()
@@ -638,14 +832,17 @@ class CloudWorker:
         try:
             while not self._stop.is_set():
                 client = self._client
+                if self._endpoint is not None:
+                    self._service_endpoint()
                 if client is None:
                     wait = self._next_attempt - time.monotonic()
                     if wait > 0:
-                        self._stop.wait(min(wait, 0.5))
+                        self._stop.wait(min(wait, 0.5 if self._endpoint is None else 0.05))
                     else:
                         self._connect()
                     continue
-                rc = client.loop(timeout=LOOP_TIMEOUT_S)
+                busy = self._endpoint is not None and self._endpoint.busy > 0
+                rc = client.loop(timeout=BUSY_LOOP_TIMEOUT_S if busy else LOOP_TIMEOUT_S)
                 if rc != mqtt.MQTT_ERR_SUCCESS and self._client is client:
                     self._lost(f"network: {mqtt.error_string(rc)}")
         except Exception as exc:
@@ -668,6 +865,9 @@ class CloudWorker:
         client.on_subscribe = self._on_subscribe
         client.on_message = self._on_message
         client.on_publish = self._on_publish
+        if self._endpoint is not None:
+            # A request is acknowledged once answered (the answer comes from another thread).
+            client.manual_ack_set(True)
         self.counters["connect_attempts"] += 1
         try:
             client.connect(m.host, m.port, keepalive=m.keepalive_s, clean_start=True)
@@ -806,6 +1006,7 @@ class CloudWorker:
                 )
                 # Keep serving the client's I/O while the broker acknowledges our verdicts.
                 self._client = client
+                self._close_endpoint()
                 deadline = time.monotonic() + DRAIN_TIMEOUT_S
                 while self._unacked and time.monotonic() < deadline:
                     if client.loop(timeout=0.05) != mqtt.MQTT_ERR_SUCCESS:
@@ -824,9 +1025,10 @@ class CloudWorker:
     def _on_message(self, client: mqtt.Client, _ud: Any, msg: mqtt.MQTTMessage) -> None:
         received_ns = time.monotonic_ns()
         topic = "?"
+        deferred = False
         try:
             topic = msg.topic
-            self._dispatch(client, msg, topic, received_ns)
+            deferred = self._dispatch(client, msg, topic, received_ns)
         except _Rejected as rej:
             self._reject(rej, topic)
         except UnicodeDecodeError:
@@ -836,10 +1038,14 @@ class CloudWorker:
             self.counters["errors"] += 1
             if self._throttle.allow("internal-error")[0]:
                 log.exception("unexpected error handling a message on %.200s", topic)
+        finally:
+            if self._endpoint is not None and not deferred:
+                _ack(client, msg.mid, msg.qos, client)
 
     def _dispatch(
         self, client: mqtt.Client, msg: mqtt.MQTTMessage, topic: str, received_ns: int
-    ) -> None:
+    ) -> bool:
+        """Handle one request; True when its answer (and acknowledgement) comes later."""
         kind = topic.rsplit("/", 1)[-1]
         device = Topics.device_of(topic)
         if len(msg.payload) > self.cloud.max_payload_bytes:
@@ -847,11 +1053,10 @@ class CloudWorker:
                 "too_large", f"payload of {len(msg.payload)} bytes is over cloud.max_payload_bytes"
             )
         if kind == "hard":
-            self._handle_urgent(client, msg, device, received_ns)
-        elif kind == "batch":
-            self._handle_batch(client, msg.payload, device, received_ns)
-        else:
-            raise _Rejected("unknown_topic", "not a hard or batch topic")
+            return self._handle_urgent(client, msg, device, received_ns)
+        if kind == "batch":
+            return self._handle_batch(client, msg, device, received_ns)
+        raise _Rejected("unknown_topic", "not a hard or batch topic")
 
     def _reject(self, rej: _Rejected, topic: str) -> None:
         self.counters[f"rejected_{rej.reason}"] += 1
@@ -918,33 +1123,69 @@ class CloudWorker:
 
     def _handle_urgent(
         self, client: mqtt.Client, msg: mqtt.MQTTMessage, device: str, received_ns: int
-    ) -> None:
+    ) -> bool:
         case = self._decode_case(msg.payload)
         self._check_case(case, device)
         reply_to = self._reply_topic(msg, device)
         self.ledger.observe(device, case.readings_total)
         answer = self._remembered(device, case.key)
+        correlation = getattr(msg.properties, "CorrelationData", None) if msg.properties else None
         if answer is not None:
             self.counters["duplicates"] += 1
+        elif self._endpoint is not None:
+            reading = self._validate(case)
+            deadline_ms = case.deadline_ms or self.settings.router.deadline_ms
+            deadline_ms -= self.settings.endpoint.deadline_margin_ms
+            job = Job(
+                body=self._endpoint.body(reading.values, case.local),
+                deadline=received_ns / 1e9 + deadline_ms / 1000.0,
+                tier="urgent",
+                token=_UrgentCtx(
+                    case, reply_to, correlation, client, msg.mid, msg.qos, received_ns
+                ),
+            )
+            if not self._endpoint.submit_urgent(job, self._done.put):
+                job.reply = Reply(failure="overloaded", detail="too many urgent cases waiting")
+                self._finish_urgent(job)
+            return True
         else:
             decision = self._score([self._validate(case)])[0]
             answer = _Answer(decision.label, decision.confidence, decision.model)
             self._remember(device, case.key, answer)
             self.ledger.charge(device, "urgent")
             self.counters["urgent_scored"] += 1
+        self._send_urgent(
+            client,
+            case=case,
+            answer=answer,
+            reply_to=reply_to,
+            correlation=correlation,
+            received_ns=received_ns,
+        )
+        return False
+
+    def _send_urgent(
+        self,
+        client: mqtt.Client,
+        *,
+        case: HardCase,
+        answer: _Answer,
+        reply_to: str,
+        correlation: bytes | None,
+        received_ns: int,
+    ) -> None:
         verdict = answer.verdict(case, "urgent", _ms_since(received_ns))
         props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
         props.UserProperty = [(IDEMPOTENCY_PROPERTY, case.key), (WORKER_PROPERTY, self.worker_id)]
-        correlation = getattr(msg.properties, "CorrelationData", None) if msg.properties else None
         if correlation is not None:
             props.CorrelationData = correlation
         self._publish(client, reply_to, encoder.encode(verdict), props, 1)
 
     def _handle_batch(
-        self, client: mqtt.Client, payload: bytes | bytearray, device: str, received_ns: int
-    ) -> None:
+        self, client: mqtt.Client, msg: mqtt.MQTTMessage, device: str, received_ns: int
+    ) -> bool:
         try:
-            batch = self._batch_decoder.decode(payload)
+            batch = self._batch_decoder.decode(msg.payload)
         except (msgspec.MsgspecError, RecursionError, UnicodeDecodeError) as exc:
             raise _decode_error(exc) from None
         if batch.v != SCHEMA_VERSION:
@@ -979,6 +1220,10 @@ class CloudWorker:
             first_index[case.key] = len(answers)
             pending.append(_Pending(len(answers), case, reading))
             answers.append((case, None))
+        if self._endpoint is not None and pending:
+            ctx = _BatchCtx(device, answers, echoes, client, msg.mid, msg.qos, received_ns)
+            self._submit_group(ctx, pending)
+            return True
         for chunk in _chunks(pending, self.cloud.batch_max):
             try:
                 decisions = self._score([p.reading for p in chunk])
@@ -991,11 +1236,25 @@ class CloudWorker:
                 self._remember(device, p.case.key, answer)
             self.ledger.charge(device, "batch", len(chunk))
             self.counters["batch_cases_scored"] += len(chunk)
+        self._send_batch(client, device, answers, echoes, received_ns)
+        return False
+
+    def _send_batch(
+        self,
+        client: mqtt.Client | None,
+        device: str,
+        answers: list[tuple[HardCase, _Answer | None]],
+        echoes: list[tuple[int, int]],
+        received_ns: int,
+    ) -> None:
         for i, first in echoes:
             answers[i] = (answers[i][0], answers[first][1])
         cloud_ms = _ms_since(received_ns)
         verdicts = [a.verdict(case, "batch", cloud_ms) for case, a in answers if a is not None]
         if not verdicts:
+            return
+        if client is None:
+            self.counters["verdicts_unsent"] += len(verdicts)
             return
         body = encoder.encode(BatchVerdicts(v=SCHEMA_VERSION, device=device, verdicts=verdicts))
         props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
@@ -1004,6 +1263,154 @@ class CloudWorker:
             (WORKER_PROPERTY, self.worker_id),
         ]
         self._publish(client, self.topics.verdict(device), body, props, len(verdicts))
+
+    # -- the endpoint tier (cloud.backend = "endpoint") -----------------------------------
+
+    def _submit_group(self, ctx: _BatchCtx, pending: list[_Pending]) -> None:
+        tier = self._endpoint
+        if tier is None:  # pragma: no cover - only called in endpoint mode
+            raise RuntimeError("no endpoint")
+        deadline = time.monotonic() + self.settings.endpoint.batch_timeout_s
+        jobs = []
+        for p in pending:
+            p.tries += 1
+            body = tier.body(p.reading.values, p.case.local)
+            jobs.append(Job(body=body, deadline=deadline, tier="batch", token=p))
+        tier.submit_group(jobs, lambda done: self._done.put((ctx, done)))
+
+    def _service_endpoint(self) -> None:
+        """On the network thread: publish what the endpoint answered; send due retries."""
+        while True:
+            try:
+                item = self._done.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(item, Job):
+                self._finish_urgent(item)
+            else:
+                self._finish_group(*item)
+        if self._retries and not self._stop.is_set():
+            now = time.monotonic()
+            due = [r for r in self._retries if r.due <= now]
+            if due:
+                self._retries = [r for r in self._retries if r.due > now]
+                by_device: dict[str, list[_Pending]] = {}
+                for r in due:
+                    by_device.setdefault(r.device, []).append(r.pending)
+                for device, group in by_device.items():
+                    answers: list[tuple[HardCase, _Answer | None]] = []
+                    for p in group:
+                        p.index = len(answers)
+                        answers.append((p.case, None))
+                    ctx = _BatchCtx(device, answers, [], None, 0, 0, time.monotonic_ns())
+                    self._submit_group(ctx, group)
+
+    def _account(self, device: str, tier: Tier, reply: Reply) -> None:
+        """Count one finished request and bill its tokens."""
+        self.counters["endpoint_requests"] += reply.attempts
+        if reply.attempts > 1:
+            self.counters["endpoint_retries"] += reply.attempts - 1
+        if reply.usage_reported:
+            self.ledger.charge_tokens(
+                device,
+                tier,
+                reply.prompt_tokens,
+                reply.completion_tokens,
+                answered=reply.label is not None,
+            )
+        elif reply.label is not None or reply.failure == "unparseable":
+            self.counters["endpoint_usage_missing"] += 1
+        if reply.failure is not None:
+            self.counters[f"endpoint_failed_{reply.failure}"] += 1
+            if self._throttle.allow(f"endpoint-{reply.failure}")[0]:
+                log.warning("endpoint (%s): %s: %.300s", tier, reply.failure, reply.detail)
+
+    def _no_verdict(self, reason: str) -> _Answer:
+        self.counters["no_verdict"] += 1
+        self.counters[f"no_verdict_{reason}"] += 1
+        return _Answer("", 0.0, self._model_name, reason)
+
+    def _finish_urgent(self, job: Job) -> None:
+        ctx: _UrgentCtx = job.token
+        reply = job.reply or Reply(failure="stopped", detail="no reply")
+        case = ctx.case
+        self._account(case.device, "urgent", reply)
+        if reply.label is not None:
+            answer = _Answer(reply.label, 1.0, self._model_name)
+            self._remember(case.device, case.key, answer)
+            self.counters["urgent_scored"] += 1
+        else:
+            answer = self._no_verdict(reply.failure or "bad_response")
+        client = self._client
+        if client is None:
+            self.counters["verdicts_unsent"] += 1
+        else:
+            self._send_urgent(
+                client,
+                case=case,
+                answer=answer,
+                reply_to=ctx.reply_to,
+                correlation=ctx.correlation,
+                received_ns=ctx.received_ns,
+            )
+        _ack(ctx.client, ctx.mid, ctx.qos, self._client)
+
+    def _finish_group(self, ctx: _BatchCtx, jobs: list[Job]) -> None:
+        s = self.settings.endpoint
+        for job in jobs:
+            p: _Pending = job.token
+            reply = job.reply or Reply(failure="stopped", detail="no reply")
+            self._account(ctx.device, "batch", reply)
+            if reply.label is not None:
+                answer = _Answer(reply.label, 1.0, self._model_name)
+                self._remember(ctx.device, p.case.key, answer)
+                ctx.answers[p.index] = (p.case, answer)
+                self.counters["batch_cases_scored"] += 1
+                continue
+            failure = reply.failure or "bad_response"
+            if (
+                failure in TRANSIENT
+                and p.tries < s.batch_max_tries
+                and len(self._retries) < s.max_retry_cases
+                and not self._stop.is_set()
+            ):
+                delay = s.batch_retry_s * random.uniform(0.5, 1.5)  # noqa: S311
+                self._retries.append(_Retry(time.monotonic() + delay, ctx.device, p))
+                self.counters["batch_retries_scheduled"] += 1
+                continue
+            if failure not in TRANSIENT:
+                reason = failure  # the answer itself was wrong (unparseable, 401, ...): final
+            elif p.tries >= s.batch_max_tries:
+                reason = "gave_up"
+            elif self._stop.is_set():
+                reason = "stopped"
+            else:
+                reason = "overloaded"
+            ctx.answers[p.index] = (p.case, self._no_verdict(reason))
+        self._send_batch(self._client, ctx.device, ctx.answers, ctx.echoes, ctx.received_ns)
+        if ctx.client is not None:
+            _ack(ctx.client, ctx.mid, ctx.qos, self._client)
+
+    def _close_endpoint(self) -> None:
+        """Stop the endpoint tier: open requests end (``stopped``), their answers go out."""
+        tier = self._endpoint
+        if tier is None or tier.stop_event.is_set():
+            return
+        left = tier.close(DRAIN_TIMEOUT_S)
+        if left:
+            self.counters["endpoint_open_at_stop"] += left
+            log.warning("%d endpoint request(s) still open at stop", left)
+        self._service_endpoint()
+        if self._retries:
+            by_device: dict[str, list[_Pending]] = {}
+            for r in self._retries:
+                by_device.setdefault(r.device, []).append(r.pending)
+            self._retries = []
+            for device, group in by_device.items():
+                answers: list[tuple[HardCase, _Answer | None]] = [
+                    (p.case, self._no_verdict("stopped")) for p in group
+                ]
+                self._send_batch(self._client, device, answers, [], time.monotonic_ns())
 
     def _publish(
         self, client: mqtt.Client, topic: str, body: bytes, props: Properties, verdicts: int
@@ -1018,6 +1425,12 @@ class CloudWorker:
             return
         self._unacked.add(info.mid)
         self.counters["verdicts_sent"] += verdicts
+
+
+def _ack(client: mqtt.Client, mid: int, qos: int, current: mqtt.Client | None) -> None:
+    """Acknowledge a request (manual acks), if it came on the connection still in use."""
+    if qos > 0 and client is current:
+        client.ack(mid, qos)
 
 
 def _ms_since(t0_ns: int) -> float:

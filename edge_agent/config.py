@@ -192,6 +192,49 @@ class CloudSettings(_Section, frozen=True):
     batch_discount: Fraction = 0.5
     tokens_per_reading: PositiveInt = 1500
     ledger_path: str = ""
+    #: ``pack``: score with ``cloud.pack``'s own backend; ``endpoint``: ask the OpenAI-compatible
+    #: endpoint of ``[endpoint]``, with ``cloud.pack`` giving the labels, input shape and prompt.
+    backend: Literal["pack", "endpoint"] = "pack"
+
+
+class EndpointSettings(_Section, frozen=True):
+    """The OpenAI-compatible endpoint the cloud tier asks (``cloud.backend = "endpoint"``)."""
+
+    #: Base URL up to and including the API version, e.g. ``https://api.openai.com/v1``.
+    base_url: str = ""
+    model: str = ""
+    #: File (or systemd credential name) holding the API key; empty: no Authorization header.
+    api_key_file: str = ""
+    api: Literal["chat", "completions"] = "chat"
+    connect_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 2.0
+    #: Reserved from an urgent case's deadline for the verdict's way back to the device.
+    deadline_margin_ms: NonNegFloat = 50.0
+    #: Deadline of one request for a batch case (the batch tier is throughput, not latency).
+    batch_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 60.0
+    #: Attempts per request, the first included (429, 5xx and connection failures are retried).
+    max_attempts: Annotated[int, msgspec.Meta(ge=1, le=20)] = 3
+    backoff_min_s: Annotated[float, msgspec.Meta(gt=0)] = 0.05
+    backoff_max_s: Annotated[float, msgspec.Meta(gt=0)] = 2.0
+    #: A Retry-After longer than this is not waited for: the request fails (``rate_limited``).
+    retry_after_max_s: NonNegFloat = 60.0
+    #: Requests in flight at once, urgent tier / batch tier.
+    concurrency: Annotated[int, msgspec.Meta(ge=1, le=256)] = 4
+    batch_concurrency: Annotated[int, msgspec.Meta(ge=1, le=256)] = 2
+    #: Client-side token bucket over all requests: refill rate per second (0: no limit), size.
+    rate_per_s: NonNegFloat = 10.0
+    burst: Annotated[int, msgspec.Meta(ge=1)] = 10
+    #: Urgent cases waiting for a free request slot; past it a case is answered "no verdict".
+    max_queue: PositiveInt = 256
+    #: Batch cases whose request failed are tried again after this long (with jitter) ...
+    batch_retry_s: Annotated[float, msgspec.Meta(gt=0)] = 30.0
+    #: ... up to this many tries in all; then the device gets "no verdict" for them.
+    batch_max_tries: Annotated[int, msgspec.Meta(ge=1, le=100)] = 5
+    #: Batch cases held for a later try, at most; past it a failed case gets "no verdict".
+    max_retry_cases: PositiveInt = 10_000
+    price_prompt_per_1k: NonNegFloat = 0.0025
+    price_completion_per_1k: NonNegFloat = 0.01
+    #: Price of a batch-tier request relative to an urgent one.
+    batch_price_factor: Fraction = 0.5
 
 
 class Settings(_Section, frozen=True):
@@ -204,6 +247,7 @@ class Settings(_Section, frozen=True):
     link: LinkSettings = msgspec.field(default_factory=LinkSettings)
     router: RouterSettings = msgspec.field(default_factory=RouterSettings)
     cloud: CloudSettings = msgspec.field(default_factory=CloudSettings)
+    endpoint: EndpointSettings = msgspec.field(default_factory=EndpointSettings)
     telemetry: TelemetrySettings = msgspec.field(default_factory=TelemetrySettings)
     drift: DriftSettings = msgspec.field(default_factory=DriftSettings)
     rollout: RolloutSettings = msgspec.field(default_factory=RolloutSettings)

@@ -152,6 +152,8 @@ def run_demo(args: Any, base: Settings | None) -> dict[str, Any]:
                 decisions.extend(r for r in rows if "label" in r)
 
         def on_verdict(v: Verdict) -> None:
+            if v.no_verdict is not None:  # no cloud answer: the local one stands
+                return
             with lock:
                 verdicts[v.key] = v.label
 

@@ -17,6 +17,7 @@ boundary with ``raise ... from exc`` so the original stays in the traceback::
     ├── OutboxError             the durable queue could not take or keep a message
     │   └── OutboxFull          a class is full and its policy is to refuse
     ├── LinkError               the MQTT connection failed (refused CONNACK, TLS, auth)
+    ├── EndpointError           the cloud tier's HTTP endpoint gave no usable answer (reason code)
     └── BrokerError             a local mosquitto (demo, benchmark) is missing or would not start
 """
 
@@ -80,6 +81,21 @@ class OutboxFull(OutboxError):
 
 class LinkError(EdgeAgentError):
     """The MQTT link could not be established or was refused by the broker."""
+
+
+class EndpointError(EdgeAgentError):
+    """The OpenAI-compatible endpoint of the cloud tier gave no usable answer.
+
+    ``reason`` is a stable code (``endpoint.FAILURES``: ``unreachable``, ``rate_limited``,
+    ``server_error``, ``http_401``, ``bad_response``, ``unparseable``, ``deadline``, ...);
+    ``retry_after`` is the server's Retry-After in seconds, when it sent one.
+    """
+
+    def __init__(self, reason: str, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+        self.retry_after = retry_after
 
 
 class BrokerError(EdgeAgentError):

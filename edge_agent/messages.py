@@ -52,8 +52,14 @@ class Batch(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     cases: list[HardCase]
 
 
-class Verdict(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """The cloud's answer to one hard case."""
+class Verdict(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
+    """The cloud's answer to one hard case.
+
+    ``no_verdict`` set (a reason code) means the cloud has no answer for this case — its
+    endpoint failed, the deadline passed, the answer did not parse — and ``label`` is empty:
+    the device keeps its local answer. Fields at their default are left out on the wire, so
+    an ordinary verdict is byte-compatible with devices that predate ``no_verdict``.
+    """
 
     v: int
     key: _Key
@@ -65,6 +71,7 @@ class Verdict(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     tier: Literal["urgent", "batch"]
     cloud_ms: float = 0.0  #: time the cloud spent from receipt to answer
     id: Any = None
+    no_verdict: str | None = None  #: why there is no answer (label is then "")
 
 
 class BatchVerdicts(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

@@ -181,6 +181,19 @@ class RolloutBounds(_Table, frozen=True):
     health_readings: Annotated[int, msgspec.Meta(ge=1)] | None = None
     health_max_hard_rate_increase: Annotated[float, msgspec.Meta(ge=0.0, le=1.0)] | None = None
     health_max_error_rate: Annotated[float, msgspec.Meta(ge=0.0, le=1.0)] | None = None
+class PromptSpec(_Table, frozen=True):
+    """How the cloud tier asks an OpenAI-compatible endpoint about a hard case (endpoint.py).
+
+    ``system`` and ``user`` are ``string.Template`` texts (``$name``); the placeholders are
+    listed in ``endpoint.PLACEHOLDERS`` (the labels, the device's local answer, a per-channel
+    summary of the window). The reply must be exactly one of the pack's labels.
+    """
+
+    user: Annotated[str, msgspec.Meta(min_length=1)]
+    system: str = ""
+    max_tokens: Annotated[int, msgspec.Meta(ge=1, le=256)] = 4
+    temperature: Annotated[float, msgspec.Meta(ge=0.0, le=2.0)] = 0.0
+    stop: list[str] = msgspec.field(default_factory=lambda: ["\n"])
 
 
 class Manifest(_Table, frozen=True):
@@ -204,6 +217,7 @@ class Manifest(_Table, frozen=True):
     drift: DriftReference | None = None
     selftest: SelfTest | None = None
     rollout: RolloutBounds | None = None
+    prompt: PromptSpec | None = None
 
 
 def default_store_dir() -> Path:

@@ -14,7 +14,11 @@ The device never waits for the cloud: the local answer is acted on at once,
 marked provisional. ``Reconciler`` remembers each urgent case's deadline and
 local label; when the cloud's verdict arrives it records whether it came in
 time and whether it agreed. Verdicts that come after the deadline are counted
-as late; urgent cases without any verdict by their deadline as missed.
+as late; urgent cases without any verdict by their deadline as missed. A
+"no verdict" answer (``Verdict.no_verdict`` set: the cloud's endpoint failed or
+its answer did not parse) settles the case without a label: it is counted in
+``no_verdict`` (and ``no_verdict_<tier>``), never as agreement or disagreement,
+and the local answer stands.
 """
 
 from __future__ import annotations
@@ -105,7 +109,8 @@ class Reconciler:
         }
         self._overdue: OrderedDict[str, _Pending] = OrderedDict()
         self.round_trips_ms: deque[float] = deque(maxlen=10_000)
-        #: Called (on the link thread) with each verdict that matched a hard case.
+        #: Called (on the link thread) with each verdict that matched a hard case, "no
+        #: verdict" answers included (``v.no_verdict`` set, ``v.label`` empty).
         self.listeners: list[Callable[[Verdict], None]] = []
 
     def expect(self, key: str, local_label: str, tier: str) -> None:
@@ -142,6 +147,13 @@ class Reconciler:
             late = entry is not None
         if entry is None:
             self.counters["verdicts_unknown"] += 1  # a duplicate, or from before a restart
+            return
+        if v.no_verdict is not None:
+            # The cloud answered that it has no answer: the local one stands; not missed.
+            self.counters["no_verdict"] += 1
+            self.counters[f"no_verdict_{entry.tier}"] += 1
+            for listener in self.listeners:
+                listener(v)
             return
         self.counters[f"verdicts_{entry.tier}"] += 1
         if entry.tier == URGENT:

@@ -1,8 +1,12 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from edge_agent.bench import BenchOptions, budgets, cost_section, stats
+from edge_agent.cloud import CostLedger
+from edge_agent.errors import EdgeAgentError
 
 
 def test_stats_percentiles_and_throughput() -> None:
@@ -68,3 +72,24 @@ def test_budget_verdicts() -> None:
     assert verdicts["cold start to READY=1 (ONNX)"] is False
     assert verdicts["hard-case round trip p99, excluding the cloud model"] is True
     assert verdicts["p99 with telemetry on / off"] is True
+
+
+def test_cost_section_prices_measured_endpoint_tokens_from_a_ledger(tmp_path: Path) -> None:
+    led = CostLedger(0.04, 0.5, 1000, price_prompt_per_1k=1.0, price_completion_per_1k=2.0)
+    led.charge_tokens("d", "urgent", 300, 5, answered=True)
+    led.charge_tokens("d", "urgent", 100, 3, answered=True)
+    led.write(tmp_path / "ledger.json")
+    opts = BenchOptions(readings_per_second=1.0, ledger=tmp_path / "ledger.json")
+    cost = cost_section({"urgent_rate": 0.1, "batch_rate": 0.0}, opts)
+    month = 30 * 86400
+    unit = 200 / 1000 * 1.0 + 4 / 1000 * 2.0
+    assert cost["measured"]["mean_prompt_tokens"] == 200
+    assert cost["measured"]["requests"] == 2
+    assert cost["scenarios"]["measured"]["all_cloud_sync"] == pytest.approx(month * unit)
+    assert cost["scenarios"]["measured"]["hybrid"] == pytest.approx(month * 0.1 * unit)
+    empty = CostLedger(0.04, 0.5, 1000)
+    empty.write(tmp_path / "empty.json")
+    with pytest.raises(EdgeAgentError, match="no endpoint request"):
+        cost_section(
+            {"urgent_rate": 0.1, "batch_rate": 0.0}, BenchOptions(ledger=tmp_path / "empty.json")
+        )

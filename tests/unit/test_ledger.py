@@ -58,6 +58,9 @@ def test_grouping_per_device_and_utc_day() -> None:
         "urgent": 0,
         "batch": 2,
         "tokens": 3000,
+        "calls": 0,  # endpoint requests billed (none: the cloud pack's estimate)
+        "prompt_tokens": 0,
+        "completion_tokens": 0,
         "spend_urgent": 0.0,
         "spend_batch": pytest.approx(0.06),
         "spend": pytest.approx(0.06),
@@ -147,7 +150,7 @@ def test_from_settings_uses_the_cloud_section() -> None:
             "EDGE_AGENT_CLOUD_TOKENS_PER_READING": "2000",
         },
     )
-    led = CostLedger.from_settings(settings.cloud)
+    led = CostLedger.from_settings(settings.cloud, settings.endpoint)
     assert led.unit_price("urgent") == pytest.approx(0.2)
     assert led.unit_price("batch") == pytest.approx(0.12)
 
