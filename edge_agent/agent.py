@@ -36,10 +36,12 @@ import numpy as np
 
 from .config import Settings
 from .drift import DriftMonitor
+from .errors import EdgeAgentError
 from .link import Link
 from .messages import SCHEMA_VERSION, HardCase, LocalDecision, Topics, encoder
 from .outbox import ClassLimits, Cls, Outbox
 from .pipeline import ScorePipeline
+from .rollout import ModelEvent, ModelStore, Rollout
 from .router import URGENT, Reconciler, Router
 from .scorer import Decision, Scorer
 from .sources import Source
@@ -93,6 +95,14 @@ class Agent:
         self.outbox = open_outbox(settings)
         self.router = Router(settings.router)
         self.reconciler = Reconciler(settings.router)
+        self.rollout: Rollout | None = None
+        if settings.rollout.enabled:
+            self.rollout = Rollout(
+                settings,
+                ModelStore(settings.device.state_dir, settings.model.store_dir),
+                scorer,
+                report=self._report_model,
+            )
         self.link = Link(
             settings,
             self.outbox,
@@ -100,6 +110,7 @@ class Agent:
             model=scorer.ref,
             on_verdict=self.reconciler.on_verdict,
             on_stored=self._on_stored if emit is not None else None,
+            on_command=self.rollout.submit if self.rollout is not None else None,
         )
         self.pipeline = ScorePipeline(
             scorer,
@@ -135,6 +146,8 @@ class Agent:
         self.counters["readings"] += 1
         self.latency.record(d.latency_ms)
         self.drift.record(d.reading.values, d.confidence, d.route == "hard")
+        if self.rollout is not None:
+            self.rollout.observe(d)
         if d.route != "hard":
             return None
         tier = self.router.tier(d)
@@ -161,6 +174,37 @@ class Agent:
         else:
             self.counters[f"hard_refused_{tier}"] += 1
         return tier, key
+
+    def _report_model(self, event: ModelEvent) -> None:
+        self.counters["model_events"] += 1
+        key = f"{self.device}:m{self.counters['model_events']}-{time.monotonic_ns()}"
+        topic = self.topics.model_events(self.device)
+        self.link.submit(Cls.TELEMETRY, key, topic, encoder.encode(event))
+
+    def _process(self, group: list[Any]) -> bytes:
+        """Score one group; a model on probation that fails is rolled back and the group
+        scored again by the model before it."""
+        try:
+            return self.pipeline.process(group)
+        except EdgeAgentError as exc:
+            if self.rollout is None or not self.rollout.scoring_failed(exc):
+                raise
+        self._apply_rollout()
+        return self.pipeline.process(group)
+
+    def _apply_rollout(self) -> None:
+        if self.rollout is None:
+            return
+        scorer = self.rollout.apply()
+        if scorer is None:
+            scorer = self.rollout.live
+            if scorer is self.scorer:
+                return
+        self.scorer = scorer
+        self.pipeline.scorer = scorer
+        self.drift = DriftMonitor(scorer.pack, self.settings.drift)
+        self.link.set_model(scorer.ref)
+        log.info("now serving %s", scorer.ref)
 
     def _on_stored(self, tier: str, key: str) -> None:
         if tier == "telemetry":
@@ -244,6 +288,8 @@ class Agent:
                 sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)
             }
         self.link.start()
+        if self.rollout is not None:
+            self.rollout.start()
         self.telemetry.start()
         if self.metrics is not None:
             self.metrics.start()
@@ -254,7 +300,8 @@ class Agent:
             ended = False
             for group in source.groups():
                 if group:
-                    self._write(self.pipeline.process(group))
+                    self._write(self._process(group))
+                self._apply_rollout()
                 self._tick()
                 if self._stop_requested:
                     break
@@ -313,6 +360,8 @@ class Agent:
         if self.metrics is not None:
             self.metrics.stop()
         self.telemetry.stop()
+        if self.rollout is not None:
+            self.rollout.stop()
         self.link.stop()
         self.reconciler.sweep()
         self.outbox.close()

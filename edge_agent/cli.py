@@ -9,6 +9,9 @@ Subcommands::
     edge-agent models list [--json]            installed model packs
     edge-agent models verify [PACK ...]        check every file's size and sha256
     edge-agent models fetch PACK [PACK ...]    put a pack's large file into the model store
+    edge-agent models keygen --out DIR         an Ed25519 key pair for signing releases
+    edge-agent models sign PACK --key FILE     sign a pack as a release (release.json/.sig)
+    edge-agent models push PACK --device ID    send a signed release to a device over MQTT
 
 Logging is configured here and only here; under systemd stderr goes to the
 journal. Exit codes: 0 success, 1 a model or runtime failure, 2 bad usage or
@@ -51,11 +54,7 @@ def _open_scorer(settings: Settings, pack_ref: str | None) -> Scorer:
     pack = resolve(
         pack_ref or settings.model.pack, settings.model.packs_dir, settings.model.store_dir
     )
-    options = BackendOptions(
-        intra_op_threads=settings.model.intra_op_threads,
-        inter_op_threads=settings.model.inter_op_threads,
-    )
-    return Scorer.open(pack, options)
+    return Scorer.open(pack, _backend_options(settings))
 
 
 def cmd_score(args: argparse.Namespace) -> int:
@@ -88,9 +87,29 @@ def cmd_score(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _open_live_scorer(settings: Settings) -> Scorer:
+    """What the device serves: the installed release its pointer names (verified), else the
+    configured pack."""
+    from .rollout import ModelStore  # noqa: PLC0415 - the device service only
+
+    if settings.rollout.enabled:
+        pack, _ = ModelStore(settings.device.state_dir, settings.model.store_dir).live_pack()
+        if pack is not None:
+            log.info("serving the installed release %s (%s)", pack.ref, pack.path)
+            return Scorer.open(pack, _backend_options(settings))
+    return _open_scorer(settings, None)
+
+
+def _backend_options(settings: Settings) -> BackendOptions:
+    return BackendOptions(
+        intra_op_threads=settings.model.intra_op_threads,
+        inter_op_threads=settings.model.inter_op_threads,
+    )
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     settings = _settings(args)
-    scorer = _open_scorer(settings, None)
+    scorer = _open_live_scorer(settings)
     spec = scorer.pack.manifest.input
     try:
         source = open_source(settings, tuple(spec.shape), spec.hop)
@@ -184,16 +203,64 @@ def cmd_models_verify(args: argparse.Namespace) -> int:
         if args.packs
         else discover(settings.model.packs_dir, settings.model.store_dir)
     )
+    keys = []
+    if args.pubkey:
+        from .release import load_public_key  # noqa: PLC0415
+
+        keys = [(Path(k).name, load_public_key(Path(k))) for k in args.pubkey]
     failed = 0
     for pack in packs:
         try:
             pack.verify()
+            if keys:
+                from .release import verify_release  # noqa: PLC0415
+
+                verify_release(pack.path, keys, max_file_bytes=settings.rollout.max_file_bytes)
         except ModelError as exc:
             failed += 1
             sys.stdout.write(f"FAIL {pack.ref}: {exc}\n")
         else:
-            sys.stdout.write(f"ok   {pack.ref} ({len(pack.manifest.files)} files)\n")
+            signed = ", signature ok" if keys else ""
+            sys.stdout.write(f"ok   {pack.ref} ({len(pack.manifest.files)} files{signed})\n")
     return EXIT_FAILURE if failed else EXIT_OK
+
+
+def cmd_models_keygen(args: argparse.Namespace) -> int:
+    from .release import keygen  # noqa: PLC0415
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    keygen(out / f"{args.name}.key", out / f"{args.name}.pub")
+    sys.stdout.write(
+        f"private key: {out / (args.name + '.key')} (keep it off the devices)\n"
+        f"public key:  {out / (args.name + '.pub')} (copy it to each device's trusted keys)\n"
+    )
+    return EXIT_OK
+
+
+def cmd_models_sign(args: argparse.Namespace) -> int:
+    from .release import load_private_key, sign_pack  # noqa: PLC0415
+
+    rid = sign_pack(Path(args.pack), load_private_key(Path(args.key)), rollback=args.rollback)
+    kind = "rollback release" if args.rollback else "release"
+    sys.stdout.write(f"signed {kind} {rid} in {args.pack}\n")
+    return EXIT_OK
+
+
+def cmd_models_push(args: argparse.Namespace) -> int:
+    from .push import push_release  # noqa: PLC0415 - operator side only
+
+    settings = _settings(args)
+    event = push_release(
+        settings,
+        Path(args.pack),
+        args.device,
+        device_path=args.device_path,
+        timeout_s=args.timeout,
+        progress=None if args.quiet else sys.stderr,
+    )
+    sys.stdout.write(json.dumps(event) + "\n")
+    return EXIT_OK if event.get("state") in ("promoted", "committed") else EXIT_FAILURE
 
 
 def cmd_models_fetch(args: argparse.Namespace) -> int:
@@ -308,6 +375,9 @@ def build_parser() -> argparse.ArgumentParser:
     mlist.set_defaults(func=cmd_models_list)
     mverify = msub.add_parser("verify", help="check every file's size and sha256")
     mverify.add_argument("packs", nargs="*", help="pack names or folders (default: all)")
+    mverify.add_argument(
+        "--pubkey", action="append", help="also check the release signature with this key"
+    )
     mverify.set_defaults(func=cmd_models_verify)
     mfetch = msub.add_parser(
         "fetch", help="put a pack's large file (GGUF) into the model store, verified by sha256"
@@ -315,6 +385,28 @@ def build_parser() -> argparse.ArgumentParser:
     mfetch.add_argument("packs", nargs="+", help="pack names or folders")
     mfetch.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
     mfetch.set_defaults(func=cmd_models_fetch)
+    mkeygen = msub.add_parser("keygen", help="an Ed25519 key pair for signing model releases")
+    mkeygen.add_argument("--out", required=True, help="folder for NAME.key and NAME.pub")
+    mkeygen.add_argument("--name", default="release", help="file name stem (default: release)")
+    mkeygen.set_defaults(func=cmd_models_keygen)
+    msign = msub.add_parser("sign", help="sign a pack folder as a release")
+    msign.add_argument("pack", help="pack folder")
+    msign.add_argument("--key", required=True, help="private key (PEM) from `models keygen`")
+    msign.add_argument(
+        "--rollback",
+        action="store_true",
+        help="allow devices to install it below their committed version (no shadow trial)",
+    )
+    msign.set_defaults(func=cmd_models_sign)
+    mpush = msub.add_parser("push", help="send a signed release to a device and follow it")
+    mpush.add_argument("pack", help="signed pack folder")
+    mpush.add_argument("--device", required=True, help="device id")
+    mpush.add_argument(
+        "--device-path", default="", help="the release is already on the device at this path"
+    )
+    mpush.add_argument("--timeout", type=float, default=600.0, help="seconds to wait (600)")
+    mpush.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
+    mpush.set_defaults(func=cmd_models_push)
     # `--config` is accepted before or after the subcommand (`edge-agent run --config F`).
     subparsers = [*sub.choices.values(), *msub.choices.values()]
     for p in subparsers:

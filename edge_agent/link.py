@@ -143,6 +143,7 @@ class Link:
         model: str = "",
         on_verdict: Callable[[bytes], None] | None = None,
         on_stored: Callable[[str, str], None] | None = None,
+        on_command: Callable[[str, bytes], None] | None = None,
     ) -> None:
         self.settings = settings
         self.outbox = outbox
@@ -151,6 +152,8 @@ class Link:
         self.topics = Topics(settings.mqtt.topic_prefix)
         self.on_verdict = on_verdict
         self.on_stored = on_stored
+        self.on_command = on_command
+        self._status_due = False
         self.counters: Counter[str] = Counter()
         self.connected = threading.Event()
         self.last_error = ""
@@ -422,6 +425,10 @@ class Link:
         self.counters["connects"] += 1
         client.publish(self.topics.status(self.device), self._status_payload, qos=1, retain=True)
         client.subscribe(self.topics.verdict(self.device), qos=1)
+        if self.on_command is not None:
+            client.subscribe(
+                [(self.topics.model_cmd(self.device), 1), (self.topics.model_chunk(self.device), 1)]
+            )
         self.connected.set()
         self._dirty = True
         log.info("connected to %s:%d", self.settings.mqtt.host, self.settings.mqtt.port)
@@ -484,8 +491,13 @@ class Link:
             self._held[row] = retry_at
 
     def _on_message(self, _client: mqtt.Client, _ud: Any, msg: mqtt.MQTTMessage) -> None:
-        self.counters["verdict_messages"] += 1
         payload = bytes(msg.payload)
+        if msg.topic != self.topics.verdict(self.device):
+            self.counters["command_messages"] += 1
+            if self.on_command is not None:
+                self.on_command(msg.topic, payload)
+            return
+        self.counters["verdict_messages"] += 1
         if self._confirm:
             self._settle(verdict_keys(payload))
         if self.on_verdict is not None:
@@ -518,7 +530,24 @@ class Link:
                     break
         self.counters["confirmed"] += len(rows)
 
+    def set_model(self, model: str) -> None:
+        """The model that serves changed: say so in the retained status (and the last will)."""
+        self.model = model
+        self._status_payload = encoder.encode(
+            Status(v=SCHEMA_VERSION, device=self.device, state="online", model=model)
+        )
+        self._will_payload = encoder.encode(
+            Status(v=SCHEMA_VERSION, device=self.device, state="offline", model=model)
+        )
+        self._status_due = True
+        self._wake()
+
     def _drain(self) -> None:
+        if self._status_due and self._client is not None:
+            self._status_due = False
+            self._client.publish(
+                self.topics.status(self.device), self._status_payload, qos=1, retain=True
+            )
         window = self.settings.link.inflight_window
         now = time.monotonic()
         if self._held and min(self._held.values()) <= now:

@@ -118,6 +118,18 @@ class Topics:
     def telemetry(self, device: str) -> str:
         return f"{self.prefix}/{device}/telemetry"
 
+    def model_cmd(self, device: str) -> str:
+        """Model release commands to the device (rollout.ModelCommand)."""
+        return f"{self.prefix}/{device}/cmd/model"
+
+    def model_chunk(self, device: str) -> str:
+        """The files of a release sent over MQTT (rollout.ModelChunk)."""
+        return f"{self.prefix}/{device}/cmd/model/chunk"
+
+    def model_events(self, device: str) -> str:
+        """What the device did with a release (rollout.ModelEvent)."""
+        return f"{self.prefix}/{device}/model"
+
     def shared(self, group: str, kind: str) -> str:
         """Shared subscription for cloud workers, e.g. ``$share/cloud/edge/+/hard``."""
         return f"$share/{group}/{self.prefix}/+/{kind}"

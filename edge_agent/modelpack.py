@@ -181,6 +181,8 @@ class RolloutBounds(_Table, frozen=True):
     health_readings: Annotated[int, msgspec.Meta(ge=1)] | None = None
     health_max_hard_rate_increase: Annotated[float, msgspec.Meta(ge=0.0, le=1.0)] | None = None
     health_max_error_rate: Annotated[float, msgspec.Meta(ge=0.0, le=1.0)] | None = None
+
+
 class PromptSpec(_Table, frozen=True):
     """How the cloud tier asks an OpenAI-compatible endpoint about a hard case (endpoint.py).
 
@@ -349,7 +351,7 @@ def open_pack(path: str | Path, store_dir: str | Path = "") -> ModelPack:
     listed = {f.path for f in manifest.files}
     if manifest.selftest is not None and manifest.selftest.file not in listed:
         raise ModelPackError(
-            f"{manifest_path}: selftest.file = {manifest.selftest.file!r} is not listed in [[files]]"
+            f"{manifest_path}: selftest.file {manifest.selftest.file!r} is not listed in [[files]]"
         )
     if manifest.llama is not None:
         for key in ("model", "head"):

@@ -225,7 +225,7 @@ def read_statement(
         signer = name
         break
     if not signer:
-        raise ReleaseError(f"{folder.name}: the signature does not verify with any trusted key")
+        raise ReleaseError("the release signature does not verify with any trusted key")
     try:
         statement = msgspec.json.decode(body, type=Release)
     except msgspec.MsgspecError as exc:

@@ -5,7 +5,7 @@ State lives under ``<state_dir>/models``::
 
     incoming/<release id>/      files of a release being received (the only place written to
                                 from outside; names checked, sizes capped)
-    packs/<name>@<version>-<id>/ verified releases, never changed once there
+    packs/<name>-<version>-<id>/ verified releases, never changed once there
     current.json                the pointer: which installed pack serves, the previous one,
                                 whether the live one is still on probation, the committed
                                 version per pack name
@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import contextlib
 import hashlib
 import logging
 import os
@@ -158,7 +157,7 @@ class ModelStore:
     def install(self, verified: VerifiedRelease) -> str:
         """Move a verified staged release into packs/ (one rename); returns its folder name."""
         m = verified.pack.manifest
-        name = check_name(f"{m.name}@{m.version}-{verified.id[:12]}")
+        name = check_name(f"{m.name}-{m.version}-{verified.id[:12]}")
         dest = self.packs / name
         self.packs.mkdir(parents=True, exist_ok=True)
         if dest.exists():
@@ -212,7 +211,8 @@ def self_test(scorer: Scorer) -> str:
         if d.label != g.label or abs(d.confidence - g.confidence) > st.confidence_tolerance
     ]
     if wrong:
-        return f"{len(wrong)} of {len(golden)} golden inputs differ, e.g. #{wrong[0][0]}: {wrong[0][1:]}"
+        first = wrong[0]
+        return f"{len(wrong)} of {len(golden)} golden inputs differ, e.g. #{first[0]}: {first[1:]}"
     return ""
 
 
@@ -637,9 +637,9 @@ class Rollout:
                     self._on_chunk(payload)
                 else:
                     self._on_command(payload)
-            except (EdgeAgentError, OSError) as exc:  # a failed step never stops the agent
+            except (EdgeAgentError, OSError):  # a failed step never stops the agent
                 self._count("errors")
-                log.exception("model command failed: %s", exc)
+                log.exception("model command failed")
 
     def _on_command(self, payload: bytes) -> None:
         try:
@@ -698,17 +698,19 @@ class Rollout:
         staging = self.store.staging(rid)
         try:
             for name in (RELEASE, SIGNATURE, *statement.names()):
-                src = source / check_name(name)
-                size = src.stat().st_size
-                if size > self.cfg.max_file_bytes:
-                    raise ReleaseError(f"{name}: {size} bytes, over rollout.max_file_bytes")
-                with open(src, "rb") as fin, open(staging / name, "wb") as fout:
-                    shutil.copyfileobj(fin, fout, 1 << 20)
+                self._copy_in(source / check_name(name), staging / name)
         except (ReleaseError, OSError) as exc:
             shutil.rmtree(staging, ignore_errors=True)
             self._finish(rid, "refused", request_id, f"cannot copy the release: {exc}")
             return
         self._candidate(rid, staging, request_id)
+
+    def _copy_in(self, src: Path, dest: Path) -> None:
+        size = src.stat().st_size
+        if size > self.cfg.max_file_bytes:
+            raise ReleaseError(f"{src.name}: {size} bytes, over rollout.max_file_bytes")
+        with open(src, "rb") as fin, open(dest, "wb") as fout:
+            shutil.copyfileobj(fin, fout, 1 << 20)
 
     def _begin_receiving(self, cmd: ModelCommand) -> None:
         try:
@@ -860,11 +862,6 @@ class Rollout:
                 max_files=self.cfg.max_files,
             )
             self._check_version(verified)
-            m = verified.pack.manifest
-            if tuple(m.input.shape) != self.live.shape:
-                raise ReleaseError(
-                    f"input shape {m.input.shape} differs from the live model's {list(self.live.shape)}"
-                )
             folder = self.store.install(verified)
         except ReleaseError as exc:
             shutil.rmtree(staging, ignore_errors=True)
@@ -885,7 +882,15 @@ class Rollout:
             return
         bounds = Bounds.of(candidate.pack, self.cfg)
         if verified.release.rollback:  # an operator's signed rollback: no trial
-            self._promote(rid, folder, candidate, request_id, None, bounds, forced=True)
+            self._promote(
+                rid,
+                folder,
+                candidate,
+                request_id=request_id,
+                figures=None,
+                bounds=bounds,
+                forced=True,
+            )
             return
         shadow = Shadow(candidate, bounds, self.cfg.shadow_queue)
         self.event("shadow", rid, request_id=request_id, readings=bounds.shadow_readings)
@@ -903,14 +908,20 @@ class Rollout:
             self._finish(rid, "rejected", request_id, why, **figures)
             self.store.tidy(self._pointer_folders())
             return
-        self._promote(rid, folder, candidate, request_id, figures, bounds)
+        self._promote(rid, folder, candidate, request_id=request_id, figures=figures, bounds=bounds)
 
     def _pointer_folders(self) -> set[str]:
         p = self.store.read_pointer()
         return {x for x in (p.live, p.previous) if x}
 
     def _check_version(self, verified: VerifiedRelease) -> None:
+        """No downgrade below the committed version (unless signed as a rollback), the same
+        input shape as the live model."""
         m = verified.pack.manifest
+        if tuple(m.input.shape) != self.live.shape:
+            raise ReleaseError(
+                f"input shape {m.input.shape} differs from the live model's {list(self.live.shape)}"
+            )
         committed = self.store.read_pointer().committed.get(m.name)
         if committed is None and self.live.pack.manifest.name == m.name:
             committed = self.live.pack.manifest.version
@@ -932,10 +943,10 @@ class Rollout:
         rid: str,
         folder: str,
         candidate: Scorer,
+        *,
         request_id: str,
         figures: dict[str, Any] | None,
         bounds: Bounds,
-        *,
         forced: bool = False,
     ) -> None:
         pointer = self.store.read_pointer()

@@ -1,0 +1,439 @@
+"""Model rollout on a running agent: signed releases pushed over a real mosquitto, real packs,
+real readings (the BasicMotions test split replayed with noise)."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+
+from edge_agent.agent import Agent
+from edge_agent.config import Settings, load_settings
+from edge_agent.modelpack import BUNDLED_PACKS_DIR, BUNDLED_TEST_DATA, open_pack
+from edge_agent.push import push_release
+from edge_agent.release import (
+    RELEASE,
+    SIGNATURE,
+    keygen,
+    load_private_key,
+    sign_pack,
+)
+from edge_agent.rollout import ModelStore
+from edge_agent.scorer import Scorer
+from edge_agent.sources import open_source
+from tests.broker import Mosquitto
+from tests.conftest import settings_env
+
+pytestmark = pytest.mark.integration
+
+LIVE = BUNDLED_PACKS_DIR / "basicmotions-int8"
+FP32 = BUNDLED_PACKS_DIR / "basicmotions-fp32"
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def keys(tmp_path: Path) -> dict[str, Path]:
+    k = tmp_path / "keys"
+    k.mkdir()
+    keygen(k / "release.key", k / "release.pub")
+    keygen(k / "other.key", k / "other.pub")
+    return {"key": k / "release.key", "pub": k / "release.pub", "other": k / "other.key"}
+
+
+def make_release(
+    src: Path,
+    dest: Path,
+    key: Path,
+    *,
+    version: str,
+    rollback: bool = False,
+    manifest_edit: Any = None,
+) -> Path:
+    """Copy a pack, set its version (and optionally edit the manifest), sign it."""
+    shutil.copytree(src, dest)
+    manifest = dest / "manifest.toml"
+    text = re.sub(r'(?m)^version = ".*"$', f'version = "{version}"', manifest.read_text(), count=1)
+    if manifest_edit is not None:
+        text = manifest_edit(text)
+    manifest.write_text(text)
+    sign_pack(dest, load_private_key(key), rollback=rollback)
+    return dest
+
+
+def rollout_env(broker: Mosquitto, prefix: str, state: Path, **extra: str) -> dict[str, str]:
+    env = settings_env(
+        broker.port,
+        prefix,
+        state,
+        model_pack=str(LIVE),
+        link_confirm="puback",  # no cloud worker in these tests
+        source_kind="replay",
+        source_path=str(BUNDLED_TEST_DATA),
+        source_loops="0",
+        source_rate_hz="300",
+        source_noise="0.25",
+        telemetry_interval_s="1",
+        rollout_shadow_readings="150",
+        rollout_health_readings="150",
+        rollout_shadow_timeout_s="60",
+    )
+    env.update({f"EDGE_AGENT_{k.upper()}": v for k, v in extra.items()})
+    return env
+
+
+def trust(state: Path, pub: Path) -> None:
+    (state / "trusted-keys").mkdir(parents=True, exist_ok=True)
+    shutil.copy(pub, state / "trusted-keys" / "release.pub")
+
+
+@contextmanager
+def running_agent(settings: Settings) -> Iterator[Agent]:
+    scorer = Scorer.open(open_pack(LIVE))
+    spec = scorer.pack.manifest.input
+    agent = Agent(settings, scorer)
+    source = open_source(settings, tuple(spec.shape), spec.hop)
+    thread = threading.Thread(target=agent.run, args=(source,))
+    thread.start()
+    try:
+        assert agent.link.connected.wait(10)
+        yield agent
+    finally:
+        agent.request_stop("test")
+        thread.join(30)
+
+
+def push(settings: Settings, folder: Path, timeout: float = 120) -> dict[str, Any]:
+    return push_release(settings, folder, settings.device_id, timeout_s=timeout)
+
+
+def wait_until(predicate: Any, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_bad_releases_are_refused_and_the_live_model_keeps_serving(
+    broker: Mosquitto, topic_prefix: str, tmp_path: Path, keys: dict[str, Path]
+) -> None:
+    state = tmp_path / "state"
+    trust(state, keys["pub"])
+    settings = load_settings(
+        None, env=rollout_env(broker, topic_prefix, state, rollout_max_file_bytes="60000")
+    )
+    rel = tmp_path / "rel"
+    tampered = make_release(FP32, rel / "tampered", keys["key"], version="2.0.0")
+    with open(tampered / "model.onnx", "r+b") as fh:  # one byte changed after signing
+        fh.seek(100)
+        b = fh.read(1)
+        fh.seek(100)
+        fh.write(bytes([b[0] ^ 1]))
+    wrong_key = make_release(FP32, rel / "wrong-key", keys["other"], version="2.0.0")
+    bad_sig = make_release(FP32, rel / "bad-sig", keys["key"], version="2.0.0")
+    sig = bytearray(base64.b64decode((bad_sig / SIGNATURE).read_bytes()))
+    sig[5] ^= 0xFF
+    (bad_sig / SIGNATURE).write_bytes(base64.b64encode(bytes(sig)))
+    lower = make_release(LIVE, rel / "lower", keys["key"], version="0.9.0")
+    oversize = make_release(
+        FP32,
+        rel / "oversize",
+        keys["key"],
+        version="2.0.0",
+        manifest_edit=lambda t: t,
+    )
+    (oversize / "big.bin").write_bytes(os.urandom(70_000))
+    text = (oversize / "manifest.toml").read_text()
+    big = (oversize / "big.bin").read_bytes()
+    text = text.replace(
+        "[input]\n",
+        f'[[files]]\npath = "big.bin"\nsha256 = "{hashlib.sha256(big).hexdigest()}"\n'
+        f"size = {len(big)}\n\n[input]\n",
+        1,
+    )
+    (oversize / "manifest.toml").write_text(text)
+    sign_pack(oversize, load_private_key(keys["key"]))
+    # A signed statement naming a file outside the release folder.
+    evil = make_release(FP32, rel / "evil", keys["key"], version="2.0.0")
+    statement = json.loads((evil / RELEASE).read_bytes())
+    statement["files"][0]["path"] = "../../outside"
+    body = json.dumps(statement).encode()
+    (evil / RELEASE).write_bytes(body)
+    (evil / SIGNATURE).write_bytes(base64.b64encode(load_private_key(keys["key"]).sign(body)))
+
+    with running_agent(settings) as agent:
+        results = {}
+        for name, folder in [
+            ("tampered", tampered),
+            ("wrong_key", wrong_key),
+            ("bad_signature", bad_sig),
+            ("lower_version", lower),
+            ("oversize", oversize),
+            ("path_in_name", evil),
+        ]:
+            before = agent.pipeline.counts["local"] + agent.pipeline.counts["hard"]
+            ev = push(settings, folder)
+            results[name] = ev.get("reason", "")
+            assert ev["state"] == "refused", (name, ev)
+            assert agent.scorer.ref == "basicmotions-int8@1.0.0"
+            assert wait_until(
+                lambda b=before: (
+                    agent.pipeline.counts["local"] + agent.pipeline.counts["hard"] > b + 10
+                ),
+                5,
+            ), "the live model stopped scoring"
+        print("\n" + "\n".join(f"{k}: {v}" for k, v in results.items()))
+        assert "sha256" in results["tampered"]
+        assert "trusted key" in results["wrong_key"]
+        assert "trusted key" in results["bad_signature"]
+        assert "lower than the committed" in results["lower_version"]
+        assert "max_file_bytes" in results["oversize"]
+        assert "plain file name" in results["path_in_name"]
+        assert not (state / "outside").exists()
+        assert not (tmp_path / "outside").exists()
+        assert ModelStore(state).read_pointer().live is None
+        assert agent.rollout is not None
+        assert agent.rollout.counters["refused"] == 6
+
+
+def test_candidates_failing_selftest_or_shadow_never_serve_and_a_good_one_is_promoted(
+    broker: Mosquitto, topic_prefix: str, tmp_path: Path, keys: dict[str, Path]
+) -> None:
+    state = tmp_path / "state"
+    trust(state, keys["pub"])
+    settings = load_settings(None, env=rollout_env(broker, topic_prefix, state))
+    rel = tmp_path / "rel"
+    # Golden inputs that the model does not reproduce (one expected label changed).
+    bad_golden = make_release(FP32, rel / "bad-golden", keys["key"], version="2.0.0")
+    lines = (bad_golden / "golden.jsonl").read_text().splitlines()
+    first = json.loads(lines[0])
+    first["label"] = "running" if first["label"] != "running" else "walking"
+    lines[0] = json.dumps(first)
+    (bad_golden / "golden.jsonl").write_text("\n".join(lines) + "\n")
+    _relist(bad_golden)
+    sign_pack(bad_golden, load_private_key(keys["key"]))
+    # A model that answers with other labels: its own golden inputs pass, shadow disagrees.
+    swapped = make_release(
+        FP32,
+        rel / "swapped",
+        keys["key"],
+        version="2.0.0",
+        manifest_edit=lambda t: t.replace(
+            'labels = ["badminton", "running", "standing", "walking"]',
+            'labels = ["running", "badminton", "walking", "standing"]',
+        ),
+    )
+    subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "make_golden.py"), str(swapped)],
+        check=True,
+        capture_output=True,
+    )
+    sign_pack(swapped, load_private_key(keys["key"]))
+    good = make_release(FP32, rel / "good", keys["key"], version="2.0.0")
+
+    with running_agent(settings) as agent:
+        assert agent.rollout is not None
+        ev = push(settings, bad_golden)
+        assert ev["state"] == "selftest_failed", ev
+        assert agent.scorer.ref == "basicmotions-int8@1.0.0"
+        ev = push(settings, swapped)
+        assert ev["state"] == "rejected", ev
+        assert "agreement" in ev["reason"]
+        assert agent.scorer.ref == "basicmotions-int8@1.0.0"
+        assert ModelStore(state).read_pointer().live is None
+        lat_before = agent.latency.percentiles()
+        counts_before = dict(agent.pipeline.counts)
+        ev = push(settings, good)
+        assert ev["state"] == "promoted", ev
+        assert wait_until(lambda: agent.scorer.ref == "basicmotions-fp32@2.0.0", 5)
+        assert wait_until(lambda: agent.rollout.counters.get("committed", 0) == 1, 30)
+        pointer = ModelStore(state).read_pointer()
+        assert pointer.committed["basicmotions-fp32"] == "2.0.0"
+        assert not pointer.probation
+        assert agent.pipeline.counts["rejected"] == counts_before.get("rejected", 0)
+        lat = agent.latency.percentiles()
+        details = ev.get("details", {})
+        print(
+            f"\nshadow: {details}\nlocal latency before the rollout {lat_before},"
+            f" over the run incl. shadow and promotion {lat}"
+        )
+        assert lat["p99"] is not None
+        assert lat["p99"] < 50.0
+        # The same release again: answered from memory, nothing redone.
+        again = push(settings, good)
+        assert again["state"] in ("promoted", "committed")
+        assert again["details"].get("repeated")
+
+
+def _relist(folder: Path) -> None:
+    """Update the size/sha256 of golden.jsonl in a copied pack's manifest."""
+    data = (folder / "golden.jsonl").read_bytes()
+    text = (folder / "manifest.toml").read_text()
+    text = re.sub(
+        r'(path = "golden\.jsonl"\nsha256 = ")[0-9a-f]+("\nsize = )\d+',
+        lambda m: f"{m.group(1)}{hashlib.sha256(data).hexdigest()}{m.group(2)}{len(data)}",
+        text,
+    )
+    (folder / "manifest.toml").write_text(text)
+
+
+def test_a_promoted_model_that_fails_its_health_window_is_rolled_back(
+    broker: Mosquitto, topic_prefix: str, tmp_path: Path, keys: dict[str, Path]
+) -> None:
+    """The release allows a higher hard-case rate in shadow but not in its health window; a
+    model that escalates much more often is promoted, then rolled back by the device."""
+    state = tmp_path / "state"
+    trust(state, keys["pub"])
+    settings = load_settings(None, env=rollout_env(broker, topic_prefix, state))
+    jumpy = make_release(
+        FP32,
+        tmp_path / "jumpy",
+        keys["key"],
+        version="3.0.0",
+        manifest_edit=lambda t: (
+            re.sub(r"(?m)^confidence_threshold = .*$", "confidence_threshold = 0.9999", t, count=1)
+            + "\n[rollout]\nmax_hard_rate_increase = 1.0\nhealth_max_hard_rate_increase = 0.05\n"
+        ),
+    )
+    with running_agent(settings) as agent:
+        assert agent.rollout is not None
+        ev = push(settings, jumpy)
+        assert ev["state"] == "promoted", ev
+        assert wait_until(lambda: agent.rollout.counters.get("rolled_back", 0) == 1, 30)
+        assert wait_until(lambda: agent.scorer.ref == "basicmotions-int8@1.0.0", 5)
+        last = agent.rollout.events[-1]
+        assert last.state == "rolled_back"
+        assert "hard-case rate" in last.reason
+        pointer = ModelStore(state).read_pointer()
+        assert pointer.live is None
+        assert not pointer.probation
+        assert "basicmotions-fp32" not in pointer.committed
+
+
+def _first_model(proc: subprocess.Popen[bytes], timeout: float = 20) -> str:
+    assert proc.stdout is not None
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if line.startswith(b"{") and b'"model"' in line:
+            return str(msgspec.json.decode(line)["model"])
+    raise AssertionError("the agent printed no decision")
+
+
+@pytest.mark.parametrize("step", ["received", "staged", "shadow", "promoted", "committed"])
+def test_sigkill_at_each_step_leaves_exactly_one_whole_model(
+    broker: Mosquitto, topic_prefix: str, tmp_path: Path, keys: dict[str, Path], step: str
+) -> None:
+    """The agent is SIGKILLed right after it reports ``step`` (and, for the steps that
+    write, a moment later); on restart one whole, verified model serves."""
+    state = tmp_path / "state"
+    trust(state, keys["pub"])
+    env = dict(os.environ)
+    env.update(rollout_env(broker, topic_prefix, state))
+    settings = load_settings(None, env={k: v for k, v in env.items() if k.startswith("EDGE_")})
+    good = make_release(FP32, tmp_path / "good", keys["key"], version="2.0.0")
+    args = [sys.executable, "-m", "edge_agent", "run", "--decisions"]
+    events: list[dict[str, Any]] = []
+    with subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL) as p:
+        try:
+            assert _first_model(p) == "basicmotions-int8@1.0.0"
+            threading.Thread(target=_drain, args=(p,), daemon=True).start()
+            pusher = threading.Thread(
+                target=lambda: events.append(push(settings, good, timeout=60)), daemon=True
+            )
+            watcher = _Watcher(settings, step)
+            pusher.start()
+            assert watcher.seen.wait(60), f"the agent never reported {step}"
+            p.send_signal(signal.SIGKILL)
+        finally:
+            p.kill()
+        watcher.close()
+    pack, pointer = ModelStore(state).live_pack()
+    with subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL) as p:
+        try:
+            serving = _first_model(p)
+        finally:
+            p.send_signal(signal.SIGTERM)
+            p.wait(20)
+    expected = "basicmotions-int8@1.0.0" if pack is None else pack.ref
+    assert serving == expected
+    if step in ("promoted", "committed"):
+        assert serving == "basicmotions-fp32@2.0.0"
+        assert pointer.probation == (step == "promoted")
+    else:
+        assert serving == "basicmotions-int8@1.0.0"
+    print(f"\nkilled after {step}: serves {serving}; pointer {pointer}")
+
+
+def _drain(p: subprocess.Popen[bytes]) -> None:
+    assert p.stdout is not None
+    for _ in p.stdout:
+        pass
+
+
+class _Watcher:
+    """Subscribes to the device's model events; sets ``seen`` at the first ``step``."""
+
+    def __init__(self, settings: Settings, step: str) -> None:
+        self.seen = threading.Event()
+        self.client = mqtt.Client(
+            callback_api_version=CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5
+        )
+
+        def on_message(_c: Any, _u: Any, msg: Any) -> None:
+            if msgspec.json.decode(msg.payload).get("state") == step:
+                self.seen.set()
+
+        self.client.on_message = on_message
+        self.client.connect("127.0.0.1", settings.mqtt.port)
+        self.client.subscribe(f"{settings.mqtt.topic_prefix}/{settings.device_id}/model", qos=1)
+        self.client.loop_start()
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+def test_release_signing_round_trip_and_cli(tmp_path: Path, keys: dict[str, Path]) -> None:
+    """`models keygen`, `models sign`, `models verify --pubkey` as an operator runs them."""
+    cli = [sys.executable, "-m", "edge_agent", "models"]
+    out = subprocess.run(
+        [*cli, "keygen", "--out", str(tmp_path / "k")], capture_output=True, check=True
+    )
+    assert b"private key" in out.stdout
+    assert oct((tmp_path / "k" / "release.key").stat().st_mode & 0o777) == "0o600"
+    pack = tmp_path / "pack"
+    shutil.copytree(FP32, pack)
+    subprocess.run(
+        [*cli, "sign", str(pack), "--key", str(tmp_path / "k" / "release.key")], check=True
+    )
+    ok = subprocess.run(
+        [*cli, "verify", str(pack), "--pubkey", str(tmp_path / "k" / "release.pub")],
+        capture_output=True,
+        check=False,
+    )
+    assert ok.returncode == 0, ok.stdout
+    assert b"signature ok" in ok.stdout
+    bad = subprocess.run(
+        [*cli, "verify", str(pack), "--pubkey", str(keys["pub"])], capture_output=True, check=False
+    )
+    assert bad.returncode == 1
+    assert b"trusted key" in bad.stdout
