@@ -55,6 +55,7 @@ def run_agent(
         telemetry_interval_s=TICK,
         telemetry_textfile=str(textfile),
         drift_window=str(WINDOW),
+        link_confirm="puback",  # no cloud worker answers here: the PUBACK settles a hard case
         **extra,
     )
     settings = load_settings(None, env=env)
