@@ -700,6 +700,9 @@ class CloudWorker:
         #: Finished endpoint work, handed from the request threads to the network thread.
         self._done: queue.SimpleQueue[Job | tuple[_BatchCtx, list[Job]]] = queue.SimpleQueue()
         self._retries: list[_Retry] = []
+        #: (device, key) of cases at the endpoint or waiting for a retry: a copy the device
+        #: sends meanwhile (it re-sends what is not answered) is not asked for twice.
+        self._working: set[tuple[str, str]] = set()
         if self.cloud.ledger_path:
             self._load_ledger(Path(self.cloud.ledger_path))
 
@@ -1133,6 +1136,9 @@ class CloudWorker:
         if answer is not None:
             self.counters["duplicates"] += 1
         elif self._endpoint is not None:
+            if (device, case.key) in self._working:
+                self.counters["duplicates_in_flight"] += 1
+                return False  # the first copy's answer goes out when it comes
             reading = self._validate(case)
             deadline_ms = case.deadline_ms or self.settings.router.deadline_ms
             deadline_ms -= self.settings.endpoint.deadline_margin_ms
@@ -1144,6 +1150,7 @@ class CloudWorker:
                     case, reply_to, correlation, client, msg.mid, msg.qos, received_ns
                 ),
             )
+            self._working.add((device, case.key))
             if not self._endpoint.submit_urgent(job, self._done.put):
                 job.reply = Reply(failure="overloaded", detail="too many urgent cases waiting")
                 self._finish_urgent(job)
@@ -1207,6 +1214,9 @@ class CloudWorker:
                 self._check_case(case, device)
                 self.ledger.observe(device, case.readings_total)
                 remembered = self._remembered(device, case.key)
+                if remembered is None and (device, case.key) in self._working:
+                    self.counters["duplicates_in_flight"] += 1
+                    continue  # answered when the copy at the endpoint is
                 if remembered is not None or case.key in first_index:
                     self.counters["duplicates"] += 1
                     if remembered is None:
@@ -1273,6 +1283,7 @@ class CloudWorker:
         deadline = time.monotonic() + self.settings.endpoint.batch_timeout_s
         jobs = []
         for p in pending:
+            self._working.add((ctx.device, p.case.key))
             p.tries += 1
             body = tier.body(p.reading.values, p.case.local)
             jobs.append(Job(body=body, deadline=deadline, tier="batch", token=p))
@@ -1334,6 +1345,7 @@ class CloudWorker:
         ctx: _UrgentCtx = job.token
         reply = job.reply or Reply(failure="stopped", detail="no reply")
         case = ctx.case
+        self._working.discard((case.device, case.key))
         self._account(case.device, "urgent", reply)
         if reply.label is not None:
             answer = _Answer(reply.label, 1.0, self._model_name)
@@ -1364,15 +1376,20 @@ class CloudWorker:
             if reply.label is not None:
                 answer = _Answer(reply.label, 1.0, self._model_name)
                 self._remember(ctx.device, p.case.key, answer)
+                self._working.discard((ctx.device, p.case.key))
                 ctx.answers[p.index] = (p.case, answer)
                 self.counters["batch_cases_scored"] += 1
                 continue
             failure = reply.failure or "bad_response"
+            if self._stop.is_set() and (failure in TRANSIENT or failure == "stopped"):
+                # Not answered: the device sends it again (link.confirm) to whoever serves then.
+                self._working.discard((ctx.device, p.case.key))
+                self.counters["batch_left_for_resend"] += 1
+                continue
             if (
                 failure in TRANSIENT
                 and p.tries < s.batch_max_tries
                 and len(self._retries) < s.max_retry_cases
-                and not self._stop.is_set()
             ):
                 delay = s.batch_retry_s * random.uniform(0.5, 1.5)  # noqa: S311
                 self._retries.append(_Retry(time.monotonic() + delay, ctx.device, p))
@@ -1382,10 +1399,9 @@ class CloudWorker:
                 reason = failure  # the answer itself was wrong (unparseable, 401, ...): final
             elif p.tries >= s.batch_max_tries:
                 reason = "gave_up"
-            elif self._stop.is_set():
-                reason = "stopped"
             else:
                 reason = "overloaded"
+            self._working.discard((ctx.device, p.case.key))
             ctx.answers[p.index] = (p.case, self._no_verdict(reason))
         self._send_batch(self._client, ctx.device, ctx.answers, ctx.echoes, ctx.received_ns)
         if ctx.client is not None:
@@ -1402,15 +1418,15 @@ class CloudWorker:
             log.warning("%d endpoint request(s) still open at stop", left)
         self._service_endpoint()
         if self._retries:
-            by_device: dict[str, list[_Pending]] = {}
-            for r in self._retries:
-                by_device.setdefault(r.device, []).append(r.pending)
+            # Left unanswered on purpose: the devices keep them and send them again
+            # (link.confirm = "verdict") to whichever worker serves then.
+            self.counters["batch_left_for_resend"] += len(self._retries)
+            log.warning(
+                "%d batch case(s) waiting for a retry left to the devices to send again",
+                len(self._retries),
+            )
             self._retries = []
-            for device, group in by_device.items():
-                answers: list[tuple[HardCase, _Answer | None]] = [
-                    (p.case, self._no_verdict("stopped")) for p in group
-                ]
-                self._send_batch(self._client, device, answers, [], time.monotonic_ns())
+            self._working.clear()
 
     def _publish(
         self, client: mqtt.Client, topic: str, body: bytes, props: Properties, verdicts: int

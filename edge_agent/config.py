@@ -176,6 +176,8 @@ class RolloutSettings(_Section, frozen=True):
     min_agreement: Fraction = 0.95
     max_hard_rate_increase: Fraction = 0.05
     max_p99_ms: Annotated[float, msgspec.Meta(gt=0)] = 50.0
+    max_cloud_agreement_drop: Fraction = 0.05
+    min_cloud_verdicts: Annotated[int, msgspec.Meta(ge=1)] = 20
     health_readings: Annotated[int, msgspec.Meta(ge=1)] = 200
     health_max_hard_rate_increase: Fraction = 0.2
     health_max_error_rate: Fraction = 0.01

@@ -178,6 +178,8 @@ class RolloutBounds(_Table, frozen=True):
     min_agreement: Annotated[float, msgspec.Meta(ge=0.0, le=1.0)] | None = None
     max_hard_rate_increase: Annotated[float, msgspec.Meta(ge=0.0, le=1.0)] | None = None
     max_p99_ms: Annotated[float, msgspec.Meta(gt=0.0)] | None = None
+    max_cloud_agreement_drop: Annotated[float, msgspec.Meta(ge=0.0, le=1.0)] | None = None
+    min_cloud_verdicts: Annotated[int, msgspec.Meta(ge=1)] | None = None
     health_readings: Annotated[int, msgspec.Meta(ge=1)] | None = None
     health_max_hard_rate_increase: Annotated[float, msgspec.Meta(ge=0.0, le=1.0)] | None = None
     health_max_error_rate: Annotated[float, msgspec.Meta(ge=0.0, le=1.0)] | None = None

@@ -56,6 +56,7 @@ import numpy as np
 from .backends import BackendOptions
 from .config import RolloutSettings, Settings
 from .errors import EdgeAgentError, ModelError, ReleaseError
+from .messages import Verdict
 from .modelpack import ModelPack, open_pack
 from .readings import Reading, ReadingDecoder
 from .release import (
@@ -225,6 +226,8 @@ class Bounds:
     min_agreement: float
     max_hard_rate_increase: float
     max_p99_ms: float
+    max_cloud_agreement_drop: float
+    min_cloud_verdicts: int
     health_readings: int
     health_max_hard_rate_increase: float
     health_max_error_rate: float
@@ -257,6 +260,14 @@ class Shadow:
         self.errors = 0
         self.skipped = 0
         self.latencies_ms: list[float] = []
+        # Cloud verdicts for readings both models scored: seq -> label, both ways round, since
+        # a verdict may come before or after the shadow got to its reading.
+        self._lock = threading.Lock()
+        self._scored: OrderedDict[int, tuple[str, str]] = OrderedDict()  # candidate, live
+        self._verdicts: OrderedDict[int, str] = OrderedDict()
+        self.cloud = 0
+        self.cloud_agree_candidate = 0
+        self.cloud_agree_live = 0
         self.done = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="edge-agent-shadow", daemon=True)
@@ -291,14 +302,47 @@ class Shadow:
             finally:
                 self.seen += 1
             self.latencies_ms.append((time.perf_counter_ns() - t0) / 1e6)
+            self._match(reading.seq, d.label, live_label)
             self.agree += d.label == live_label
             self.live_hard += live_hard
             self.cand_hard += d.route == "hard"
         self.done.set()
 
+    def on_verdict(self, v: Verdict) -> None:
+        """A cloud verdict (link thread): compare it with both models' answers."""
+        if v.no_verdict is not None or not v.label:
+            return
+        with self._lock:
+            both = self._scored.pop(v.seq, None)
+            if both is None:
+                self._verdicts[v.seq] = v.label
+                while len(self._verdicts) > 10_000:
+                    self._verdicts.popitem(last=False)
+                return
+            self._count_cloud(v.label, *both)
+
+    def _match(self, seq: int, candidate: str, live: str) -> None:
+        with self._lock:
+            label = self._verdicts.pop(seq, None)
+            if label is not None:
+                self._count_cloud(label, candidate, live)
+                return
+            self._scored[seq] = (candidate, live)
+            while len(self._scored) > 10_000:
+                self._scored.popitem(last=False)
+
+    def _count_cloud(self, cloud: str, candidate: str, live: str) -> None:
+        self.cloud += 1
+        self.cloud_agree_candidate += candidate == cloud
+        self.cloud_agree_live += live == cloud
+
     def figures(self) -> dict[str, Any]:
         n = max(1, self.seen)
+        c = max(1, self.cloud)
         return {
+            "cloud_verdicts": self.cloud,
+            "cloud_agreement_candidate": round(self.cloud_agree_candidate / c, 4),
+            "cloud_agreement_live": round(self.cloud_agree_live / c, 4),
             "readings": self.seen,
             "agreement": round(self.agree / n, 4),
             "hard_rate_live": round(self.live_hard / n, 4),
@@ -322,6 +366,15 @@ class Shadow:
             )
         if f["p99_ms"] > b.max_p99_ms:
             return f"p99 {f['p99_ms']} ms > {b.max_p99_ms} ms"
+        if (
+            self.cloud >= b.min_cloud_verdicts
+            and f["cloud_agreement_candidate"]
+            < f["cloud_agreement_live"] - b.max_cloud_agreement_drop
+        ):
+            return (
+                f"agrees with the cloud's verdicts on {f['cloud_agreement_candidate']} of"
+                f" {self.cloud} hard cases, the live model on {f['cloud_agreement_live']}"
+            )
         return ""
 
 
@@ -538,6 +591,12 @@ class Rollout:
         return ev
 
     # -- scoring thread -----------------------------------------------------------------
+
+    def on_verdict(self, v: Verdict) -> None:
+        """Reconciler listener (link thread): cloud verdicts feed the shadow comparison."""
+        shadow = self.shadow
+        if shadow is not None:
+            shadow.on_verdict(v)
 
     def observe(self, d: Decision) -> None:
         shadow, health = self.shadow, self.health

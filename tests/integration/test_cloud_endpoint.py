@@ -404,6 +404,8 @@ def test_endpoint_down_urgent_gets_no_verdict_batch_is_retried_until_it_is_back(
         devices.send_batch("dev-1", cases)
         assert wait_until(lambda: worker.counters["batch_retries_scheduled"] >= 2)
         devices.nothing_more(0.5)  # held for a retry, not answered, not lost
+        devices.send_batch("dev-1", cases)  # the device sends them again meanwhile
+        assert wait_until(lambda: worker.counters["duplicates_in_flight"] >= 2)
         proxy.start()  # back on the same port
         answered: list[Verdict] = []
         while len(answered) < 2:  # each case is retried on its own (jittered) schedule
@@ -416,6 +418,31 @@ def test_endpoint_down_urgent_gets_no_verdict_batch_is_retried_until_it_is_back(
         ]
     assert worker.counters["batch_cases_scored"] == 2
     assert worker.ledger.summary()["total"]["batch"] == 2
+
+
+def test_held_batch_cases_are_left_to_the_device_at_stop(
+    broker: Mosquitto,
+    topic_prefix: str,
+    devices: Devices,
+    proxy: FaultProxy,
+    echo_pack: Path,
+    key_file: Path,
+) -> None:
+    """A worker that stops while batch cases wait for a retry does not answer them "no
+    verdict": the device keeps them until a verdict comes and sends them again."""
+    settings = worker_settings(
+        broker, topic_prefix, proxy.base_url, echo_pack, key_file, endpoint_batch_retry_s="30"
+    )
+    worker = CloudWorker(settings)
+    with running(worker):
+        proxy.stop()
+        cases = [urgent(20 + i, label="running") for i in range(3)]
+        cases = [msgspec.structs.replace(c, tier="batch", deadline_ms=None) for c in cases]
+        devices.send_batch("dev-1", cases)
+        assert wait_until(lambda: worker.counters["batch_retries_scheduled"] >= 3)
+    assert devices.nothing_more(0.5)
+    assert worker.counters["batch_left_for_resend"] == 3
+    assert worker.counters["no_verdict"] == 0
 
 
 def test_the_server_killed_and_restarted(

@@ -1,0 +1,103 @@
+"""The shadow comparison and the pointer, without a broker (fake backend pack)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edge_agent.config import RolloutSettings
+from edge_agent.messages import SCHEMA_VERSION, Verdict
+from edge_agent.modelpack import open_pack
+from edge_agent.readings import Reading
+from edge_agent.rollout import Bounds, ModelStore, Pointer, Shadow
+from edge_agent.scorer import Decision, Scorer
+from tests.conftest import make_fake_pack
+
+
+def bounds(**over: float) -> Bounds:
+    cfg = RolloutSettings()
+    values = {name: getattr(cfg, name) for name in Bounds.__slots__}
+    values.update(over)
+    values["shadow_readings"] = int(values["shadow_readings"])
+    values["min_cloud_verdicts"] = int(values["min_cloud_verdicts"])
+    values["health_readings"] = int(values["health_readings"])
+    return Bounds(**values)
+
+
+def decision(seq: int, live_label: str) -> Decision:
+    # fake backend: the candidate answers label index values[0][0] ("a") with confidence 0.9
+    reading = Reading(values=np.array([[0, 0.9, 0, 0], [0, 0, 0, 0]], dtype=np.float32), seq=seq)
+    return Decision(live_label, 0.9, "hard", None, "live@1", 0.1, reading)
+
+
+def verdict(seq: int, label: str) -> Verdict:
+    return Verdict(
+        v=SCHEMA_VERSION,
+        key=f"d:{seq}",
+        device="d",
+        seq=seq,
+        label=label,
+        confidence=0.99,
+        model="cloud@1",
+        tier="urgent",
+    )
+
+
+@pytest.mark.parametrize(("cloud_label", "rejected"), [("a", False), ("b", True)])
+def test_shadow_compares_both_models_with_cloud_verdicts(
+    tmp_path: Path, cloud_label: str, rejected: bool
+) -> None:
+    """Live says "b", the candidate "a"; the cloud's verdicts decide which one is right.
+    Verdicts come before and after the shadow scored their reading."""
+    candidate = Scorer.open(open_pack(make_fake_pack(tmp_path / "pack")))
+    shadow = Shadow(candidate, bounds(shadow_readings=40, min_agreement=0.0), 100)
+    for seq in range(20):  # verdicts that arrive before the shadow scores their reading
+        shadow.on_verdict(verdict(seq, cloud_label))
+    for seq in range(40):
+        shadow.offer(decision(seq, "b"))
+    shadow.start()
+    assert shadow.done.wait(10)
+    for seq in range(20, 40):  # and after
+        shadow.on_verdict(verdict(seq, cloud_label))
+    f = shadow.figures()
+    assert f["cloud_verdicts"] == 40
+    assert f["cloud_agreement_candidate"] == (1.0 if cloud_label == "a" else 0.0)
+    assert f["cloud_agreement_live"] == (0.0 if cloud_label == "a" else 1.0)
+    assert bool(shadow.verdict()) is rejected
+    if rejected:
+        assert "cloud" in shadow.verdict()
+    shadow.stop()
+    candidate.close()
+
+
+def test_no_verdict_answers_are_not_compared(tmp_path: Path) -> None:
+    candidate = Scorer.open(open_pack(make_fake_pack(tmp_path / "pack")))
+    shadow = Shadow(candidate, bounds(), 10)
+    empty = Verdict(
+        v=SCHEMA_VERSION,
+        key="d:1",
+        device="d",
+        seq=1,
+        label="",
+        confidence=0.0,
+        model="cloud@1",
+        tier="urgent",
+        no_verdict="deadline",
+    )
+    shadow.on_verdict(empty)
+    assert shadow.cloud == 0
+    candidate.close()
+
+
+def test_pointer_is_replaced_whole_and_a_broken_one_falls_back(tmp_path: Path) -> None:
+    store = ModelStore(tmp_path)
+    assert store.read_pointer() == Pointer()
+    store.write_pointer(Pointer(live="p-2.0.0-abc", probation=True, committed={"p": "1.0.0"}))
+    assert store.read_pointer().live == "p-2.0.0-abc"
+    assert not (store.root / "current.json.tmp").exists()
+    store.pointer_path.write_bytes(b"{not json")
+    assert store.read_pointer() == Pointer()  # the configured pack serves
+    pack, _ = store.live_pack()
+    assert pack is None
