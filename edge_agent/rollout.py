@@ -525,7 +525,8 @@ class Rollout:
         self._thread = threading.Thread(target=self._run, name="edge-agent-rollout", daemon=True)
         self._current = ""  # release id being worked on
         pointer = store.read_pointer()
-        if pointer.probation and pointer.live is not None:
+        # On probation only if the model that serves is the one promoted (not a fallback).
+        if pointer.probation and pointer.live is not None and live.pack.path.name == pointer.live:
             bounds = Bounds.of(live.pack, self.cfg)
             self.health = Health(bounds, pointer.baseline_hard_rate or 0.0)
             self._current = pointer.release
@@ -958,6 +959,11 @@ class Rollout:
         finished = shadow.done.wait(self.settings.rollout.shadow_timeout_s)
         self.shadow = None
         shadow.stop()
+        if self._stop.is_set():  # the agent stops: a trial cut short decides nothing
+            candidate.close()
+            self.event("rejected", rid, request_id=request_id, reason="the agent stopped")
+            self.store.tidy(self._pointer_folders())
+            return
         figures = shadow.figures()
         why = (
             shadow.verdict() if finished else "not enough readings within rollout.shadow_timeout_s"
