@@ -261,6 +261,7 @@ class Agent:
             "reconnects": self.link.counters["disconnects"],
             "router": dict(self.router.counters),
             "drift": self.drift.snapshot(),
+            "rollout": self.rollout.snapshot() if self.rollout is not None else {},
         }
         snap.update(self.probe.read())
         return snap

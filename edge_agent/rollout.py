@@ -552,6 +552,15 @@ class Rollout:
             self._count("commands_dropped")
             log.error("model command queue full: a message on %s dropped", topic)
 
+    def snapshot(self) -> dict[str, Any]:
+        """For telemetry: what happened to releases, and the trial under way if any."""
+        shadow, health = self.shadow, self.health
+        return {
+            "events": dict(self.counters),
+            "shadow": shadow.figures() if shadow is not None else {},
+            "probation": health.figures() if health is not None else {},
+        }
+
     def _count(self, name: str, n: int = 1) -> None:
         self.counters[name] = self.counters.get(name, 0) + n
 
