@@ -36,7 +36,7 @@ import numpy as np
 
 from .config import Settings
 from .drift import DriftMonitor
-from .errors import EdgeAgentError
+from .errors import EdgeAgentError, OutboxError
 from .link import Link
 from .messages import SCHEMA_VERSION, HardCase, LocalDecision, Topics, encoder
 from .outbox import ClassLimits, Cls, Outbox
@@ -93,6 +93,10 @@ class Agent:
         self._emit_lock = threading.Lock()
         self._stop_requested = ""
         self.outbox = open_outbox(settings)
+        #: Readings scored on this state directory before this run (``readings_total`` in hard
+        #: cases keeps counting across restarts; the cloud's all-cloud figure relies on it).
+        self._readings_before = self.outbox.counter("readings_total")
+        self._counts_saved_at = time.monotonic()
         self.router = Router(settings.router)
         self.reconciler = Reconciler(settings.router)
         self.rollout: Rollout | None = None
@@ -165,7 +169,7 @@ class Agent:
             tier="urgent" if urgent else "batch",
             id=d.reading.id,
             deadline_ms=self.settings.router.deadline_ms if urgent else None,
-            readings_total=self.counters["readings"],
+            readings_total=self._readings_before + self.counters["readings"],
         )
         payload = encoder.encode(case)  # ids came from JSON, values are finite: always encodable
         cls = Cls.URGENT if urgent else Cls.BATCH
@@ -332,9 +336,20 @@ class Agent:
         return code
 
     def _tick(self) -> None:
+        if time.monotonic() - self._counts_saved_at >= self.settings.telemetry.interval_s:
+            self._save_counts()
         self.heartbeat.beat()
         self.reconciler.sweep()
         self.watchdog.maybe_ping()
+
+    def _save_counts(self) -> None:
+        self._counts_saved_at = time.monotonic()
+        try:
+            self.outbox.save_counter(
+                "readings_total", self._readings_before + self.counters["readings"]
+            )
+        except OutboxError as exc:  # read-only or full: the count restarts lower, nothing else
+            log.debug("%s", exc)
 
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
         self._stop_requested = signal.Signals(signum).name
@@ -367,6 +382,7 @@ class Agent:
             self.rollout.stop()
         self.link.stop()
         self.reconciler.sweep()
+        self._save_counts()
         self.outbox.close()
         self.notifier.close()
 

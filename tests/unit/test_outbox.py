@@ -4,10 +4,17 @@ import sqlite3
 import time
 from pathlib import Path
 
+import msgspec
 import pytest
 
+from edge_agent.agent import Agent
+from edge_agent.config import load_settings
 from edge_agent.errors import OutboxFull
+from edge_agent.messages import HardCase
+from edge_agent.modelpack import open_pack
 from edge_agent.outbox import SEQ_PER_RUN, ClassLimits, Cls, Outbox
+from edge_agent.scorer import Scorer
+from tests.conftest import make_fake_pack, puback_env
 
 U, B, T = Cls.URGENT, Cls.BATCH, Cls.TELEMETRY
 
@@ -124,3 +131,28 @@ def test_read_only_state_is_an_error_not_a_crash(tmp_path: Path) -> None:
     assert ob.counters["write_errors_urgent"] == 1
     assert ob.counters["dropped_telemetry"] == 1
     assert ob.depth() == {"urgent": 0, "batch": 0, "telemetry": 1}
+
+
+def test_counters_survive_reopen(tmp_path: Path) -> None:
+    ob = make(tmp_path / "o.db")
+    assert ob.counter("readings_total") == 0
+    ob.save_counter("readings_total", 1234)
+    ob.close()
+    assert make(tmp_path / "o.db").counter("readings_total") == 1234
+
+
+def test_readings_total_in_hard_cases_keeps_counting_after_a_restart(tmp_path: Path) -> None:
+    """The cloud's all-cloud figure uses the highest ``readings_total`` a device reported."""
+    pack = make_fake_pack(tmp_path / "pack")
+    settings = load_settings(None, env=puback_env(1, "t", tmp_path / "state"))
+    line = b'{"values": [[0, 0.3, 0, 0], [0, 0, 0, 0]]}'  # confidence 0.3: a hard case
+    totals = []
+    for _ in range(2):
+        agent = Agent(settings, Scorer.open(open_pack(pack)))
+        agent.pipeline.process([line] * 5)
+        _, _, _, payload = agent.link._queue.get_nowait()
+        for _ in range(4):
+            agent.link._queue.get_nowait()
+        totals.append(msgspec.json.decode(payload, type=HardCase).readings_total)
+        agent.close()
+    assert totals == [1, 6]
