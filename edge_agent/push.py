@@ -29,34 +29,72 @@ from .errors import LinkError, ReleaseError
 from .link import new_client
 from .messages import Topics
 from .release import RELEASE, SIGNATURE, release_id
-from .rollout import ModelChunk, ModelCommand
+from .rollout import WINDOW_CHUNKS, ModelChunk, ModelCommand
 
 FINAL = {"promoted", "committed", "refused", "selftest_failed", "rejected", "rolled_back"}
 
 
-def _chunks(folder: Path, name: str, start: int, *, size: int, step: int, rid: str) -> list[bytes]:
-    out = []
-    with open(folder / name, "rb") as fh:
-        fh.seek(start)
-        offset = start
-        while offset < size:
-            data = fh.read(min(step, size - offset))
-            if not data:
-                break
-            out.append(
-                msgspec.json.encode(
-                    ModelChunk(
-                        v=1,
-                        release=rid,
-                        file=name,
-                        offset=offset,
-                        data=base64.b64encode(data).decode(),
-                        sha256=hashlib.sha256(data).hexdigest(),
-                    )
+class _Sender:
+    """Sends a release's missing bytes, at most ``WINDOW_CHUNKS`` chunks ahead of what the
+    device last said it has; rewinds to the device's copy when it asks to resume, or when it
+    has said nothing for a while (a lost chunk or a lost progress report)."""
+
+    def __init__(self, client: mqtt.Client, topic: str, folder: Path, rid: str) -> None:
+        self.client = client
+        self.topic = topic
+        self.folder = folder
+        self.rid = rid
+        self.sizes: dict[str, int] = {}
+        self.have: dict[str, int] = {}
+        self.next: dict[str, int] = {}
+        self.step = 64 * 1024
+        self.last_report = time.monotonic()
+        self.sent_bytes = 0
+
+    def update(self, details: dict[str, Any]) -> None:
+        self.sizes = {str(k): int(v) for k, v in details.get("sizes", {}).items()}
+        self.have = {str(k): int(v) for k, v in details.get("have", {}).items()}
+        self.step = int(details.get("chunk_bytes", self.step))
+        self.last_report = time.monotonic()
+        for name, got in self.have.items():
+            if details.get("resume") or self.next.get(name, 0) < got:
+                self.next[name] = got
+
+    def stalled(self, after_s: float = 5.0) -> bool:
+        return bool(self.sizes) and time.monotonic() - self.last_report > after_s
+
+    def rewind(self) -> None:
+        self.next = dict(self.have)
+        self.last_report = time.monotonic()
+
+    def pump(self) -> None:
+        window = WINDOW_CHUNKS * self.step
+        for name, size in self.sizes.items():
+            while self.next.get(name, 0) < size:
+                ahead = sum(max(0, self.next.get(n, 0) - self.have.get(n, 0)) for n in self.sizes)
+                if ahead >= window:
+                    return
+                offset = self.next.get(name, 0)
+                with open(self.folder / name, "rb") as fh:
+                    fh.seek(offset)
+                    data = fh.read(min(self.step, size - offset))
+                if not data:
+                    raise ReleaseError(f"{self.folder / name}: shorter than the signed size")
+                chunk = ModelChunk(
+                    v=1,
+                    release=self.rid,
+                    file=name,
+                    offset=offset,
+                    data=base64.b64encode(data).decode(),
+                    sha256=hashlib.sha256(data).hexdigest(),
                 )
-            )
-            offset += len(data)
-    return out
+                self.client.publish(self.topic, msgspec.json.encode(chunk), qos=1)
+                self.next[name] = offset + len(data)
+                self.sent_bytes += len(data)
+
+    def fraction(self) -> float:
+        total = sum(self.sizes.values()) or 1
+        return sum(min(self.have.get(n, 0), s) for n, s in self.sizes.items()) / total
 
 
 def push_release(
@@ -100,64 +138,34 @@ def push_release(
             signature="" if device_path else signature.decode(),
         )
         client.publish(topics.model_cmd(device), msgspec.json.encode(cmd), qos=1)
-        sent: dict[str, int] = {}
+        sender = _Sender(client, topics.model_chunk(device), folder, rid)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             try:
                 ev = events.get(timeout=min(1.0, max(0.01, deadline - time.monotonic())))
             except queue.Empty:
+                if sender.stalled():
+                    sender.rewind()
+                    sender.pump()
                 continue
             if ev.get("release") != rid and ev.get("request_id") != request:
                 continue
             state = ev.get("state", "")
+            sender.last_report = time.monotonic()
+            if state not in ("received", "awaiting_files"):
+                sender.sizes = {}  # the device has every file: nothing more to send
+            if state == "awaiting_files":
+                sender.update(ev.get("details", {}))
+                sender.pump()
+                if progress is not None:
+                    progress.write(f"\r{device}: receiving files {100 * sender.fraction():3.0f}%")
+                continue
             if progress is not None:
                 reason = f": {ev['reason']}" if ev.get("reason") else ""
-                progress.write(f"{device}: {state}{reason}\n")
-            if state == "awaiting_files":
-                _send_missing(
-                    client,
-                    topics=topics,
-                    device=device,
-                    folder=folder,
-                    rid=rid,
-                    ev=ev,
-                    sent=sent,
-                    progress=progress,
-                )
-            elif state in FINAL:
+                progress.write(f"\n{device}: {state}{reason}\n")
+            if state in FINAL:
                 return ev
         raise LinkError(f"no final answer from {device} within {timeout_s:.0f} s")
     finally:
         client.loop_stop()
         client.disconnect()
-
-
-def _send_missing(
-    client: mqtt.Client,
-    *,
-    topics: Topics,
-    device: str,
-    folder: Path,
-    rid: str,
-    ev: dict[str, Any],
-    sent: dict[str, int],
-    progress: IO[str] | None,
-) -> None:
-    details = ev.get("details", {})
-    have: dict[str, int] = details.get("have", {})
-    sizes: dict[str, int] = details.get("sizes", {})
-    step = int(details.get("chunk_bytes", 64 * 1024))
-    total = sum(sizes.values()) or 1
-    for name, size in sizes.items():
-        got = int(have.get(name, 0))
-        if got >= size or sent.get(name, 0) > got:
-            continue  # complete, or already on its way
-        for i, chunk in enumerate(_chunks(folder, name, got, size=size, step=step, rid=rid)):
-            info = client.publish(topics.model_chunk(device), chunk, qos=1)
-            info.wait_for_publish(30)
-            if progress is not None and i % 16 == 0:
-                done = sum(min(sizes[n], max(sent.get(n, 0), have.get(n, 0))) for n in sizes)
-                progress.write(f"\r{device}: sending {name} ({100 * done // total}% of release)")
-        sent[name] = size
-        if progress is not None:
-            progress.write(f"\r{device}: sent {name} ({size} bytes)\n")

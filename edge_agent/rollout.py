@@ -75,6 +75,12 @@ from .scorer import Decision, Scorer
 log = logging.getLogger(__name__)
 
 POINTER = "current.json"
+#: While a release comes in chunks, the device reports how far it got every this many chunks;
+#: the sender keeps at most ``WINDOW_CHUNKS`` beyond that (push.py), so the command queue
+#: (``COMMAND_QUEUE``) never overflows.
+PROGRESS_EVERY = 8
+WINDOW_CHUNKS = 32
+COMMAND_QUEUE = 100
 
 
 # -- the pointer and the installed packs ---------------------------------------------------
@@ -491,6 +497,8 @@ class _Receiving:
     request_id: str
     sizes: dict[str, int]
     last_chunk: float = field(default_factory=time.monotonic)
+    last_ask: float = 0.0
+    chunks: int = 0
 
 
 class Rollout:
@@ -516,7 +524,7 @@ class Rollout:
         self.events: deque[ModelEvent] = deque(maxlen=1000)
         self.shadow: Shadow | None = None
         self.health: Health | None = None
-        self._commands: queue.Queue[tuple[str, bytes]] = queue.Queue(100)
+        self._commands: queue.Queue[tuple[str, bytes]] = queue.Queue(COMMAND_QUEUE)
         self._swap: Scorer | None = None
         self._swap_done = threading.Event()
         self._outcomes: OrderedDict[str, ModelEvent] = OrderedDict()
@@ -696,6 +704,11 @@ class Rollout:
     # -- rollout thread -----------------------------------------------------------------
 
     def _run(self) -> None:
+        try:
+            self._resume_incoming()
+        except (EdgeAgentError, OSError):
+            self._count("errors")
+            log.exception("cannot resume an interrupted release")
         while not self._stop.is_set():
             try:
                 topic, payload = self._commands.get(timeout=0.5)
@@ -846,13 +859,19 @@ class Rollout:
             )
         return have
 
-    def _ask_for_files(self) -> None:
+    def _ask_for_files(self, *, resume: bool = False) -> None:
+        """Say which bytes are still missing (``resume``: the sender should send them again
+        even if it sent them before: they were lost), or go on once the release is complete."""
         r = self._receiving
         if r is None:
             return
         have = self._have(r)
         missing = {n: s for n, s in r.sizes.items() if have[n] < s or not (r.folder / n).exists()}
         if missing:
+            now = time.monotonic()
+            if resume and now - r.last_ask < 1.0:
+                return  # one request a second is enough while chunks keep coming out of order
+            r.last_ask = now
             self.event(
                 "awaiting_files",
                 r.release_id,
@@ -860,6 +879,7 @@ class Rollout:
                 have=have,
                 sizes=r.sizes,
                 chunk_bytes=self.cfg.chunk_bytes,
+                resume=resume,
             )
             return
         self._receiving = None
@@ -890,23 +910,50 @@ class Rollout:
             return
         if chunk.offset != have or have + len(data) > size:
             self._count("chunks_out_of_order")
-            self._ask_for_files()  # says where to resume
+            self._ask_for_files(resume=True)  # says where to resume
             return
         with open(part, "ab") as fh:
             fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
+            if have + len(data) == size:  # complete: on disk before it gets its name
+                fh.flush()
+                os.fsync(fh.fileno())
         r.last_chunk = time.monotonic()
+        r.chunks += 1
         if have + len(data) == size:
             os.replace(part, r.folder / chunk.file)
             self._ask_for_files()
+        elif r.chunks % PROGRESS_EVERY == 0:
+            self._ask_for_files()  # progress: the sender keeps a bounded window ahead of it
 
-    def resume(self, release_id: str, statement: Release, request_id: str = "") -> None:
-        """Pick up a release whose chunks were interrupted (e.g. by a restart)."""
-        folder = self.store.staging(release_id)
+    def _resume_incoming(self) -> None:
+        """After a restart: the newest release whose files were still coming is asked for
+        again from where its copy ends; older unfinished ones are removed."""
+        if not self.store.incoming.is_dir():
+            return
+        folders = sorted(
+            (d for d in self.store.incoming.iterdir() if d.is_dir() and d.name != ".probe"),
+            key=lambda d: d.stat().st_mtime,
+        )
+        keys = trusted_keys(self._keys_dir())
+        for folder in folders[:-1]:
+            shutil.rmtree(folder, ignore_errors=True)
+        if not folders:
+            return
+        folder = folders[-1]
+        try:
+            rid, statement, _ = read_statement(folder, keys)
+        except ReleaseError as exc:
+            log.warning("dropping the unfinished release in %s: %s", folder, exc)
+            shutil.rmtree(folder, ignore_errors=True)
+            return
+        if rid != folder.name:
+            shutil.rmtree(folder, ignore_errors=True)
+            return
         sizes = {"manifest.toml": statement.manifest_size}
         sizes.update({f.path: f.size for f in statement.files})
-        self._receiving = _Receiving(release_id, statement, folder, request_id, sizes)
+        self._receiving = _Receiving(rid, statement, folder, "", sizes)
+        log.info("resuming release %s: asking for the rest of its files", rid[:12])
+        self._ask_for_files(resume=True)
 
     def _keys_dir(self) -> Path:
         d = self.cfg.trusted_keys_dir

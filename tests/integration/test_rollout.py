@@ -419,12 +419,15 @@ class _Watcher:
 
     def __init__(self, settings: Settings, step: str) -> None:
         self.seen = threading.Event()
+        self.events: list[dict[str, Any]] = []
         self.client = mqtt.Client(
             callback_api_version=CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5
         )
 
         def on_message(_c: Any, _u: Any, msg: Any) -> None:
-            if msgspec.json.decode(msg.payload).get("state") == step:
+            event = msgspec.json.decode(msg.payload)
+            self.events.append(event)
+            if event.get("state") == step:
                 self.seen.set()
 
         self.client.on_message = on_message
@@ -462,3 +465,73 @@ def test_release_signing_round_trip_and_cli(tmp_path: Path, keys: dict[str, Path
     )
     assert bad.returncode == 1
     assert b"trusted key" in bad.stdout
+
+
+def test_a_transfer_cut_by_a_device_restart_resumes_where_it_stopped(
+    broker: Mosquitto, topic_prefix: str, tmp_path: Path, keys: dict[str, Path]
+) -> None:
+    """The agent is SIGKILLed while a release's files come in chunks; restarted, it asks for
+    the rest from where its copy ends, and the same push finishes the rollout."""
+    state = tmp_path / "state"
+    trust(state, keys["pub"])
+    env = dict(os.environ)
+    env.update(rollout_env(broker, topic_prefix, state, rollout_chunk_bytes="4096"))
+    settings = load_settings(None, env={k: v for k, v in env.items() if k.startswith("EDGE_")})
+    big = tmp_path / "big"
+    shutil.copytree(FP32, big)
+    payload = np.random.default_rng(0).bytes(2_000_000)
+    (big / "extra.bin").write_bytes(payload)
+    manifest = big / "manifest.toml"
+    text = re.sub(r'(?m)^version = ".*"$', 'version = "2.0.0"', manifest.read_text(), count=1)
+    manifest.write_text(
+        text.replace(
+            "[input]\n",
+            f'[[files]]\npath = "extra.bin"\nsha256 = "{hashlib.sha256(payload).hexdigest()}"\n'
+            f"size = {len(payload)}\n\n[input]\n",
+            1,
+        )
+    )
+    rid = sign_pack(big, load_private_key(keys["key"]))
+    part = state / "models" / "incoming" / rid / "extra.bin.part"
+    args = [sys.executable, "-m", "edge_agent", "run", "--decisions"]
+    result: list[dict[str, Any]] = []
+    log = tmp_path / "agent.log"
+    watcher = _Watcher(settings, "awaiting_files")
+    try:
+        with subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=log.open("ab")) as p:
+            try:
+                assert _first_model(p) == "basicmotions-int8@1.0.0"
+                threading.Thread(target=_drain, args=(p,), daemon=True).start()
+                pusher = threading.Thread(
+                    target=lambda: result.append(push(settings, big, timeout=120)), daemon=True
+                )
+                pusher.start()
+                assert wait_until(lambda: part.exists() and part.stat().st_size > 200_000, 60)
+                p.send_signal(signal.SIGKILL)
+            finally:
+                p.kill()
+        cut_at = part.stat().st_size
+        assert 0 < cut_at < len(payload)
+        with subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=log.open("ab")) as p:
+            try:
+                threading.Thread(target=_drain, args=(p,), daemon=True).start()
+                pusher.join(120)
+                assert result, (
+                    "the push never finished: "
+                    + log.read_text()[-3000:]
+                    + str([(e["state"], e.get("details", {}).get("have")) for e in watcher.events])
+                )
+                assert result[0]["state"] == "promoted", result[0]
+            finally:
+                p.send_signal(signal.SIGTERM)
+                p.wait(20)
+    finally:
+        watcher.close()
+    resumed = [
+        e for e in watcher.events if e.get("details", {}).get("resume") and e["release"] == rid
+    ]
+    assert resumed, "the restarted agent did not ask for the rest"
+    assert resumed[0]["details"]["have"]["extra.bin"] >= cut_at - 4096
+    print(
+        f"\ncut at {cut_at} of {len(payload)} bytes; resumed from {resumed[0]['details']['have']}"
+    )
