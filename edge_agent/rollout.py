@@ -660,7 +660,7 @@ class Rollout:
         if old is not None:
             old.close()
         self.store.tidy({x for x in (pointer.live, pointer.previous) if x})
-        self.event("committed", self._current, **health.figures())
+        self._finish(self._current, "committed", "", **health.figures())
 
     def _roll_back(self, why: str) -> Scorer | None:
         health, self.health = self.health, None
@@ -682,7 +682,8 @@ class Rollout:
         bad.close()
         if failed:
             self.store.tidy({x for x in (pointer.live,) if x})
-        self.event("rolled_back", self._current, reason=why, **(health.figures() if health else {}))
+        figures = health.figures() if health is not None else {}
+        self._finish(self._current, "rolled_back", "", why, **figures)  # not tried again
         return back
 
     def _load_previous(self, folder: str | None) -> Scorer:

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from edge_agent.config import RolloutSettings
+from edge_agent.config import RolloutSettings, load_settings
 from edge_agent.messages import SCHEMA_VERSION, Verdict
 from edge_agent.modelpack import open_pack
 from edge_agent.readings import Reading
-from edge_agent.rollout import Bounds, ModelStore, Pointer, Shadow
+from edge_agent.rollout import Bounds, ModelEvent, ModelStore, Pointer, Rollout, Shadow
 from edge_agent.scorer import Decision, Scorer
 from tests.conftest import make_fake_pack
 
@@ -101,3 +104,48 @@ def test_pointer_is_replaced_whole_and_a_broken_one_falls_back(tmp_path: Path) -
     assert store.read_pointer() == Pointer()  # the configured pack serves
     pack, _ = store.live_pack()
     assert pack is None
+
+
+json_like = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=20),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
+    max_leaves=20,
+)
+
+
+def _rollout(tmp: Path) -> tuple[Rollout, list[ModelEvent]]:
+    events: list[ModelEvent] = []
+    pack = make_fake_pack(tmp / "pack")
+    settings = load_settings(None, env={"EDGE_AGENT_DEVICE_STATE_DIR": str(tmp / "state")})
+    live = Scorer.open(open_pack(pack))
+    return Rollout(settings, ModelStore(tmp / "state"), live, report=events.append), events
+
+
+@settings(max_examples=200, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    payload=st.binary(max_size=300)
+    | json_like.map(lambda o: json.dumps(o).encode())
+    | st.fixed_dictionaries(
+        {"v": st.integers(), "action": st.sampled_from(["install", "status", "x"])},
+        optional={
+            "path": st.text(max_size=30),
+            "statement": st.text(max_size=40),
+            "signature": st.text(max_size=40),
+            "request_id": st.text(max_size=10),
+        },
+    ).map(lambda o: json.dumps(o).encode())
+)
+def test_any_model_command_or_chunk_is_refused_or_counted_never_raises(
+    tmp_path: Path, payload: bytes
+) -> None:
+    """Bad input on cmd/model and cmd/model/chunk: a counted refusal, never an exception, and
+    nothing written outside the device's state directory."""
+    rollout, events = _rollout(tmp_path)
+    rollout._on_command(payload)
+    rollout._on_chunk(payload)
+    assert all(e.state in ("refused", "status") for e in events)
+    assert rollout.live.ref == "fake-pack@0.0.1"
+    assert {p.name for p in tmp_path.iterdir()} <= {"pack", "state"}
+    rollout.live.close()
