@@ -498,7 +498,10 @@ def test_a_transfer_cut_by_a_device_restart_resumes_where_it_stopped(
     log = tmp_path / "agent.log"
     watcher = _Watcher(settings, "awaiting_files")
     try:
-        with subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=log.open("ab")) as p:
+        with (
+            log.open("ab") as err,
+            subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=err) as p,
+        ):
             try:
                 assert _first_model(p) == "basicmotions-int8@1.0.0"
                 threading.Thread(target=_drain, args=(p,), daemon=True).start()
@@ -512,7 +515,10 @@ def test_a_transfer_cut_by_a_device_restart_resumes_where_it_stopped(
                 p.kill()
         cut_at = part.stat().st_size
         assert 0 < cut_at < len(payload)
-        with subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=log.open("ab")) as p:
+        with (
+            log.open("ab") as err,
+            subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=err) as p,
+        ):
             try:
                 threading.Thread(target=_drain, args=(p,), daemon=True).start()
                 pusher.join(120)
