@@ -13,15 +13,16 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from edge_agent.messages import SCHEMA_VERSION, Batch, HardCase, Verdict
+from edge_agent.messages import SCHEMA_VERSION, Batch, BatchVerdicts, HardCase, Verdict
 
 
 class Collector:
     """Subscribes to ``<prefix>/+/hard`` and ``/batch``; counts every case key it receives.
 
     With ``answer=True`` it replies to urgent cases on their response topic with the
-    correlation data, echoing the local label (a stand-in for the cloud model, for link
-    tests only; the real worker is tested in test_cloud.py).
+    correlation data, and to batches with one ``BatchVerdicts``, echoing the local label (a
+    stand-in for the cloud model, for link tests only; the real worker is tested in
+    test_cloud.py).
     """
 
     def __init__(
@@ -78,6 +79,23 @@ class Collector:
             client.publish(
                 msg.properties.ResponseTopic, msgspec.json.encode(verdict), qos=1, properties=props
             )
+        elif self.answer:
+            device = cases[0].device if cases else ""
+            verdicts = [
+                Verdict(
+                    v=SCHEMA_VERSION,
+                    key=c.key,
+                    device=c.device,
+                    seq=c.seq,
+                    label=c.local.label,
+                    confidence=0.99,
+                    model="echo@0",
+                    tier="batch",
+                )
+                for c in cases
+            ]
+            body = BatchVerdicts(v=SCHEMA_VERSION, device=device, verdicts=verdicts)
+            client.publish(f"{self.prefix}/{device}/verdict", msgspec.json.encode(body), qos=1)
 
     def wait_for(self, keys: set[str], timeout: float) -> set[str]:
         """Wait until every key was received; returns the missing ones."""

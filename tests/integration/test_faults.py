@@ -38,7 +38,7 @@ from edge_agent.modelpack import open_pack, resolve
 from edge_agent.outbox import Cls
 from edge_agent.scorer import Scorer
 from tests.broker import Mosquitto, free_port
-from tests.conftest import TEST_JSONL, make_fake_pack, puback_env
+from tests.conftest import TEST_JSONL, make_fake_pack, puback_env, settings_env
 from tests.mqtt_peer import Collector
 
 pytestmark = pytest.mark.integration
@@ -107,7 +107,7 @@ def accepted_keys(data: bytes, into: list[str]) -> None:
 def test_half_open_broker_is_detected_within_1_5x_keepalive_and_scoring_is_unaffected(
     broker: Mosquitto, topic_prefix: str, tmp_path: Path
 ) -> None:
-    env = puback_env(
+    env = settings_env(  # hard cases settled by verdicts: what a broker loses is sent again
         broker.port,
         topic_prefix,
         tmp_path / "state",
@@ -118,6 +118,7 @@ def test_half_open_broker_is_detected_within_1_5x_keepalive_and_scoring_is_unaff
         link_batch_max_wait_s="0.2",
         link_retry_no_subscribers_s="0.2",
         telemetry_publish="false",
+        link_confirm_timeout_s="2",
     )
     settings = load_settings(None, env=env)
     accepted: list[str] = []
@@ -142,7 +143,7 @@ def test_half_open_broker_is_detected_within_1_5x_keepalive_and_scoring_is_unaff
         return out
 
     watcher = threading.Thread(target=watch, daemon=True)
-    collector = Collector(broker.port, topic_prefix)
+    collector = Collector(broker.port, topic_prefix, answer=True)
     link.start()
     watcher.start()
     try:
@@ -168,7 +169,7 @@ def test_half_open_broker_is_detected_within_1_5x_keepalive_and_scoring_is_unaff
         assert wait_until(link.connected.is_set, 4 * KEEPALIVE_S), link.last_error
         reconnected = time.monotonic() - resumed_at
         # What was scored while the broker was stuck is delivered after it came back.
-        collector = Collector(broker.port, topic_prefix)
+        collector = Collector(broker.port, topic_prefix, answer=True)
         link.flush_batches()
         assert wait_until(link.idle, 20), link.outbox.depth()
         missing = set(accepted) - set(first.keys) - set(collector.keys)

@@ -372,7 +372,9 @@ def test_sigkill_at_each_step_leaves_exactly_one_whole_model(
     state = tmp_path / "state"
     trust(state, keys["pub"])
     env = dict(os.environ)
-    env.update(rollout_env(broker, topic_prefix, state))
+    # Crash safety is under test here, not the health bounds: a loaded machine's latency
+    # must not turn "committed" into "rolled_back".
+    env.update(rollout_env(broker, topic_prefix, state, rollout_max_p99_ms="1000"))
     settings = load_settings(None, env={k: v for k, v in env.items() if k.startswith("EDGE_")})
     good = make_release(FP32, tmp_path / "good", keys["key"], version="2.0.0")
     args = [sys.executable, "-m", "edge_agent", "run", "--decisions"]
@@ -386,7 +388,7 @@ def test_sigkill_at_each_step_leaves_exactly_one_whole_model(
             )
             watcher = _Watcher(settings, step)
             pusher.start()
-            assert watcher.seen.wait(60), f"the agent never reported {step}"
+            assert watcher.seen.wait(60), f"the agent never reported {step}: {watcher.events}"
             p.send_signal(signal.SIGKILL)
         finally:
             p.kill()
@@ -430,10 +432,13 @@ class _Watcher:
             if event.get("state") == step:
                 self.seen.set()
 
+        subscribed = threading.Event()
         self.client.on_message = on_message
+        self.client.on_subscribe = lambda *_a: subscribed.set()
         self.client.connect("127.0.0.1", settings.mqtt.port)
         self.client.subscribe(f"{settings.mqtt.topic_prefix}/{settings.device_id}/model", qos=1)
         self.client.loop_start()
+        assert subscribed.wait(10), "could not subscribe to the model events"
 
     def close(self) -> None:
         self.client.loop_stop()
