@@ -203,18 +203,14 @@ def cmd_models_verify(args: argparse.Namespace) -> int:
         if args.packs
         else discover(settings.model.packs_dir, settings.model.store_dir)
     )
-    keys = []
-    if args.pubkey:
-        from .release import load_public_key  # noqa: PLC0415
+    from .release import load_public_key, verify_release  # noqa: PLC0415
 
-        keys = [(Path(k).name, load_public_key(Path(k))) for k in args.pubkey]
+    keys = [(Path(k).name, load_public_key(Path(k))) for k in args.pubkey or []]
     failed = 0
     for pack in packs:
         try:
             pack.verify()
             if keys:
-                from .release import verify_release  # noqa: PLC0415
-
                 verify_release(pack.path, keys, max_file_bytes=settings.rollout.max_file_bytes)
         except ModelError as exc:
             failed += 1

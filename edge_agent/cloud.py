@@ -90,7 +90,7 @@ from .backends.base import BackendOptions
 from .config import CloudSettings, EndpointSettings, Settings
 from .endpoint import TRANSIENT, EndpointTier, Job, Prompt, Reply
 from .errors import ConfigError, EdgeAgentError, ReadingError
-from .link import new_client, set_nodelay
+from .link import backoff_s, new_client, set_nodelay
 from .messages import (
     IDEMPOTENCY_PROPERTY,
     SCHEMA_VERSION,
@@ -880,10 +880,7 @@ class CloudWorker:
         self._client = client
 
     def _failed_attempt(self, why: str) -> None:
-        lk = self.settings.link
-        ceiling = min(lk.reconnect_max_s, lk.reconnect_min_s * (2 ** min(self._attempt, 20)))
-        # Full jitter, so a pool of workers cut off together does not reconnect in step.
-        delay = random.uniform(lk.reconnect_min_s, max(lk.reconnect_min_s, ceiling))  # noqa: S311
+        delay = backoff_s(self.settings.link, self._attempt)
         self._attempt += 1
         self._next_attempt = time.monotonic() + delay
         if why != self.last_error or self._attempt % 10 == 1:

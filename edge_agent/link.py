@@ -56,7 +56,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from .config import Settings, read_secret
+from .config import LinkSettings, Settings, read_secret
 from .errors import ConfigError, OutboxError
 from .messages import IDEMPOTENCY_PROPERTY, SCHEMA_VERSION, Status, Topics, encoder
 from .outbox import Cls, Message, Outbox
@@ -90,6 +90,14 @@ def new_client(settings: Settings, client_id: str) -> mqtt.Client:
         password = read_secret(m.password_file) if m.password_file else None
         client.username_pw_set(m.username, password)
     return client
+
+
+def backoff_s(link: LinkSettings, attempt: int) -> float:
+    """Seconds before reconnect attempt ``attempt + 1``: exponential from ``reconnect_min_s`` up
+    to ``reconnect_max_s``, with full jitter, so that devices or workers cut off together do
+    not all come back in the same instant."""
+    ceiling = min(link.reconnect_max_s, link.reconnect_min_s * (2 ** min(attempt, 20)))
+    return random.uniform(link.reconnect_min_s, max(link.reconnect_min_s, ceiling))  # noqa: S311
 
 
 def set_nodelay(client: mqtt.Client) -> None:
@@ -373,9 +381,7 @@ class Link:
         self._client = client
 
     def _failed_attempt(self, why: str) -> None:
-        lk = self.settings.link
-        delay = min(lk.reconnect_max_s, lk.reconnect_min_s * (2 ** min(self._attempt, 20)))
-        delay = random.uniform(delay / 2, delay)  # noqa: S311 - jitter, not cryptography
+        delay = backoff_s(self.settings.link, self._attempt)
         self._attempt += 1
         self._next_attempt = time.monotonic() + delay
         if why != self.last_error or self._attempt % 10 == 1:

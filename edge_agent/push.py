@@ -31,6 +31,8 @@ from .messages import Topics
 from .release import RELEASE, SIGNATURE, release_id
 from .rollout import WINDOW_CHUNKS, ModelChunk, ModelCommand
 
+#: With no answer at all from the device this long after the command, it is sent again.
+COMMAND_RETRY_S = 3.0
 FINAL = {"promoted", "committed", "refused", "selftest_failed", "rejected", "rolled_back"}
 
 
@@ -49,7 +51,6 @@ class _Sender:
         self.next: dict[str, int] = {}
         self.step = 64 * 1024
         self.last_report = time.monotonic()
-        self.sent_bytes = 0
 
     def update(self, details: dict[str, Any]) -> None:
         self.sizes = {str(k): int(v) for k, v in details.get("sizes", {}).items()}
@@ -90,7 +91,6 @@ class _Sender:
                 )
                 self.client.publish(self.topic, msgspec.json.encode(chunk), qos=1)
                 self.next[name] = offset + len(data)
-                self.sent_bytes += len(data)
 
     def fraction(self) -> float:
         total = sum(self.sizes.values()) or 1
@@ -137,20 +137,28 @@ def push_release(
             statement="" if device_path else base64.b64encode(statement).decode(),
             signature="" if device_path else signature.decode(),
         )
-        client.publish(topics.model_cmd(device), msgspec.json.encode(cmd), qos=1)
+        command = msgspec.json.encode(cmd)
+        client.publish(topics.model_cmd(device), command, qos=1)
+        sent_at, answered = time.monotonic(), False
         sender = _Sender(client, topics.model_chunk(device), folder, rid)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             try:
                 ev = events.get(timeout=min(1.0, max(0.01, deadline - time.monotonic())))
             except queue.Empty:
-                if sender.stalled():
+                if not answered and time.monotonic() - sent_at > COMMAND_RETRY_S:
+                    # Not subscribed yet (starting, reconnecting): the broker dropped the
+                    # command. Commands are idempotent by release id, so send it again.
+                    client.publish(topics.model_cmd(device), command, qos=1)
+                    sent_at = time.monotonic()
+                elif sender.stalled():
                     sender.rewind()
                     sender.pump()
                 continue
             if ev.get("release") != rid and ev.get("request_id") != request:
                 continue
             state = ev.get("state", "")
+            answered = True
             sender.last_report = time.monotonic()
             if state not in ("received", "awaiting_files"):
                 sender.sizes = {}  # the device has every file: nothing more to send

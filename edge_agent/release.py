@@ -68,7 +68,11 @@ class Release(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
     def names(self) -> list[str]:
         """Every file the release consists of, the manifest first."""
-        return [MANIFEST, *(f.path for f in self.files)]
+        return list(self.sizes())
+
+    def sizes(self) -> dict[str, int]:
+        """Size of every file the release consists of, by name, the manifest first."""
+        return {MANIFEST: self.manifest_size, **{f.path: f.size for f in self.files}}
 
 
 @dataclass(frozen=True, slots=True)

@@ -139,9 +139,14 @@ class ModelStore:
         os.replace(tmp, self.pointer_path)
         _fsync_dir(self.root)
 
-    def open_installed(self, folder: str) -> ModelPack:
+    def open_installed(self, folder: str, *, verify: bool = True) -> ModelPack:
+        """An installed pack; ``verify=False`` only right after ``install``, whose release
+        was verified file by file just before the rename that put it there."""
         pack = open_pack(self.packs / check_name(folder), self.store_dir)
-        pack.verify()
+        if verify:
+            pack.verify()
+        else:
+            pack.verified = True
         return pack
 
     def live_pack(self) -> tuple[ModelPack | None, Pointer]:
@@ -161,24 +166,25 @@ class ModelStore:
         folder.mkdir(parents=True, exist_ok=True)
         return folder
 
-    def install(self, verified: VerifiedRelease) -> str:
-        """Move a verified staged release into packs/ (one rename); returns its folder name."""
+    def install(self, verified: VerifiedRelease) -> tuple[str, bool]:
+        """Move a verified staged release into packs/ (one rename); returns its folder name and
+        whether it was moved there now (False: it was installed before, the copy is dropped)."""
         m = verified.pack.manifest
         name = check_name(f"{m.name}-{m.version}-{verified.id[:12]}")
         dest = self.packs / name
         self.packs.mkdir(parents=True, exist_ok=True)
         if dest.exists():
             shutil.rmtree(verified.pack.path, ignore_errors=True)
-        else:
-            for child in verified.pack.path.iterdir():  # data on disk before the rename
-                with open(child, "rb") as fh:
-                    os.fsync(fh.fileno())
-            os.replace(verified.pack.path, dest)
-            _fsync_dir(self.packs)
-        return name
+            return name, False
+        for child in verified.pack.path.iterdir():  # data on disk before the rename
+            with open(child, "rb") as fh:
+                os.fsync(fh.fileno())
+        os.replace(verified.pack.path, dest)
+        _fsync_dir(self.packs)
+        return name, True
 
     def tidy(self, keep: set[str]) -> None:
-        """Remove installed packs no pointer field names, and abandoned staging folders."""
+        """Remove installed packs that the pointer does not name."""
         if self.packs.is_dir():
             for child in self.packs.iterdir():
                 if child.name not in keep:
@@ -495,10 +501,12 @@ class _Receiving:
     statement: Release
     folder: Path
     request_id: str
-    sizes: dict[str, int]
-    last_chunk: float = field(default_factory=time.monotonic)
     last_ask: float = 0.0
     chunks: int = 0
+
+    @property
+    def sizes(self) -> dict[str, int]:
+        return self.statement.sizes()
 
 
 class Rollout:
@@ -814,15 +822,11 @@ class Rollout:
         except ReleaseError as exc:
             self.event("refused", request_id=cmd.request_id, reason=str(exc))
             return
-        finally:
-            pass
         if self._known(rid, cmd.request_id):
             shutil.rmtree(probe, ignore_errors=True)
             return
-        sizes = {"manifest.toml": statement.manifest_size}
-        sizes.update({f.path: f.size for f in statement.files})
         if len(statement.files) > self.cfg.max_files or any(
-            s > self.cfg.max_file_bytes for s in sizes.values()
+            s > self.cfg.max_file_bytes for s in statement.sizes().values()
         ):
             shutil.rmtree(probe, ignore_errors=True)
             self._finish(
@@ -836,7 +840,7 @@ class Rollout:
         for name in (RELEASE, SIGNATURE):
             os.replace(probe / name, staging / name)
         shutil.rmtree(probe, ignore_errors=True)
-        self._receiving = _Receiving(rid, statement, staging, cmd.request_id, sizes)
+        self._receiving = _Receiving(rid, statement, staging, cmd.request_id)
         self.event(
             "received",
             rid,
@@ -918,7 +922,6 @@ class Rollout:
             if have + len(data) == size:  # complete: on disk before it gets its name
                 fh.flush()
                 os.fsync(fh.fileno())
-        r.last_chunk = time.monotonic()
         r.chunks += 1
         if have + len(data) == size:
             os.replace(part, r.folder / chunk.file)
@@ -950,9 +953,7 @@ class Rollout:
         if rid != folder.name:
             shutil.rmtree(folder, ignore_errors=True)
             return
-        sizes = {"manifest.toml": statement.manifest_size}
-        sizes.update({f.path: f.size for f in statement.files})
-        self._receiving = _Receiving(rid, statement, folder, "", sizes)
+        self._receiving = _Receiving(rid, statement, folder, "")
         log.info("resuming release %s: asking for the rest of its files", rid[:12])
         self._ask_for_files(resume=True)
 
@@ -979,14 +980,16 @@ class Rollout:
                 max_files=self.cfg.max_files,
             )
             self._check_version(verified)
-            folder = self.store.install(verified)
+            folder, moved = self.store.install(verified)
         except ReleaseError as exc:
             shutil.rmtree(staging, ignore_errors=True)
             self._finish(rid, "refused", request_id, str(exc))
             return
         self.event("staged", rid, request_id=request_id, folder=folder)
         try:
-            candidate = Scorer.open(self.store.open_installed(folder), self._options())
+            # Just moved there: every file was hashed by verify_release a moment ago.
+            pack = self.store.open_installed(folder, verify=not moved)
+            candidate = Scorer.open(pack, self._options())
         except EdgeAgentError as exc:
             self._finish(rid, "selftest_failed", request_id, f"does not load: {exc}")
             self.store.tidy(self._pointer_folders())

@@ -27,6 +27,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from edge_agent.agent import Agent
 from edge_agent.config import Settings, load_settings
+from edge_agent.errors import EdgeAgentError
 from edge_agent.modelpack import BUNDLED_PACKS_DIR, BUNDLED_TEST_DATA, open_pack
 from edge_agent.push import push_release
 from edge_agent.release import (
@@ -126,6 +127,23 @@ def push(settings: Settings, folder: Path, timeout: float = 120) -> dict[str, An
     return push_release(settings, folder, settings.device_id, timeout_s=timeout)
 
 
+def push_in_background(
+    settings: Settings, folder: Path, into: list[Any], timeout: float
+) -> threading.Thread:
+    """``push`` on a thread of its own; its final event, or the error that ended it (the
+    device may be killed under it), is appended to ``into``."""
+
+    def run() -> None:
+        try:
+            into.append(push(settings, folder, timeout=timeout))
+        except EdgeAgentError as exc:
+            into.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
 def wait_until(predicate: Any, timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -156,13 +174,7 @@ def test_bad_releases_are_refused_and_the_live_model_keeps_serving(
     sig[5] ^= 0xFF
     (bad_sig / SIGNATURE).write_bytes(base64.b64encode(bytes(sig)))
     lower = make_release(LIVE, rel / "lower", keys["key"], version="0.9.0")
-    oversize = make_release(
-        FP32,
-        rel / "oversize",
-        keys["key"],
-        version="2.0.0",
-        manifest_edit=lambda t: t,
-    )
+    oversize = make_release(FP32, rel / "oversize", keys["key"], version="2.0.0")
     (oversize / "big.bin").write_bytes(os.urandom(70_000))
     text = (oversize / "manifest.toml").read_text()
     big = (oversize / "big.bin").read_bytes()
@@ -383,11 +395,8 @@ def test_sigkill_at_each_step_leaves_exactly_one_whole_model(
         try:
             assert _first_model(p) == "basicmotions-int8@1.0.0"
             threading.Thread(target=_drain, args=(p,), daemon=True).start()
-            pusher = threading.Thread(
-                target=lambda: events.append(push(settings, good, timeout=60)), daemon=True
-            )
             watcher = _Watcher(settings, step)
-            pusher.start()
+            push_in_background(settings, good, events, timeout=30)
             assert watcher.seen.wait(60), f"the agent never reported {step}: {watcher.events}"
             p.send_signal(signal.SIGKILL)
         finally:
@@ -510,10 +519,7 @@ def test_a_transfer_cut_by_a_device_restart_resumes_where_it_stopped(
             try:
                 assert _first_model(p) == "basicmotions-int8@1.0.0"
                 threading.Thread(target=_drain, args=(p,), daemon=True).start()
-                pusher = threading.Thread(
-                    target=lambda: result.append(push(settings, big, timeout=120)), daemon=True
-                )
-                pusher.start()
+                pusher = push_in_background(settings, big, result, timeout=120)
                 assert wait_until(lambda: part.exists() and part.stat().st_size > 200_000, 60)
                 p.send_signal(signal.SIGKILL)
             finally:
