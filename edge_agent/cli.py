@@ -28,16 +28,16 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from . import __version__
-from .agent import Agent, stdout_writer
-from .backends.base import BackendOptions
-from .config import Settings, load_settings
-from .errors import ConfigError, EdgeAgentError, ModelError
-from .modelpack import BUNDLED_TEST_DATA, ModelPack, discover, resolve
-from .pipeline import ScorePipeline
-from .scorer import Scorer
-from .sources import open_source
-from .sources.lines import chunked_lines
+from edge_agent import __version__
+from edge_agent.config import Settings, load_settings
+from edge_agent.errors import ConfigError, EdgeAgentError, ModelError
+from edge_agent.ingest.sources import open_source
+from edge_agent.ingest.sources.lines import chunked_lines
+from edge_agent.models.pack import BUNDLED_TEST_DATA, ModelPack, discover, resolve
+from edge_agent.scoring.backends.base import BackendOptions
+from edge_agent.scoring.pipeline import ScorePipeline
+from edge_agent.scoring.scorer import Scorer
+from edge_agent.service.agent import Agent, stdout_writer
 
 log = logging.getLogger("edge_agent")
 
@@ -90,7 +90,7 @@ def cmd_score(args: argparse.Namespace) -> int:
 def _open_live_scorer(settings: Settings) -> Scorer:
     """What the device serves: the installed release its pointer names (verified), else the
     configured pack."""
-    from .rollout import ModelStore  # noqa: PLC0415 - the device service only
+    from edge_agent.rollout.machine import ModelStore  # noqa: PLC0415 - the device service only
 
     if settings.rollout.enabled:
         pack, _ = ModelStore(settings.device.state_dir, settings.model.store_dir).live_pack()
@@ -131,7 +131,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import render, run_demo  # noqa: PLC0415 - the service never needs the demo
+    from edge_agent.devtools.demo import render, run_demo  # noqa: PLC0415 - the service never needs the demo
 
     path = args.config or os.environ.get("EDGE_AGENT_CONFIG") or None
     base = load_settings(path) if path else None
@@ -144,7 +144,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from . import bench  # noqa: PLC0415 - the service never needs the benchmark
+    from edge_agent.devtools import bench  # noqa: PLC0415 - the service never needs the benchmark
 
     opts = bench.BenchOptions(
         quick=args.quick,
@@ -175,7 +175,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_cloud(args: argparse.Namespace) -> int:
-    from .cloud import main_cloud  # noqa: PLC0415 - the device never needs the cloud worker
+    from edge_agent.cloud.worker import main_cloud  # noqa: PLC0415 - the device never needs the cloud worker
 
     return main_cloud(_settings(args))
 
@@ -203,7 +203,7 @@ def cmd_models_verify(args: argparse.Namespace) -> int:
         if args.packs
         else discover(settings.model.packs_dir, settings.model.store_dir)
     )
-    from .release import load_public_key, verify_release  # noqa: PLC0415
+    from edge_agent.models.release import load_public_key, verify_release  # noqa: PLC0415
 
     keys = [(Path(k).name, load_public_key(Path(k))) for k in args.pubkey or []]
     failed = 0
@@ -222,7 +222,7 @@ def cmd_models_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_models_keygen(args: argparse.Namespace) -> int:
-    from .release import keygen  # noqa: PLC0415
+    from edge_agent.models.release import keygen  # noqa: PLC0415
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -235,7 +235,7 @@ def cmd_models_keygen(args: argparse.Namespace) -> int:
 
 
 def cmd_models_sign(args: argparse.Namespace) -> int:
-    from .release import load_private_key, sign_pack  # noqa: PLC0415
+    from edge_agent.models.release import load_private_key, sign_pack  # noqa: PLC0415
 
     rid = sign_pack(Path(args.pack), load_private_key(Path(args.key)), rollback=args.rollback)
     kind = "rollback release" if args.rollback else "release"
@@ -244,7 +244,7 @@ def cmd_models_sign(args: argparse.Namespace) -> int:
 
 
 def cmd_models_push(args: argparse.Namespace) -> int:
-    from .push import push_release  # noqa: PLC0415 - operator side only
+    from edge_agent.rollout.push import push_release  # noqa: PLC0415 - operator side only
 
     settings = _settings(args)
     event = push_release(
@@ -260,7 +260,7 @@ def cmd_models_push(args: argparse.Namespace) -> int:
 
 
 def cmd_models_fetch(args: argparse.Namespace) -> int:
-    from .fetch import fetch_pack  # noqa: PLC0415 - only this command fetches
+    from edge_agent.models.fetch import fetch_pack  # noqa: PLC0415 - only this command fetches
 
     settings = _settings(args)
     packs = [resolve(ref, settings.model.packs_dir, settings.model.store_dir) for ref in args.packs]

@@ -24,7 +24,7 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
-from .errors import ConfigError
+from edge_agent.errors import ConfigError
 
 if sys.version_info >= (3, 11):
     import tomllib

@@ -46,14 +46,14 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from edge_agent.config import DriftSettings  # noqa: E402
-from edge_agent.drift import (  # noqa: E402
+from edge_agent.ingest.readings import ReadingDecoder  # noqa: E402
+from edge_agent.models.pack import ModelPack, discover, open_pack  # noqa: E402
+from edge_agent.scoring.drift import (  # noqa: E402
     DriftMonitor,
     bin_shares,
     reference_from_windows,
 )
-from edge_agent.modelpack import ModelPack, discover, open_pack  # noqa: E402
-from edge_agent.readings import ReadingDecoder  # noqa: E402
-from edge_agent.scorer import Scorer  # noqa: E402
+from edge_agent.scoring.scorer import Scorer  # noqa: E402
 
 F32 = npt.NDArray[np.float32]
 
@@ -245,12 +245,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = ap.parse_args(argv)
     packs = [open_pack(p) for p in args.packs] if args.packs else onnx_packs()
     if args.measure:
-        logging.getLogger("edge_agent.drift").setLevel(logging.ERROR)  # the flag's log lines
+        logging.getLogger("edge_agent.scoring.drift").setLevel(
+            logging.ERROR
+        )  # the flag's log lines
         for pack in packs:
             measure(pack, args.window, args.test, args.train)
         return 0
     if args.cost:
-        logging.getLogger("edge_agent.drift").setLevel(logging.ERROR)
+        logging.getLogger("edge_agent.scoring.drift").setLevel(logging.ERROR)
         for pack in packs:
             cost(pack, args.test)
         return 0

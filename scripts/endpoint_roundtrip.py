@@ -31,12 +31,19 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from edge_agent.cloud import CloudWorker
+from edge_agent.cloud.worker import CloudWorker
 from edge_agent.config import load_settings
-from edge_agent.link import set_nodelay
-from edge_agent.localbroker import Mosquitto, free_port
-from edge_agent.messages import SCHEMA_VERSION, HardCase, LocalDecision, Topics, Verdict, encoder
-from edge_agent.modelpack import BUNDLED_TEST_DATA, open_pack, resolve
+from edge_agent.delivery.link import set_nodelay
+from edge_agent.devtools.localbroker import Mosquitto, free_port
+from edge_agent.models.pack import BUNDLED_TEST_DATA, open_pack, resolve
+from edge_agent.wire.messages import (
+    SCHEMA_VERSION,
+    HardCase,
+    LocalDecision,
+    Topics,
+    Verdict,
+    encoder,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 

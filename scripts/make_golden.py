@@ -17,9 +17,9 @@ import json
 import re
 from pathlib import Path
 
-from edge_agent.modelpack import BUNDLED_TEST_DATA, open_pack
-from edge_agent.readings import ReadingDecoder
-from edge_agent.scorer import Scorer
+from edge_agent.ingest.readings import ReadingDecoder
+from edge_agent.models.pack import BUNDLED_TEST_DATA, open_pack
+from edge_agent.scoring.scorer import Scorer
 
 TOLERANCE = 0.02
 

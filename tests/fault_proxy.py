@@ -17,7 +17,7 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from edge_agent.localbroker import free_port
+from edge_agent.devtools.localbroker import free_port
 
 
 class FaultProxy:

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import httpx
 
-from edge_agent.localbroker import free_port
-from edge_agent.modelpack import open_pack
+from edge_agent.devtools.localbroker import free_port
+from edge_agent.models.pack import open_pack
 from tests.conftest import MODELS, ROOT
 
 LLM_PACK = MODELS / "smollm2-basicmotions"

@@ -13,7 +13,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from edge_agent.messages import SCHEMA_VERSION, Batch, BatchVerdicts, HardCase, Verdict
+from edge_agent.wire.messages import SCHEMA_VERSION, Batch, BatchVerdicts, HardCase, Verdict
 
 
 class Collector:

@@ -51,10 +51,10 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 import numpy as np
 
-from .config import EndpointSettings, read_secret
-from .errors import BackendUnavailable, ConfigError, EndpointError
-from .messages import LocalDecision
-from .modelpack import ModelPack, PromptSpec
+from edge_agent.config import EndpointSettings, read_secret
+from edge_agent.errors import BackendUnavailable, ConfigError, EndpointError
+from edge_agent.models.pack import ModelPack, PromptSpec
+from edge_agent.wire.messages import LocalDecision
 
 if TYPE_CHECKING:
     import httpx

@@ -86,12 +86,15 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from .backends.base import BackendOptions
-from .config import CloudSettings, EndpointSettings, Settings
-from .endpoint import TRANSIENT, EndpointTier, Job, Prompt, Reply
-from .errors import ConfigError, EdgeAgentError, ReadingError
-from .link import backoff_s, new_client, set_nodelay
-from .messages import (
+from edge_agent.cloud.endpoint import TRANSIENT, EndpointTier, Job, Prompt, Reply
+from edge_agent.config import CloudSettings, EndpointSettings, Settings
+from edge_agent.delivery.link import backoff_s, new_client, set_nodelay
+from edge_agent.errors import ConfigError, EdgeAgentError, ReadingError
+from edge_agent.ingest.readings import Reading, ReadingDecoder
+from edge_agent.models.pack import resolve
+from edge_agent.scoring.backends.base import BackendOptions
+from edge_agent.scoring.scorer import Decision, Scorer
+from edge_agent.wire.messages import (
     IDEMPOTENCY_PROPERTY,
     SCHEMA_VERSION,
     BatchVerdicts,
@@ -100,9 +103,6 @@ from .messages import (
     Verdict,
     encoder,
 )
-from .modelpack import resolve
-from .readings import Reading, ReadingDecoder
-from .scorer import Decision, Scorer
 
 log = logging.getLogger(__name__)
 

@@ -56,10 +56,10 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from .config import LinkSettings, Settings, read_secret
-from .errors import ConfigError, OutboxError
-from .messages import IDEMPOTENCY_PROPERTY, SCHEMA_VERSION, Status, Topics, encoder
-from .outbox import Cls, Message, Outbox
+from edge_agent.config import LinkSettings, Settings, read_secret
+from edge_agent.delivery.outbox import Cls, Message, Outbox
+from edge_agent.errors import ConfigError, OutboxError
+from edge_agent.wire.messages import IDEMPOTENCY_PROPERTY, SCHEMA_VERSION, Status, Topics, encoder
 
 log = logging.getLogger(__name__)
 

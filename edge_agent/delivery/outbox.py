@@ -41,7 +41,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import OutboxError, OutboxFull
+from edge_agent.errors import OutboxError, OutboxFull
 
 log = logging.getLogger(__name__)
 

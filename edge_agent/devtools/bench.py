@@ -49,19 +49,20 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from . import __version__, backends
-from .agent import Agent
-from .backends.base import BackendOptions
-from .cloud import CloudWorker
-from .config import Settings, load_settings
-from .errors import EdgeAgentError
-from .link import set_nodelay
-from .localbroker import Mosquitto
-from .messages import SCHEMA_VERSION, HardCase, LocalDecision, Verdict
-from .modelpack import BUNDLED_TEST_DATA, ModelPack, discover, resolve
-from .readings import Reading
-from .scorer import Scorer
-from .sources.replay import ReplaySource
+from edge_agent import __version__
+from edge_agent.cloud.worker import CloudWorker
+from edge_agent.config import Settings, load_settings
+from edge_agent.delivery.link import set_nodelay
+from edge_agent.devtools.localbroker import Mosquitto
+from edge_agent.errors import EdgeAgentError
+from edge_agent.ingest.readings import Reading
+from edge_agent.ingest.sources.replay import ReplaySource
+from edge_agent.models.pack import BUNDLED_TEST_DATA, ModelPack, discover, resolve
+from edge_agent.scoring import backends
+from edge_agent.scoring.backends.base import BackendOptions
+from edge_agent.scoring.scorer import Scorer
+from edge_agent.service.agent import Agent
+from edge_agent.wire.messages import SCHEMA_VERSION, HardCase, LocalDecision, Verdict
 
 SECONDS_PER_MONTH = 30 * 86400
 
@@ -737,7 +738,7 @@ def machine_info() -> dict[str, Any]:
         __import__("paho.mqtt", fromlist=["__version__"]), "__version__", "?"
     )
     with contextlib.suppress(OSError, subprocess.SubprocessError):
-        from .localbroker import mosquitto_path  # noqa: PLC0415
+        from edge_agent.devtools.localbroker import mosquitto_path  # noqa: PLC0415
 
         out = subprocess.run(
             [mosquitto_path(), "-h"], capture_output=True, text=True, timeout=5, check=False

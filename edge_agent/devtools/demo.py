@@ -29,16 +29,16 @@ from typing import Any
 import msgspec
 import numpy as np
 
-from .agent import Agent
-from .cloud import CloudWorker
-from .config import Settings, load_settings
-from .errors import ConfigError
-from .localbroker import Mosquitto
-from .messages import Verdict
-from .modelpack import resolve
-from .readings import Reading, ReadingDecoder
-from .scorer import Scorer
-from .sources.replay import ReplaySource
+from edge_agent.cloud.worker import CloudWorker
+from edge_agent.config import Settings, load_settings
+from edge_agent.devtools.localbroker import Mosquitto
+from edge_agent.errors import ConfigError
+from edge_agent.ingest.readings import Reading, ReadingDecoder
+from edge_agent.ingest.sources.replay import ReplaySource
+from edge_agent.models.pack import resolve
+from edge_agent.scoring.scorer import Scorer
+from edge_agent.service.agent import Agent
+from edge_agent.wire.messages import Verdict
 
 log = logging.getLogger(__name__)
 

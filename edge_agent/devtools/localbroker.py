@@ -16,7 +16,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from .errors import BrokerError
+from edge_agent.errors import BrokerError
 
 INSTALL_HINT = "install it with: sudo apt-get install -y mosquitto"
 

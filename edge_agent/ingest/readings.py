@@ -22,7 +22,7 @@ import msgspec
 import numpy as np
 import numpy.typing as npt
 
-from .errors import ReadingError
+from edge_agent.errors import ReadingError
 
 #: Stable rejection reason codes and what each means.
 REASONS: dict[str, str] = {

@@ -39,8 +39,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
-from .errors import FetchError, ModelIntegrityError, ModelPackError
-from .modelpack import FetchSpec, ModelPack, PackFile
+from edge_agent.errors import FetchError, ModelIntegrityError, ModelPackError
+from edge_agent.models.pack import FetchSpec, ModelPack, PackFile
 
 log = logging.getLogger(__name__)
 

@@ -25,7 +25,7 @@ from typing import Annotated, Any
 
 import msgspec
 
-from .errors import ModelIntegrityError, ModelPackError
+from edge_agent.errors import ModelIntegrityError, ModelPackError
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -35,7 +35,7 @@ else:  # pragma: no cover - exercised on Python 3.10 only
 MANIFEST = "manifest.toml"
 SUPPORTED_SCHEMA = 1
 #: Where the packs shipped with the source tree live.
-BUNDLED_PACKS_DIR = Path(__file__).resolve().parent.parent / "models"
+BUNDLED_PACKS_DIR = Path(__file__).resolve().parents[2] / "models"
 #: The held-out BasicMotions windows shipped with the source tree (demo and benchmark input).
 BUNDLED_TEST_DATA = BUNDLED_PACKS_DIR.parent / "data" / "basicmotions" / "test.jsonl"
 

@@ -35,8 +35,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from .errors import ModelError, ReleaseError
-from .modelpack import MANIFEST, ModelPack, open_pack
+from edge_agent.errors import ModelError, ReleaseError
+from edge_agent.models.pack import MANIFEST, ModelPack, open_pack
 
 RELEASE = "release.json"
 SIGNATURE = "release.sig"

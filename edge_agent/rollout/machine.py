@@ -53,13 +53,11 @@ from typing import Any, Literal
 import msgspec
 import numpy as np
 
-from .backends import BackendOptions
-from .config import RolloutSettings, Settings
-from .errors import EdgeAgentError, ModelError, ReleaseError
-from .messages import Verdict
-from .modelpack import ModelPack, open_pack
-from .readings import Reading, ReadingDecoder
-from .release import (
+from edge_agent.config import RolloutSettings, Settings
+from edge_agent.errors import EdgeAgentError, ModelError, ReleaseError
+from edge_agent.ingest.readings import Reading, ReadingDecoder
+from edge_agent.models.pack import ModelPack, open_pack
+from edge_agent.models.release import (
     RELEASE,
     SIGNATURE,
     Release,
@@ -70,7 +68,9 @@ from .release import (
     verify_release,
     version_key,
 )
-from .scorer import Decision, Scorer
+from edge_agent.scoring.backends import BackendOptions
+from edge_agent.scoring.scorer import Decision, Scorer
+from edge_agent.wire.messages import Verdict
 
 log = logging.getLogger(__name__)
 
@@ -696,7 +696,7 @@ class Rollout:
 
     def _load_previous(self, folder: str | None) -> Scorer:
         if folder is None:
-            from .modelpack import resolve  # noqa: PLC0415 - only on this rare path
+            from edge_agent.models.pack import resolve  # noqa: PLC0415 - only on this rare path
 
             m = self.settings.model
             pack = resolve(m.pack, m.packs_dir, m.store_dir)

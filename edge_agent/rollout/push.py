@@ -24,12 +24,12 @@ from typing import IO, Any
 import msgspec
 import paho.mqtt.client as mqtt
 
-from .config import Settings
-from .errors import LinkError, ReleaseError
-from .link import new_client
-from .messages import Topics
-from .release import RELEASE, SIGNATURE, release_id
-from .rollout import WINDOW_CHUNKS, ModelChunk, ModelCommand
+from edge_agent.config import Settings
+from edge_agent.delivery.link import new_client
+from edge_agent.errors import LinkError, ReleaseError
+from edge_agent.models.release import RELEASE, SIGNATURE, release_id
+from edge_agent.rollout.machine import WINDOW_CHUNKS, ModelChunk, ModelCommand
+from edge_agent.wire.messages import Topics
 
 #: With no answer at all from the device this long after the command, it is sent again.
 COMMAND_RETRY_S = 3.0

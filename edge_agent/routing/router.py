@@ -32,9 +32,9 @@ from dataclasses import dataclass
 
 import msgspec
 
-from .config import RouterSettings
-from .messages import BatchVerdicts, Verdict
-from .scorer import Decision
+from edge_agent.config import RouterSettings
+from edge_agent.scoring.scorer import Decision
+from edge_agent.wire.messages import BatchVerdicts, Verdict
 
 log = logging.getLogger(__name__)
 

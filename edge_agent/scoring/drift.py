@@ -39,9 +39,9 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from .config import DriftSettings
-from .errors import ModelPackError
-from .modelpack import DriftReference, ModelPack
+from edge_agent.config import DriftSettings
+from edge_agent.errors import ModelPackError
+from edge_agent.models.pack import DriftReference, ModelPack
 
 log = logging.getLogger(__name__)
 

@@ -15,9 +15,9 @@ from typing import Any
 
 import msgspec
 
-from .errors import ReadingError
-from .readings import Item, Oversize, Reading, ReadingDecoder
-from .scorer import Decision, Scorer
+from edge_agent.errors import ReadingError
+from edge_agent.ingest.readings import Item, Oversize, Reading, ReadingDecoder
+from edge_agent.scoring.scorer import Decision, Scorer
 
 
 class ErrorBody(msgspec.Struct):

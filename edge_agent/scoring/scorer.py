@@ -17,11 +17,11 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from . import backends
-from .backends.base import Backend, BackendOptions, FloatArray
-from .errors import ModelPackError
-from .modelpack import ModelPack
-from .readings import Reading
+from edge_agent.errors import ModelPackError
+from edge_agent.ingest.readings import Reading
+from edge_agent.models.pack import ModelPack
+from edge_agent.scoring import backends
+from edge_agent.scoring.backends.base import Backend, BackendOptions, FloatArray
 
 #: Stable route reasons, in the order they are checked.
 ROUTE_REASONS: dict[str, str] = {

@@ -34,19 +34,25 @@ from typing import Any
 
 import numpy as np
 
-from .config import Settings
-from .drift import DriftMonitor
-from .errors import EdgeAgentError, OutboxError
-from .link import Link
-from .messages import SCHEMA_VERSION, HardCase, LocalDecision, Topics, encoder
-from .outbox import ClassLimits, Cls, Outbox
-from .pipeline import ScorePipeline
-from .rollout import ModelEvent, ModelStore, Rollout
-from .router import URGENT, Reconciler, Router
-from .scorer import Decision, Scorer
-from .sources import Source
-from .systemd import Heartbeat, Notifier, Watchdog
-from .telemetry import LatencyWindow, MetricsServer, SystemProbe, TelemetryThread, prometheus_text
+from edge_agent.config import Settings
+from edge_agent.delivery.link import Link
+from edge_agent.delivery.outbox import ClassLimits, Cls, Outbox
+from edge_agent.errors import EdgeAgentError, OutboxError
+from edge_agent.ingest.sources import Source
+from edge_agent.rollout.machine import ModelEvent, ModelStore, Rollout
+from edge_agent.routing.router import URGENT, Reconciler, Router
+from edge_agent.scoring.drift import DriftMonitor
+from edge_agent.scoring.pipeline import ScorePipeline
+from edge_agent.scoring.scorer import Decision, Scorer
+from edge_agent.service.systemd import Heartbeat, Notifier, Watchdog
+from edge_agent.service.telemetry import (
+    LatencyWindow,
+    MetricsServer,
+    SystemProbe,
+    TelemetryThread,
+    prometheus_text,
+)
+from edge_agent.wire.messages import SCHEMA_VERSION, HardCase, LocalDecision, Topics, encoder
 
 log = logging.getLogger(__name__)
 

@@ -15,9 +15,9 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from edge_agent.cloud import CloudWorker
+from edge_agent.cloud.worker import CloudWorker
 from edge_agent.config import load_settings
-from edge_agent.messages import Batch, HardCase
+from edge_agent.wire.messages import Batch, HardCase
 from tests.broker import Mosquitto
 from tests.conftest import make_fake_pack, settings_env
 from tests.mqtt_peer import Collector

@@ -24,10 +24,13 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from edge_agent.cloud import PERMANENT_REFUSAL_LIMIT, WORKER_PROPERTY, CloudWorker
+from edge_agent.cloud.worker import PERMANENT_REFUSAL_LIMIT, WORKER_PROPERTY, CloudWorker
 from edge_agent.config import Settings, load_settings
-from edge_agent.link import set_nodelay
-from edge_agent.messages import (
+from edge_agent.delivery.link import set_nodelay
+from edge_agent.ingest.readings import ReadingDecoder
+from edge_agent.models.pack import open_pack
+from edge_agent.scoring.scorer import Scorer
+from edge_agent.wire.messages import (
     IDEMPOTENCY_PROPERTY,
     SCHEMA_VERSION,
     Batch,
@@ -38,9 +41,6 @@ from edge_agent.messages import (
     Verdict,
     encoder,
 )
-from edge_agent.modelpack import open_pack
-from edge_agent.readings import ReadingDecoder
-from edge_agent.scorer import Scorer
 from tests.broker import Mosquitto
 from tests.conftest import MODELS, TEST_JSONL
 

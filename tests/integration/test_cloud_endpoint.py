@@ -22,13 +22,13 @@ from typing import Any
 import msgspec
 import pytest
 
-from edge_agent.agent import Agent
-from edge_agent.cloud import CloudWorker
+from edge_agent.cloud.worker import CloudWorker
 from edge_agent.config import Settings, load_settings
-from edge_agent.messages import BatchVerdicts, Verdict
-from edge_agent.modelpack import resolve
-from edge_agent.scorer import Scorer
-from edge_agent.sources.replay import ReplaySource
+from edge_agent.ingest.sources.replay import ReplaySource
+from edge_agent.models.pack import resolve
+from edge_agent.scoring.scorer import Scorer
+from edge_agent.service.agent import Agent
+from edge_agent.wire.messages import BatchVerdicts, Verdict
 from tests.broker import Mosquitto
 from tests.conftest import MODELS, TEST_JSONL, settings_env
 from tests.fault_proxy import FaultProxy

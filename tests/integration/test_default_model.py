@@ -7,9 +7,9 @@ import json
 import numpy as np
 import pytest
 
-from edge_agent.modelpack import resolve
-from edge_agent.readings import Reading
-from edge_agent.scorer import Decision, Scorer
+from edge_agent.ingest.readings import Reading
+from edge_agent.models.pack import resolve
+from edge_agent.scoring.scorer import Decision, Scorer
 from tests.conftest import TEST_JSONL
 
 pytestmark = pytest.mark.integration

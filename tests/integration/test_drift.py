@@ -18,12 +18,12 @@ from typing import Any
 
 import pytest
 
-from edge_agent.agent import Agent
 from edge_agent.config import load_settings
-from edge_agent.localbroker import Mosquitto
-from edge_agent.modelpack import resolve
-from edge_agent.scorer import Scorer
-from edge_agent.sources import open_source
+from edge_agent.devtools.localbroker import Mosquitto
+from edge_agent.ingest.sources import open_source
+from edge_agent.models.pack import resolve
+from edge_agent.scoring.scorer import Scorer
+from edge_agent.service.agent import Agent
 from tests.conftest import ROOT, TEST_JSONL, settings_env
 from tests.mqtt_peer import Collector
 
@@ -84,7 +84,7 @@ def run_agent(
 def test_unchanged_replay_never_flags(
     broker: Mosquitto, topic_prefix: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    with caplog.at_level(logging.WARNING, logger="edge_agent.drift"):
+    with caplog.at_level(logging.WARNING, logger="edge_agent.scoring.drift"):
         snaps, text = run_agent(broker, topic_prefix, tmp_path)
     assert snaps, "no telemetry"
     assert f"edge_agent_readings {LOOPS * 40}" in text
@@ -99,13 +99,13 @@ def test_unchanged_replay_never_flags(
     assert "edge_agent_drift_flag 0" in text
     assert "edge_agent_drift_enabled 1" in text
     assert 'edge_agent_drift_psi{name="acc_z_mean"}' in text
-    assert not [r for r in caplog.records if r.name == "edge_agent.drift"]
+    assert not [r for r in caplog.records if r.name == "edge_agent.scoring.drift"]
 
 
 def test_shifted_channel_raises_the_flag_within_the_window(
     broker: Mosquitto, topic_prefix: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    with caplog.at_level(logging.WARNING, logger="edge_agent.drift"):
+    with caplog.at_level(logging.WARNING, logger="edge_agent.scoring.drift"):
         snaps, text = run_agent(
             broker,
             topic_prefix,
@@ -128,7 +128,7 @@ def test_shifted_channel_raises_the_flag_within_the_window(
     assert "acc_z_mean" in last["features_over"]
     assert last["psi_max"] >= last["psi_threshold"]
     assert "edge_agent_drift_flag 1" in text
-    logged = [r.getMessage() for r in caplog.records if r.name == "edge_agent.drift"]
+    logged = [r.getMessage() for r in caplog.records if r.name == "edge_agent.scoring.drift"]
     assert len(logged) == 1, logged  # logged once when it rose, not on every tick
     assert "acc_z_mean" in logged[0]
 

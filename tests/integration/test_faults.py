@@ -30,13 +30,13 @@ import msgspec
 import numpy as np
 import pytest
 
-from edge_agent.agent import Agent, open_outbox
 from edge_agent.config import Settings, load_settings
-from edge_agent.link import Link
-from edge_agent.messages import Batch, HardCase, Topics
-from edge_agent.modelpack import open_pack, resolve
-from edge_agent.outbox import Cls
-from edge_agent.scorer import Scorer
+from edge_agent.delivery.link import Link
+from edge_agent.delivery.outbox import Cls
+from edge_agent.models.pack import open_pack, resolve
+from edge_agent.scoring.scorer import Scorer
+from edge_agent.service.agent import Agent, open_outbox
+from edge_agent.wire.messages import Batch, HardCase, Topics
 from tests.broker import Mosquitto, free_port
 from tests.conftest import TEST_JSONL, make_fake_pack, puback_env, settings_env
 from tests.mqtt_peer import Collector

@@ -8,14 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from edge_agent.agent import Agent
-from edge_agent.cloud import CloudWorker
+from edge_agent.cloud.worker import CloudWorker
 from edge_agent.config import load_settings
-from edge_agent.localbroker import Mosquitto
-from edge_agent.messages import Verdict
-from edge_agent.modelpack import resolve
-from edge_agent.scorer import Scorer
-from edge_agent.sources.replay import ReplaySource
+from edge_agent.devtools.localbroker import Mosquitto
+from edge_agent.ingest.sources.replay import ReplaySource
+from edge_agent.models.pack import resolve
+from edge_agent.scoring.scorer import Scorer
+from edge_agent.service.agent import Agent
+from edge_agent.wire.messages import Verdict
 from tests.conftest import TEST_JSONL, settings_env
 
 pytestmark = pytest.mark.integration

@@ -18,11 +18,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge_agent.backends.base import FloatArray
 from edge_agent.errors import ModelIntegrityError
-from edge_agent.modelpack import ModelPack, open_pack
-from edge_agent.readings import Reading
-from edge_agent.scorer import Scorer
+from edge_agent.ingest.readings import Reading
+from edge_agent.models.pack import ModelPack, open_pack
+from edge_agent.scoring.backends.base import FloatArray
+from edge_agent.scoring.scorer import Scorer
 from tests.conftest import MODELS, TEST_JSONL
 
 pytestmark = [pytest.mark.integration, pytest.mark.llm]
@@ -170,8 +170,8 @@ def test_without_the_extra_the_backend_is_a_clear_error() -> None:
     code = (
         "import sys\n"
         "sys.modules['llama_cpp'] = None  # as if llama-cpp-python were not installed\n"
-        "import edge_agent, edge_agent.scorer, edge_agent.cli\n"
-        "from edge_agent import backends\n"
+        "import edge_agent, edge_agent.scoring.scorer, edge_agent.cli\n"
+        "from edge_agent.scoring import backends\n"
         "from edge_agent.errors import BackendUnavailable\n"
         "try:\n"
         "    backends.create('llama_cpp')\n"

@@ -25,21 +25,21 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from edge_agent.agent import Agent
 from edge_agent.config import Settings, load_settings
 from edge_agent.errors import EdgeAgentError
-from edge_agent.modelpack import BUNDLED_PACKS_DIR, BUNDLED_TEST_DATA, open_pack
-from edge_agent.push import push_release
-from edge_agent.release import (
+from edge_agent.ingest.sources import open_source
+from edge_agent.models.pack import BUNDLED_PACKS_DIR, BUNDLED_TEST_DATA, open_pack
+from edge_agent.models.release import (
     RELEASE,
     SIGNATURE,
     keygen,
     load_private_key,
     sign_pack,
 )
-from edge_agent.rollout import ModelStore
-from edge_agent.scorer import Scorer
-from edge_agent.sources import open_source
+from edge_agent.rollout.machine import ModelStore
+from edge_agent.rollout.push import push_release
+from edge_agent.scoring.scorer import Scorer
+from edge_agent.service.agent import Agent
 from tests.broker import Mosquitto
 from tests.conftest import settings_env
 

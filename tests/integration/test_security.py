@@ -30,13 +30,13 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from paho.mqtt.enums import CallbackAPIVersion
 
-from edge_agent.agent import Agent, open_outbox
 from edge_agent.config import Settings, load_settings
-from edge_agent.link import Link, new_client
-from edge_agent.messages import Topics
-from edge_agent.modelpack import open_pack
-from edge_agent.outbox import Cls
-from edge_agent.scorer import Scorer
+from edge_agent.delivery.link import Link, new_client
+from edge_agent.delivery.outbox import Cls
+from edge_agent.models.pack import open_pack
+from edge_agent.scoring.scorer import Scorer
+from edge_agent.service.agent import Agent, open_outbox
+from edge_agent.wire.messages import Topics
 from tests.broker import Mosquitto
 from tests.conftest import make_fake_pack
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from edge_agent.localbroker import Mosquitto, free_port
+from edge_agent.devtools.localbroker import Mosquitto, free_port
 from tests.conftest import make_fake_pack, settings_env
 from tests.integration.test_sources import Harness
 from tests.mqtt_peer import Collector

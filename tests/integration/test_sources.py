@@ -12,12 +12,12 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from edge_agent.agent import Agent
 from edge_agent.config import Settings, load_settings
-from edge_agent.localbroker import Mosquitto, free_port
-from edge_agent.modelpack import open_pack
-from edge_agent.scorer import Scorer
-from edge_agent.sources import open_source
+from edge_agent.devtools.localbroker import Mosquitto, free_port
+from edge_agent.ingest.sources import open_source
+from edge_agent.models.pack import open_pack
+from edge_agent.scoring.scorer import Scorer
+from edge_agent.service.agent import Agent
 from tests.conftest import make_fake_pack, settings_env
 
 pytestmark = pytest.mark.integration

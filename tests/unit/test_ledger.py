@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from edge_agent.cloud import CloudWorker, CostLedger
+from edge_agent.cloud.worker import CloudWorker, CostLedger
 from edge_agent.config import load_settings
 
 DAY1 = dt.datetime(2026, 11, 27, 12, 0, tzinfo=dt.timezone.utc)

@@ -3,7 +3,7 @@ from __future__ import annotations
 import os
 import threading
 
-from edge_agent.sources.lines import Oversize, chunked_lines
+from edge_agent.ingest.sources.lines import Oversize, chunked_lines
 
 
 def feed(data: bytes, cap: int, read_size: int = 7) -> list[bytes | Oversize]:

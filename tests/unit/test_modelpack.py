@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from edge_agent.errors import ModelIntegrityError, ModelPackError
-from edge_agent.modelpack import discover, open_pack, resolve
+from edge_agent.models.pack import discover, open_pack, resolve
 from tests.conftest import MODELS
 
 

@@ -7,13 +7,13 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from edge_agent.agent import Agent
 from edge_agent.config import load_settings
+from edge_agent.delivery.outbox import SEQ_PER_RUN, ClassLimits, Cls, Outbox
 from edge_agent.errors import OutboxFull
-from edge_agent.messages import HardCase
-from edge_agent.modelpack import open_pack
-from edge_agent.outbox import SEQ_PER_RUN, ClassLimits, Cls, Outbox
-from edge_agent.scorer import Scorer
+from edge_agent.models.pack import open_pack
+from edge_agent.scoring.scorer import Scorer
+from edge_agent.service.agent import Agent
+from edge_agent.wire.messages import HardCase
 from tests.conftest import make_fake_pack, puback_env
 
 U, B, T = Cls.URGENT, Cls.BATCH, Cls.TELEMETRY

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from edge_agent.errors import ReadingError
-from edge_agent.readings import REASONS, ReadingDecoder
+from edge_agent.ingest.readings import REASONS, ReadingDecoder
 
 SHAPE = (2, 3)
 

@@ -11,11 +11,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from edge_agent.config import RolloutSettings, load_settings
-from edge_agent.messages import SCHEMA_VERSION, Verdict
-from edge_agent.modelpack import open_pack
-from edge_agent.readings import Reading
-from edge_agent.rollout import Bounds, ModelEvent, ModelStore, Pointer, Rollout, Shadow
-from edge_agent.scorer import Decision, Scorer
+from edge_agent.ingest.readings import Reading
+from edge_agent.models.pack import open_pack
+from edge_agent.rollout.machine import Bounds, ModelEvent, ModelStore, Pointer, Rollout, Shadow
+from edge_agent.scoring.scorer import Decision, Scorer
+from edge_agent.wire.messages import SCHEMA_VERSION, Verdict
 from tests.conftest import make_fake_pack
 
 

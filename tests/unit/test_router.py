@@ -4,10 +4,10 @@ import msgspec
 import numpy as np
 
 from edge_agent.config import RouterSettings
-from edge_agent.messages import SCHEMA_VERSION, BatchVerdicts, Verdict
-from edge_agent.readings import Reading
-from edge_agent.router import Reconciler, Router
-from edge_agent.scorer import Decision
+from edge_agent.ingest.readings import Reading
+from edge_agent.routing.router import Reconciler, Router
+from edge_agent.scoring.scorer import Decision
+from edge_agent.wire.messages import SCHEMA_VERSION, BatchVerdicts, Verdict
 
 
 class Clock:

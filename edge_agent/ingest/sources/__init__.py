@@ -28,9 +28,9 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Protocol
 
-from ..config import Settings
-from ..errors import ConfigError
-from ..readings import Item
+from edge_agent.config import Settings
+from edge_agent.errors import ConfigError
+from edge_agent.ingest.readings import Item
 
 #: How often an idle source yields an empty group so the main loop keeps turning.
 IDLE_TICK_S = 0.25
@@ -47,8 +47,8 @@ class Source(Protocol):
 
 def open_source(settings: Settings, shape: tuple[int, ...], hop: int | None) -> Source:
     """The configured source, windowing sample streams when ``source.samples`` is set."""
-    from . import datagram, jsonl, mqtt, replay  # noqa: PLC0415 - one per kind, on demand
-    from .window import Windowed  # noqa: PLC0415
+    from edge_agent.ingest.sources import datagram, jsonl, mqtt, replay  # noqa: PLC0415 - one per kind, on demand
+    from edge_agent.ingest.sources.window import Windowed  # noqa: PLC0415
 
     s = settings.source
     cap = settings.input.max_line_bytes

@@ -9,10 +9,10 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from ..errors import ConfigError
-from ..readings import Item
-from . import IDLE_TICK_S
-from .lines import Oversize
+from edge_agent.errors import ConfigError
+from edge_agent.ingest.readings import Item
+from edge_agent.ingest.sources import IDLE_TICK_S
+from edge_agent.ingest.sources.lines import Oversize
 
 
 def _udp_address(text: str) -> tuple[str, int]:

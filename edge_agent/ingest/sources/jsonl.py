@@ -6,10 +6,10 @@ import os
 import sys
 from collections.abc import Iterator
 
-from ..errors import ConfigError
-from ..readings import Item
-from . import IDLE_TICK_S
-from .lines import chunked_lines
+from edge_agent.errors import ConfigError
+from edge_agent.ingest.readings import Item
+from edge_agent.ingest.sources import IDLE_TICK_S
+from edge_agent.ingest.sources.lines import chunked_lines
 
 
 class JsonlSource:

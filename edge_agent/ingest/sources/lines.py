@@ -14,7 +14,7 @@ import os
 import select
 from collections.abc import Iterator
 
-from ..readings import Line, Oversize
+from edge_agent.ingest.readings import Line, Oversize
 
 __all__ = ["Line", "Oversize", "chunked_lines"]
 

@@ -10,11 +10,11 @@ from typing import Any
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from ..config import Settings
-from ..errors import ConfigError
-from ..readings import Item
-from . import IDLE_TICK_S
-from .lines import Oversize
+from edge_agent.config import Settings
+from edge_agent.errors import ConfigError
+from edge_agent.ingest.readings import Item
+from edge_agent.ingest.sources import IDLE_TICK_S
+from edge_agent.ingest.sources.lines import Oversize
 
 log = logging.getLogger(__name__)
 

@@ -18,8 +18,8 @@ from pathlib import Path
 import msgspec
 import numpy as np
 
-from ..errors import ConfigError
-from ..readings import Item, Oversize
+from edge_agent.errors import ConfigError
+from edge_agent.ingest.readings import Item, Oversize
 
 
 class _Window(msgspec.Struct):

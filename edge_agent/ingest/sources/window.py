@@ -6,10 +6,10 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from ..errors import ReadingError
-from ..readings import Item, Reading, SampleDecoder
-from . import Source
-from .lines import Oversize
+from edge_agent.errors import ReadingError
+from edge_agent.ingest.readings import Item, Reading, SampleDecoder
+from edge_agent.ingest.sources import Source
+from edge_agent.ingest.sources.lines import Oversize
 
 
 class Windowed:

@@ -8,16 +8,16 @@ from __future__ import annotations
 
 import importlib
 
-from ..errors import BackendUnavailable
-from .base import Backend, BackendOptions, BackendOutput
+from edge_agent.errors import BackendUnavailable
+from edge_agent.scoring.backends.base import Backend, BackendOptions, BackendOutput
 
 __all__ = ["REGISTRY", "Backend", "BackendOptions", "BackendOutput", "create"]
 
 #: backend name -> "module:Class"; the only place a backend is named.
 REGISTRY: dict[str, str] = {
-    "onnx": "edge_agent.backends.onnx:OnnxBackend",
-    "fake": "edge_agent.backends.fake:FakeBackend",
-    "llama_cpp": "edge_agent.backends.llama_cpp:LlamaCppBackend",
+    "onnx": "edge_agent.scoring.backends.onnx:OnnxBackend",
+    "fake": "edge_agent.scoring.backends.fake:FakeBackend",
+    "llama_cpp": "edge_agent.scoring.backends.llama_cpp:LlamaCppBackend",
 }
 
 #: What to install when a backend's runtime is missing.

@@ -16,7 +16,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 import numpy.typing as npt
 
-from ..modelpack import ModelPack
+from edge_agent.models.pack import ModelPack
 
 FloatArray = npt.NDArray[np.float32]
 

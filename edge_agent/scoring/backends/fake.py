@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..errors import ModelLoadError
-from ..modelpack import ModelPack
-from .base import BackendOptions, BackendOutput, FloatArray
+from edge_agent.errors import ModelLoadError
+from edge_agent.models.pack import ModelPack
+from edge_agent.scoring.backends.base import BackendOptions, BackendOutput, FloatArray
 
 
 class FakeBackend:

@@ -52,9 +52,9 @@ import llama_cpp
 import numpy as np
 import numpy.typing as npt
 
-from ..errors import ModelLoadError
-from ..modelpack import LlamaSpec, ModelPack
-from .base import BackendOptions, BackendOutput, FloatArray
+from edge_agent.errors import ModelLoadError
+from edge_agent.models.pack import LlamaSpec, ModelPack
+from edge_agent.scoring.backends.base import BackendOptions, BackendOutput, FloatArray
 
 log = logging.getLogger(__name__)
 

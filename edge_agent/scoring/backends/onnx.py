@@ -13,9 +13,9 @@ import logging
 import numpy as np
 import onnxruntime as ort
 
-from ..errors import ModelLoadError
-from ..modelpack import ModelPack
-from .base import BackendOptions, BackendOutput, FloatArray
+from edge_agent.errors import ModelLoadError
+from edge_agent.models.pack import ModelPack
+from edge_agent.scoring.backends.base import BackendOptions, BackendOutput, FloatArray
 
 log = logging.getLogger(__name__)
 

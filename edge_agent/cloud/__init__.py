@@ -1,0 +1,1 @@
+"""The cloud side: the fallback worker (urgent and batch tiers), its ledger and endpoint."""

@@ -1,0 +1,1 @@
+"""Where a reading is taken in and validated: the sources and the reading decoder."""

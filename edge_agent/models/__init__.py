@@ -1,0 +1,1 @@
+"""A model on disk: the pack format, signed releases, fetching large files, the model store."""

@@ -1,0 +1,1 @@
+"""Where a decision is routed: the escalation policy and the reconciler of cloud verdicts."""

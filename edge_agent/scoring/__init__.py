@@ -1,0 +1,1 @@
+"""Where a reading is scored: backends, the scorer, the scoring pipeline and drift."""

@@ -1,0 +1,1 @@
+"""The device service: the agent's main loop, systemd integration and telemetry."""

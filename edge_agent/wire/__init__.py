@@ -1,0 +1,1 @@
+"""What travels on the wire: MQTT payloads, topics and their schema version."""
