@@ -54,7 +54,7 @@ def _open_scorer(settings: Settings, pack_ref: str | None) -> Scorer:
     pack = resolve(
         pack_ref or settings.model.pack, settings.model.packs_dir, settings.model.store_dir
     )
-    return Scorer.open(pack, _backend_options(settings))
+    return Scorer.open(pack, BackendOptions.of(settings.model))
 
 
 def cmd_score(args: argparse.Namespace) -> int:
@@ -90,21 +90,14 @@ def cmd_score(args: argparse.Namespace) -> int:
 def _open_live_scorer(settings: Settings) -> Scorer:
     """What the device serves: the installed release its pointer names (verified), else the
     configured pack."""
-    from edge_agent.rollout.machine import ModelStore  # noqa: PLC0415 - the device service only
+    from edge_agent.models.store import ModelStore  # noqa: PLC0415 - the device service only
 
     if settings.rollout.enabled:
         pack, _ = ModelStore(settings.device.state_dir, settings.model.store_dir).live_pack()
         if pack is not None:
             log.info("serving the installed release %s (%s)", pack.ref, pack.path)
-            return Scorer.open(pack, _backend_options(settings))
+            return Scorer.open(pack, BackendOptions.of(settings.model))
     return _open_scorer(settings, None)
-
-
-def _backend_options(settings: Settings) -> BackendOptions:
-    return BackendOptions(
-        intra_op_threads=settings.model.intra_op_threads,
-        inter_op_threads=settings.model.inter_op_threads,
-    )
 
 
 def cmd_run(args: argparse.Namespace) -> int:

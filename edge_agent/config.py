@@ -15,7 +15,6 @@ import math
 import os
 import re
 import socket
-import sys
 import types
 import typing
 from collections.abc import Mapping
@@ -25,11 +24,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 
 from edge_agent.errors import ConfigError
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - exercised on Python 3.10 only
-    import tomli as tomllib
+from edge_agent.util.files import UnreadableFile, read_toml
 
 ENV_PREFIX = "EDGE_AGENT_"
 # Variables with this prefix that are not settings (the CLI reads them itself).
@@ -83,6 +78,12 @@ class SourceSettings(_Section, frozen=True):
     port: Port = 1883
     max_wait_ms: NonNegFloat = 2.0
     socket_mode: Annotated[int, msgspec.Meta(ge=0, le=0o777)] = 0o660
+    #: mqtt: TLS and credentials for the source's broker (as in [mqtt]; off by default)
+    tls_ca: str = ""
+    tls_cert: str = ""
+    tls_key: str = ""
+    username: str = ""
+    password_file: str = ""
 
 
 class MqttSettings(_Section, frozen=True):
@@ -358,18 +359,11 @@ def load_settings(path: str | Path | None = None, env: Mapping[str, str] | None 
     if path is not None:
         origin = str(path)
         try:
-            with open(path, "rb") as fh:
-                data = tomllib.load(fh)
+            data = read_toml(path)
         except FileNotFoundError as exc:
             raise ConfigError(f"{origin}: config file not found") from exc
-        except OSError as exc:
-            raise ConfigError(f"{origin}: cannot read config file: {exc.strerror}") from exc
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"{origin}: not valid TOML: {exc}") from exc
-        except UnicodeDecodeError as exc:
-            raise ConfigError(f"{origin}: not valid UTF-8 at byte {exc.start}") from exc
-        except RecursionError as exc:
-            raise ConfigError(f"{origin}: not valid TOML: nested too deeply") from exc
+        except UnreadableFile as exc:
+            raise ConfigError(f"{origin}: {exc}") from exc
     _reject_non_finite(data, origin, "")
     try:
         msgspec.convert(data, Settings)  # file alone first, so errors name the file

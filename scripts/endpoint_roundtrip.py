@@ -33,9 +33,9 @@ from paho.mqtt.properties import Properties
 
 from edge_agent.cloud.worker import CloudWorker
 from edge_agent.config import load_settings
-from edge_agent.delivery.link import set_nodelay
 from edge_agent.devtools.localbroker import Mosquitto, free_port
 from edge_agent.models.pack import BUNDLED_TEST_DATA, open_pack, resolve
+from edge_agent.mqtt.session import set_nodelay
 from edge_agent.wire.messages import (
     SCHEMA_VERSION,
     HardCase,

@@ -46,9 +46,9 @@ import logging
 import math
 import shutil
 import statistics
-import sys
 import tempfile
 import time
+import tomllib
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -71,11 +71,6 @@ from onnxruntime.quantization import (
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.model_selection import StratifiedKFold
 from sklearn.neural_network import MLPClassifier
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - Python 3.10
-    import tomli as tomllib
 
 log = logging.getLogger("train_sensor_model")
 

@@ -52,12 +52,12 @@ from paho.mqtt.properties import Properties
 from edge_agent import __version__
 from edge_agent.cloud.worker import CloudWorker
 from edge_agent.config import Settings, load_settings
-from edge_agent.delivery.link import set_nodelay
 from edge_agent.devtools.localbroker import Mosquitto
 from edge_agent.errors import EdgeAgentError
 from edge_agent.ingest.readings import Reading
 from edge_agent.ingest.sources.replay import ReplaySource
 from edge_agent.models.pack import BUNDLED_TEST_DATA, ModelPack, discover, resolve
+from edge_agent.mqtt.session import set_nodelay
 from edge_agent.scoring import backends
 from edge_agent.scoring.backends.base import BackendOptions
 from edge_agent.scoring.scorer import Scorer
@@ -248,7 +248,7 @@ def agent_paths(
     batched["throughput_per_s"] = 64 * n_groups / (batched["mean_ms"] * n_groups / 1000.0)
     batched["batch"] = 64
     readings = [Reading(values=w) for w in x]
-    route = agent._route  # the same routing the pipeline calls
+    route = agent.route  # the same routing the pipeline calls
 
     def score_route(r: Reading) -> None:
         for d in scorer.score([r]):

@@ -41,6 +41,7 @@ from typing import TextIO
 
 from edge_agent.errors import FetchError, ModelIntegrityError, ModelPackError
 from edge_agent.models.pack import FetchSpec, ModelPack, PackFile
+from edge_agent.util.files import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -266,15 +267,9 @@ def _stream(
 
 def _matches(path: Path, entry: PackFile) -> bool:
     try:
-        if path.stat().st_size != entry.size:
-            return False
-        h = hashlib.sha256()
-        with open(path, "rb") as fh:
-            for block in iter(lambda: fh.read(_CHUNK), b""):
-                h.update(block)
+        return path.stat().st_size == entry.size and file_sha256(path) == entry.sha256
     except OSError:
         return False
-    return h.hexdigest() == entry.sha256
 
 
 def _is_terminal(stream: TextIO) -> bool:

@@ -17,20 +17,14 @@ there (see fetch.py); ``verify`` checks it like any other file.
 
 from __future__ import annotations
 
-import hashlib
 import os
-import sys
 from pathlib import Path
 from typing import Annotated, Any
 
 import msgspec
 
 from edge_agent.errors import ModelIntegrityError, ModelPackError
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - exercised on Python 3.10 only
-    import tomli as tomllib
+from edge_agent.util.files import UnreadableFile, file_sha256, read_toml
 
 MANIFEST = "manifest.toml"
 SUPPORTED_SCHEMA = 1
@@ -298,14 +292,10 @@ class ModelPack:
 
 
 def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
     try:
-        with open(path, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
+        return file_sha256(path)
     except OSError as exc:
         raise ModelIntegrityError(f"{path}: cannot read: {exc.strerror}") from exc
-    return h.hexdigest()
 
 
 def open_pack(path: str | Path, store_dir: str | Path = "") -> ModelPack:
@@ -317,14 +307,11 @@ def open_pack(path: str | Path, store_dir: str | Path = "") -> ModelPack:
     folder = Path(path)
     manifest_path = folder / MANIFEST
     try:
-        with open(manifest_path, "rb") as fh:
-            raw = tomllib.load(fh)
+        raw = read_toml(manifest_path)
     except FileNotFoundError as exc:
         raise ModelPackError(f"{manifest_path}: no manifest (is {folder} a model pack?)") from exc
-    except OSError as exc:
-        raise ModelPackError(f"{manifest_path}: cannot read: {exc.strerror}") from exc
-    except tomllib.TOMLDecodeError as exc:
-        raise ModelPackError(f"{manifest_path}: not valid TOML: {exc}") from exc
+    except UnreadableFile as exc:
+        raise ModelPackError(f"{manifest_path}: {exc}") from exc
     try:
         manifest = msgspec.convert(raw, Manifest)
     except msgspec.ValidationError as exc:

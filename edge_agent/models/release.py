@@ -37,6 +37,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from edge_agent.errors import ModelError, ReleaseError
 from edge_agent.models.pack import MANIFEST, ModelPack, open_pack
+from edge_agent.util.files import file_sha256
 
 RELEASE = "release.json"
 SIGNATURE = "release.sig"
@@ -98,14 +99,6 @@ def check_name(name: str) -> str:
     if not NAME.match(name) or name in (".", ".."):
         raise ReleaseError(f"file name {name!r:.80} is not a plain file name")
     return name
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 # -- keys ------------------------------------------------------------------------------
@@ -183,7 +176,7 @@ def sign_pack(folder: Path, key: Ed25519PrivateKey, *, rollback: bool = False) -
         v=1,
         name=m.name,
         version=m.version,
-        manifest_sha256=_sha256(manifest),
+        manifest_sha256=file_sha256(manifest),
         manifest_size=manifest.stat().st_size,
         files=[ReleaseFile(check_name(f.path), f.sha256, f.size) for f in m.files],
         rollback=rollback,
@@ -255,7 +248,7 @@ def check_files(folder: Path, statement: Release, max_file_bytes: int) -> None:
             raise ReleaseError(f"{name}: missing from the release") from exc
         if actual != size:
             raise ReleaseError(f"{name}: {actual} bytes, the signed statement says {size}")
-        if _sha256(path) != sha:
+        if file_sha256(path) != sha:
             raise ReleaseError(f"{name}: sha256 does not match the signed statement")
 
 

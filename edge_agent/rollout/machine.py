@@ -1,19 +1,10 @@
 """Model updates on the device: stage, verify, self-test, shadow, promote, watch, commit — or
 refuse, reject, roll back. docs/models.md is the operator's side of this.
 
-State lives under ``<state_dir>/models``::
-
-    incoming/<release id>/      files of a release being received (the only place written to
-                                from outside; names checked, sizes capped)
-    packs/<name>-<version>-<id>/ verified releases, never changed once there
-    current.json                the pointer: which installed pack serves, the previous one,
-                                whether the live one is still on probation, the committed
-                                version per pack name
-
-The pointer is replaced whole with ``os.replace`` and the folder fsynced, so at any instant —
-a SIGKILL included — it names exactly one pack (or none: the configured ``model.pack``
-serves), and a pack is only ever named once it is completely in ``packs/``. On start the live
-pack is verified again (sha256 of every file); if that fails the previous one serves.
+State lives in the model store under ``<state_dir>/models`` (``models/store.py``); the
+files of a release sent over MQTT arrive through ``transfer.py``; the trial's self-test,
+shadow and health figures are ``trial.py``. On start the live pack is verified again (sha256
+of every file); if that fails the previous one serves.
 
 The steps of one release, each reported on ``<prefix>/<device>/model`` (``ModelEvent``):
 
@@ -35,9 +26,6 @@ The steps of one release, each reported on ``<prefix>/<device>/model`` (``ModelE
 
 from __future__ import annotations
 
-import base64
-import binascii
-import hashlib
 import logging
 import os
 import queue
@@ -46,21 +34,16 @@ import threading
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import msgspec
-import numpy as np
 
-from edge_agent.config import RolloutSettings, Settings
-from edge_agent.errors import EdgeAgentError, ModelError, ReleaseError
-from edge_agent.ingest.readings import Reading, ReadingDecoder
-from edge_agent.models.pack import ModelPack, open_pack
+from edge_agent.config import Settings
+from edge_agent.errors import EdgeAgentError, ReleaseError
 from edge_agent.models.release import (
     RELEASE,
     SIGNATURE,
-    Release,
     VerifiedRelease,
     check_name,
     read_statement,
@@ -68,445 +51,17 @@ from edge_agent.models.release import (
     verify_release,
     version_key,
 )
-from edge_agent.scoring.backends import BackendOptions
+from edge_agent.models.store import ModelStore
+from edge_agent.rollout.transfer import PROGRESS_EVERY, Receiving, stage_statement, unfinished
+from edge_agent.rollout.trial import Bounds, Health, Shadow, self_test
+from edge_agent.scoring.backends.base import BackendOptions
 from edge_agent.scoring.scorer import Decision, Scorer
-from edge_agent.wire.messages import Verdict
+from edge_agent.wire.messages import DECODE_ERRORS, ModelCommand, ModelEvent, State, Verdict
 
 log = logging.getLogger(__name__)
 
-POINTER = "current.json"
-#: While a release comes in chunks, the device reports how far it got every this many chunks;
-#: the sender keeps at most ``WINDOW_CHUNKS`` beyond that (push.py), so the command queue
-#: (``COMMAND_QUEUE``) never overflows.
-PROGRESS_EVERY = 8
-WINDOW_CHUNKS = 32
+#: Commands and chunks waiting for the rollout thread (the sender's window keeps it short).
 COMMAND_QUEUE = 100
-
-
-# -- the pointer and the installed packs ---------------------------------------------------
-
-
-class Pointer(msgspec.Struct, forbid_unknown_fields=True):
-    v: int = 1
-    live: str | None = None  #: folder under packs/ that serves; None: the configured pack
-    previous: str | None = None  #: what served before ``live`` (None: the configured pack)
-    probation: bool = False  #: ``live`` was promoted and its health window is not over
-    baseline_hard_rate: float | None = None  #: the old model's hard rate, for the health window
-    release: str = ""  #: release id of ``live``
-    committed: dict[str, str] = {}  #: pack name -> last committed version
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-class ModelStore:
-    """The device's installed packs and the pointer to the live one."""
-
-    def __init__(self, state_dir: str | Path, store_dir: str = "") -> None:
-        self.root = Path(state_dir) / "models"
-        self.packs = self.root / "packs"
-        self.incoming = self.root / "incoming"
-        self.pointer_path = self.root / POINTER
-        self.store_dir = store_dir
-
-    def read_pointer(self) -> Pointer:
-        try:
-            data = self.pointer_path.read_bytes()
-        except FileNotFoundError:
-            return Pointer()
-        except OSError as exc:
-            log.error("cannot read %s: %s; serving the configured pack", self.pointer_path, exc)
-            return Pointer()
-        try:
-            return msgspec.json.decode(data, type=Pointer)
-        except msgspec.MsgspecError as exc:
-            log.error("%s is not valid (%s); serving the configured pack", self.pointer_path, exc)
-            return Pointer()
-
-    def write_pointer(self, pointer: Pointer) -> None:
-        """Replace the pointer atomically and durably."""
-        self.root.mkdir(parents=True, exist_ok=True)
-        tmp = self.root / (POINTER + ".tmp")
-        with open(tmp, "wb") as fh:
-            fh.write(msgspec.json.encode(pointer))
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, self.pointer_path)
-        _fsync_dir(self.root)
-
-    def open_installed(self, folder: str, *, verify: bool = True) -> ModelPack:
-        """An installed pack; ``verify=False`` only right after ``install``, whose release
-        was verified file by file just before the rename that put it there."""
-        pack = open_pack(self.packs / check_name(folder), self.store_dir)
-        if verify:
-            pack.verify()
-        else:
-            pack.verified = True
-        return pack
-
-    def live_pack(self) -> tuple[ModelPack | None, Pointer]:
-        """The installed pack the pointer names, verified; None: serve the configured pack."""
-        pointer = self.read_pointer()
-        for folder in (pointer.live, pointer.previous):
-            if folder is None:
-                return None, pointer
-            try:
-                return self.open_installed(folder), pointer
-            except (ModelError, ReleaseError) as exc:
-                log.error("installed pack %s cannot serve: %s", folder, exc)
-        return None, pointer
-
-    def staging(self, release_id: str) -> Path:
-        folder = self.incoming / check_name(release_id)
-        folder.mkdir(parents=True, exist_ok=True)
-        return folder
-
-    def install(self, verified: VerifiedRelease) -> tuple[str, bool]:
-        """Move a verified staged release into packs/ (one rename); returns its folder name and
-        whether it was moved there now (False: it was installed before, the copy is dropped)."""
-        m = verified.pack.manifest
-        name = check_name(f"{m.name}-{m.version}-{verified.id[:12]}")
-        dest = self.packs / name
-        self.packs.mkdir(parents=True, exist_ok=True)
-        if dest.exists():
-            shutil.rmtree(verified.pack.path, ignore_errors=True)
-            return name, False
-        for child in verified.pack.path.iterdir():  # data on disk before the rename
-            with open(child, "rb") as fh:
-                os.fsync(fh.fileno())
-        os.replace(verified.pack.path, dest)
-        _fsync_dir(self.packs)
-        return name, True
-
-    def tidy(self, keep: set[str]) -> None:
-        """Remove installed packs that the pointer does not name."""
-        if self.packs.is_dir():
-            for child in self.packs.iterdir():
-                if child.name not in keep:
-                    shutil.rmtree(child, ignore_errors=True)
-
-
-# -- golden inputs -------------------------------------------------------------------------
-
-
-class _Golden(msgspec.Struct, frozen=True):
-    values: list[list[float]]
-    label: str
-    confidence: float
-
-
-def self_test(scorer: Scorer) -> str:
-    """Score the pack's golden inputs; "" when every one matches, else what did not."""
-    st = scorer.pack.manifest.selftest
-    if st is None:
-        return "the pack has no [selftest] golden inputs"
-    try:
-        lines = scorer.pack.file(st.file).read_bytes().splitlines()
-        golden = [msgspec.json.decode(x, type=_Golden) for x in lines if x.strip()]
-    except (OSError, msgspec.MsgspecError, ModelError) as exc:
-        return f"golden inputs unreadable: {exc}"
-    if not golden:
-        return "the golden inputs file is empty"
-    decoder = ReadingDecoder(scorer.shape, 1 << 20)
-    try:
-        readings = [decoder.from_values(g.values) for g in golden]
-        decisions = scorer.score(readings)
-    except EdgeAgentError as exc:
-        return f"scoring the golden inputs failed: {exc}"
-    wrong = [
-        (i, d.label, round(d.confidence, 4))
-        for i, (g, d) in enumerate(zip(golden, decisions, strict=True))
-        if d.label != g.label or abs(d.confidence - g.confidence) > st.confidence_tolerance
-    ]
-    if wrong:
-        first = wrong[0]
-        return f"{len(wrong)} of {len(golden)} golden inputs differ, e.g. #{first[0]}: {first[1:]}"
-    return ""
-
-
-# -- bounds, shadow and health ---------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Bounds:
-    shadow_readings: int
-    min_agreement: float
-    max_hard_rate_increase: float
-    max_p99_ms: float
-    max_cloud_agreement_drop: float
-    min_cloud_verdicts: int
-    health_readings: int
-    health_max_hard_rate_increase: float
-    health_max_error_rate: float
-
-    @classmethod
-    def of(cls, pack: ModelPack, cfg: RolloutSettings) -> Bounds:
-        own = pack.manifest.rollout
-        values = {}
-        for name in cls.__slots__:
-            mine = getattr(own, name) if own is not None else None
-            values[name] = mine if mine is not None else getattr(cfg, name)
-        return cls(**values)
-
-
-def _p99(xs: list[float] | deque[float]) -> float:
-    return float(np.percentile(np.fromiter(xs, dtype=np.float64), 99)) if xs else 0.0
-
-
-class Shadow:
-    """The candidate scores what the live model scored, on its own thread, off the hot path."""
-
-    def __init__(self, candidate: Scorer, bounds: Bounds, queue_size: int) -> None:
-        self.candidate = candidate
-        self.bounds = bounds
-        self._queue: queue.Queue[tuple[Reading, str, bool]] = queue.Queue(queue_size)
-        self.seen = 0
-        self.agree = 0
-        self.live_hard = 0
-        self.cand_hard = 0
-        self.errors = 0
-        self.skipped = 0
-        self.latencies_ms: list[float] = []
-        # Cloud verdicts for readings both models scored: seq -> label, both ways round, since
-        # a verdict may come before or after the shadow got to its reading.
-        self._lock = threading.Lock()
-        self._scored: OrderedDict[int, tuple[str, str]] = OrderedDict()  # candidate, live
-        self._verdicts: OrderedDict[int, str] = OrderedDict()
-        self.cloud = 0
-        self.cloud_agree_candidate = 0
-        self.cloud_agree_live = 0
-        self.done = threading.Event()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="edge-agent-shadow", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def offer(self, d: Decision) -> None:
-        """Called on the scoring thread for every live decision; never blocks."""
-        try:
-            self._queue.put_nowait((d.reading, d.label, d.route == "hard"))
-        except queue.Full:
-            self.skipped += 1
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(5)
-
-    def _run(self) -> None:
-        while not self._stop.is_set() and self.seen < self.bounds.shadow_readings:
-            try:
-                reading, live_label, live_hard = self._queue.get(timeout=0.2)
-            except queue.Empty:
-                continue
-            t0 = time.perf_counter_ns()
-            try:
-                (d,) = self.candidate.score([reading])
-            except EdgeAgentError as exc:
-                self.errors += 1
-                log.warning("candidate failed on a shadow reading: %s", exc)
-                continue
-            finally:
-                self.seen += 1
-            self.latencies_ms.append((time.perf_counter_ns() - t0) / 1e6)
-            self._match(reading.seq, d.label, live_label)
-            self.agree += d.label == live_label
-            self.live_hard += live_hard
-            self.cand_hard += d.route == "hard"
-        self.done.set()
-
-    def on_verdict(self, v: Verdict) -> None:
-        """A cloud verdict (link thread): compare it with both models' answers."""
-        if v.no_verdict is not None or not v.label:
-            return
-        with self._lock:
-            both = self._scored.pop(v.seq, None)
-            if both is None:
-                self._verdicts[v.seq] = v.label
-                while len(self._verdicts) > 10_000:
-                    self._verdicts.popitem(last=False)
-                return
-            self._count_cloud(v.label, *both)
-
-    def _match(self, seq: int, candidate: str, live: str) -> None:
-        with self._lock:
-            label = self._verdicts.pop(seq, None)
-            if label is not None:
-                self._count_cloud(label, candidate, live)
-                return
-            self._scored[seq] = (candidate, live)
-            while len(self._scored) > 10_000:
-                self._scored.popitem(last=False)
-
-    def _count_cloud(self, cloud: str, candidate: str, live: str) -> None:
-        self.cloud += 1
-        self.cloud_agree_candidate += candidate == cloud
-        self.cloud_agree_live += live == cloud
-
-    def figures(self) -> dict[str, Any]:
-        n = max(1, self.seen)
-        c = max(1, self.cloud)
-        return {
-            "cloud_verdicts": self.cloud,
-            "cloud_agreement_candidate": round(self.cloud_agree_candidate / c, 4),
-            "cloud_agreement_live": round(self.cloud_agree_live / c, 4),
-            "readings": self.seen,
-            "agreement": round(self.agree / n, 4),
-            "hard_rate_live": round(self.live_hard / n, 4),
-            "hard_rate_candidate": round(self.cand_hard / n, 4),
-            "p99_ms": round(_p99(self.latencies_ms), 3),
-            "errors": self.errors,
-            "skipped": self.skipped,
-        }
-
-    def verdict(self) -> str:
-        """ "" when the candidate stayed within its bounds, else why not."""
-        f, b = self.figures(), self.bounds
-        if self.errors:
-            return f"{self.errors} scoring errors in shadow"
-        if f["agreement"] < b.min_agreement:
-            return f"agreement {f['agreement']} with the live model < {b.min_agreement}"
-        if f["hard_rate_candidate"] > f["hard_rate_live"] + b.max_hard_rate_increase:
-            return (
-                f"hard-case rate {f['hard_rate_candidate']} > live {f['hard_rate_live']}"
-                f" + {b.max_hard_rate_increase}"
-            )
-        if f["p99_ms"] > b.max_p99_ms:
-            return f"p99 {f['p99_ms']} ms > {b.max_p99_ms} ms"
-        if (
-            self.cloud >= b.min_cloud_verdicts
-            and f["cloud_agreement_candidate"]
-            < f["cloud_agreement_live"] - b.max_cloud_agreement_drop
-        ):
-            return (
-                f"agrees with the cloud's verdicts on {f['cloud_agreement_candidate']} of"
-                f" {self.cloud} hard cases, the live model on {f['cloud_agreement_live']}"
-            )
-        return ""
-
-
-@dataclass(slots=True)
-class Health:
-    """The probation of a promoted model, fed from the scoring thread."""
-
-    bounds: Bounds
-    baseline_hard_rate: float
-    seen: int = 0
-    hard: int = 0
-    errors: int = 0
-    latencies_ms: deque[float] = field(default_factory=lambda: deque(maxlen=100_000))
-
-    def observe(self, d: Decision) -> None:
-        self.seen += 1
-        self.hard += d.route == "hard"
-        self.latencies_ms.append(d.latency_ms)
-
-    def finished(self) -> bool:
-        return self.seen + self.errors >= self.bounds.health_readings
-
-    def verdict(self) -> str:
-        b = self.bounds
-        n = max(1, self.seen + self.errors)
-        if self.errors / n > b.health_max_error_rate:
-            return f"{self.errors} scoring errors in {n} readings"
-        rate = self.hard / max(1, self.seen)
-        if rate > self.baseline_hard_rate + b.health_max_hard_rate_increase:
-            return (
-                f"hard-case rate {rate:.3f} > {self.baseline_hard_rate:.3f} (before)"
-                f" + {b.health_max_hard_rate_increase}"
-            )
-        p99 = _p99(self.latencies_ms)
-        if p99 > b.max_p99_ms:
-            return f"p99 {p99:.2f} ms > {b.max_p99_ms} ms"
-        return ""
-
-    def figures(self) -> dict[str, Any]:
-        return {
-            "readings": self.seen,
-            "errors": self.errors,
-            "hard_rate": round(self.hard / max(1, self.seen), 4),
-            "p99_ms": round(_p99(self.latencies_ms), 3),
-        }
-
-
-# -- messages --------------------------------------------------------------------------------
-
-Action = Literal["install", "status"]
-State = Literal[
-    "received",
-    "awaiting_files",
-    "refused",
-    "staged",
-    "selftest_failed",
-    "shadow",
-    "rejected",
-    "promoted",
-    "committed",
-    "rolled_back",
-    "status",
-]
-
-
-class ModelCommand(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """On ``<prefix>/<device>/cmd/model``: install a release, or ask what serves."""
-
-    v: int
-    action: Action
-    request_id: str = ""
-    #: A release folder on the device (or a ``file://`` URL of one).
-    path: str = ""
-    #: Or the release itself, over MQTT: ``release.json`` and ``release.sig``, base64; the files
-    #: follow as ``ModelChunk`` messages.
-    statement: str = ""
-    signature: str = ""
-
-
-class ModelChunk(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """On ``<prefix>/<device>/cmd/model/chunk``: bytes ``offset``.. of one file of a release."""
-
-    v: int
-    release: str
-    file: str
-    offset: int
-    data: str  #: base64
-    sha256: str  #: of the decoded data
-
-
-class ModelEvent(msgspec.Struct, frozen=True, omit_defaults=True):
-    """On ``<prefix>/<device>/model``: one step of a release, or the answer to ``status``."""
-
-    v: int
-    device: str
-    state: State
-    live: str
-    release: str = ""
-    request_id: str = ""
-    reason: str = ""
-    details: dict[str, Any] = {}
-
-
-# -- the manager -----------------------------------------------------------------------------
-
-
-@dataclass(slots=True)
-class _Receiving:
-    """A release coming over MQTT in chunks."""
-
-    release_id: str
-    statement: Release
-    folder: Path
-    request_id: str
-    last_ask: float = 0.0
-    chunks: int = 0
-
-    @property
-    def sizes(self) -> dict[str, int]:
-        return self.statement.sizes()
 
 
 class Rollout:
@@ -536,7 +91,7 @@ class Rollout:
         self._swap: Scorer | None = None
         self._swap_done = threading.Event()
         self._outcomes: OrderedDict[str, ModelEvent] = OrderedDict()
-        self._receiving: _Receiving | None = None
+        self._receiving: Receiving | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="edge-agent-rollout", daemon=True)
         self._current = ""  # release id being worked on
@@ -702,13 +257,7 @@ class Rollout:
             pack = resolve(m.pack, m.packs_dir, m.store_dir)
         else:
             pack = self.store.open_installed(folder)
-        return Scorer.open(pack, self._options())
-
-    def _options(self) -> BackendOptions:
-        m = self.settings.model
-        return BackendOptions(
-            intra_op_threads=m.intra_op_threads, inter_op_threads=m.inter_op_threads
-        )
+        return Scorer.open(pack, BackendOptions.of(self.settings.model))
 
     # -- rollout thread -----------------------------------------------------------------
 
@@ -735,7 +284,7 @@ class Rollout:
     def _on_command(self, payload: bytes) -> None:
         try:
             cmd = msgspec.json.decode(payload, type=ModelCommand)
-        except msgspec.MsgspecError as exc:
+        except DECODE_ERRORS as exc:
             self._count("commands_malformed")
             self.event("refused", reason=f"malformed command: {exc}")
             return
@@ -805,20 +354,7 @@ class Rollout:
 
     def _begin_receiving(self, cmd: ModelCommand) -> None:
         try:
-            body = base64.b64decode(cmd.statement, validate=True)
-            sig = base64.b64decode(cmd.signature, validate=True)
-        except (binascii.Error, ValueError):
-            self.event(
-                "refused", request_id=cmd.request_id, reason="statement/signature not base64"
-            )
-            return
-        probe = self.store.incoming / ".probe"
-        shutil.rmtree(probe, ignore_errors=True)
-        probe.mkdir(parents=True)
-        (probe / RELEASE).write_bytes(body[: 256 * 1024])
-        (probe / SIGNATURE).write_bytes(base64.b64encode(sig))
-        try:
-            rid, statement, _ = read_statement(probe, trusted_keys(self._keys_dir()))
+            rid, statement, probe = stage_statement(self.store, cmd, trusted_keys(self._keys_dir()))
         except ReleaseError as exc:
             self.event("refused", request_id=cmd.request_id, reason=str(exc))
             return
@@ -840,7 +376,7 @@ class Rollout:
         for name in (RELEASE, SIGNATURE):
             os.replace(probe / name, staging / name)
         shutil.rmtree(probe, ignore_errors=True)
-        self._receiving = _Receiving(rid, statement, staging, cmd.request_id)
+        self._receiving = Receiving(rid, statement, staging, cmd.request_id)
         self.event(
             "received",
             rid,
@@ -850,29 +386,14 @@ class Rollout:
         )
         self._ask_for_files()
 
-    def _have(self, r: _Receiving) -> dict[str, int]:
-        have = {}
-        for name in r.sizes:
-            done = r.folder / name
-            part = r.folder / (name + ".part")
-            have[name] = (
-                done.stat().st_size
-                if done.exists()
-                else part.stat().st_size
-                if part.exists()
-                else 0
-            )
-        return have
-
     def _ask_for_files(self, *, resume: bool = False) -> None:
         """Say which bytes are still missing (``resume``: the sender should send them again
         even if it sent them before: they were lost), or go on once the release is complete."""
         r = self._receiving
         if r is None:
             return
-        have = self._have(r)
-        missing = {n: s for n, s in r.sizes.items() if have[n] < s or not (r.folder / n).exists()}
-        if missing:
+        have = r.have()
+        if r.missing(have):
             now = time.monotonic()
             if resume and now - r.last_ask < 1.0:
                 return  # one request a second is enough while chunks keep coming out of order
@@ -892,69 +413,32 @@ class Rollout:
 
     def _on_chunk(self, payload: bytes) -> None:
         r = self._receiving
-        try:
-            chunk = msgspec.json.decode(payload, type=ModelChunk)
-            data = base64.b64decode(chunk.data, validate=True)
-        except (msgspec.MsgspecError, binascii.Error, ValueError):
-            self._count("chunks_malformed")
-            return
-        if r is None or chunk.release != r.release_id:
+        if r is None:
             self._count("chunks_unexpected")
             return
-        size = r.sizes.get(chunk.file)
-        if size is None:
-            self._count("chunks_unexpected")
-            return
-        if hashlib.sha256(data).hexdigest() != chunk.sha256:
-            self._count("chunks_corrupt")
-            return
-        part = r.folder / (check_name(chunk.file) + ".part")
-        have = part.stat().st_size if part.exists() else 0
-        if (r.folder / chunk.file).exists() or chunk.offset + len(data) <= have:
-            self._count("chunks_duplicate")
-            return
-        if chunk.offset != have or have + len(data) > size:
-            self._count("chunks_out_of_order")
-            self._ask_for_files(resume=True)  # says where to resume
-            return
-        with open(part, "ab") as fh:
-            fh.write(data)
-            if have + len(data) == size:  # complete: on disk before it gets its name
-                fh.flush()
-                os.fsync(fh.fileno())
-        r.chunks += 1
-        if have + len(data) == size:
-            os.replace(part, r.folder / chunk.file)
+        outcome = r.take(payload)
+        if outcome == "file_done":
             self._ask_for_files()
-        elif r.chunks % PROGRESS_EVERY == 0:
-            self._ask_for_files()  # progress: the sender keeps a bounded window ahead of it
+        elif outcome == "written":
+            if r.chunks % PROGRESS_EVERY == 0:
+                self._ask_for_files()  # progress: the sender keeps a bounded window ahead of it
+        else:
+            self._count(f"chunks_{outcome}")
+            if outcome == "out_of_order":
+                self._ask_for_files(resume=True)  # says where to resume
 
     def _resume_incoming(self) -> None:
         """After a restart: the newest release whose files were still coming is asked for
         again from where its copy ends; older unfinished ones are removed."""
-        if not self.store.incoming.is_dir():
-            return
-        folders = sorted(
-            (d for d in self.store.incoming.iterdir() if d.is_dir() and d.name != ".probe"),
-            key=lambda d: d.stat().st_mtime,
-        )
-        keys = trusted_keys(self._keys_dir())
-        for folder in folders[:-1]:
-            shutil.rmtree(folder, ignore_errors=True)
-        if not folders:
-            return
-        folder = folders[-1]
         try:
-            rid, statement, _ = read_statement(folder, keys)
+            receiving = unfinished(self.store, trusted_keys(self._keys_dir()))
         except ReleaseError as exc:
-            log.warning("dropping the unfinished release in %s: %s", folder, exc)
-            shutil.rmtree(folder, ignore_errors=True)
+            log.warning("dropping an unfinished release: %s", exc)
             return
-        if rid != folder.name:
-            shutil.rmtree(folder, ignore_errors=True)
+        if receiving is None:
             return
-        self._receiving = _Receiving(rid, statement, folder, "")
-        log.info("resuming release %s: asking for the rest of its files", rid[:12])
+        self._receiving = receiving
+        log.info("resuming release %s: asking for the rest of its files", receiving.release_id[:12])
         self._ask_for_files(resume=True)
 
     def _keys_dir(self) -> Path:
@@ -989,7 +473,7 @@ class Rollout:
         try:
             # Just moved there: every file was hashed by verify_release a moment ago.
             pack = self.store.open_installed(folder, verify=not moved)
-            candidate = Scorer.open(pack, self._options())
+            candidate = Scorer.open(pack, BackendOptions.of(self.settings.model))
         except EdgeAgentError as exc:
             self._finish(rid, "selftest_failed", request_id, f"does not load: {exc}")
             self.store.tidy(self._pointer_folders())

@@ -30,15 +30,11 @@ from collections import Counter, OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import msgspec
-
 from edge_agent.config import RouterSettings
 from edge_agent.scoring.scorer import Decision
-from edge_agent.wire.messages import BatchVerdicts, Verdict
+from edge_agent.wire.messages import DECODE_ERRORS, Tier, Verdict, decode_verdicts
 
 log = logging.getLogger(__name__)
-
-URGENT, BATCH = "urgent", "batch"
 
 
 class Router:
@@ -55,7 +51,7 @@ class Router:
         self._last_urgent: dict[str, float] = {}
         self._recent: deque[float] = deque()
 
-    def tier(self, d: Decision) -> str:
+    def tier(self, d: Decision) -> Tier:
         """``"urgent"`` or ``"batch"`` for a hard decision."""
         wants_urgent = (
             d.confidence < self.s.urgent_below
@@ -64,32 +60,28 @@ class Router:
         )
         if not wants_urgent:
             self.counters["batch_by_policy"] += 1
-            return BATCH
+            return Tier.BATCH
         now = self.clock()
         last = self._last_urgent.get(d.label)
         if last is not None and now - last < self.s.cooldown_s:
             self.counters["batch_by_cooldown"] += 1
-            return BATCH
+            return Tier.BATCH
         while self._recent and now - self._recent[0] >= 60.0:
             self._recent.popleft()
         if len(self._recent) >= self.s.max_urgent_per_minute:
             self.counters["batch_by_budget"] += 1
-            return BATCH
+            return Tier.BATCH
         self._recent.append(now)
         self._last_urgent[d.label] = now
         self.counters["urgent"] += 1
-        return URGENT
+        return Tier.URGENT
 
 
 @dataclass(slots=True)
 class _Pending:
     sent: float
     local_label: str
-    tier: str
-
-
-_verdict_decoder = msgspec.json.Decoder(Verdict)
-_batch_decoder = msgspec.json.Decoder(BatchVerdicts)
+    tier: Tier
 
 
 class Reconciler:
@@ -103,9 +95,9 @@ class Reconciler:
         self.counters: Counter[str] = Counter()
         self._lock = threading.Lock()
         # Urgent cases in send order, so deadlines are in order too; batch cases apart.
-        self._pending: dict[str, OrderedDict[str, _Pending]] = {
-            URGENT: OrderedDict(),
-            BATCH: OrderedDict(),
+        self._pending: dict[Tier, OrderedDict[str, _Pending]] = {
+            Tier.URGENT: OrderedDict(),
+            Tier.BATCH: OrderedDict(),
         }
         self._overdue: OrderedDict[str, _Pending] = OrderedDict()
         self.round_trips_ms: deque[float] = deque(maxlen=10_000)
@@ -113,7 +105,7 @@ class Reconciler:
         #: verdict" answers included (``v.no_verdict`` set, ``v.label`` empty).
         self.listeners: list[Callable[[Verdict], None]] = []
 
-    def expect(self, key: str, local_label: str, tier: str) -> None:
+    def expect(self, key: str, local_label: str, tier: Tier) -> None:
         """Remember a hard case sent to the cloud (urgent ones with a deadline)."""
         with self._lock:
             pending = self._pending[tier]
@@ -126,11 +118,8 @@ class Reconciler:
     def on_verdict(self, payload: bytes) -> None:
         """Take one verdict message (single or batch) from the link; never raises."""
         try:
-            if b'"verdicts"' in payload:
-                verdicts = _batch_decoder.decode(payload).verdicts
-            else:
-                verdicts = [_verdict_decoder.decode(payload)]
-        except (msgspec.MsgspecError, UnicodeDecodeError, RecursionError) as exc:
+            verdicts = decode_verdicts(payload)
+        except DECODE_ERRORS as exc:
             self.counters["verdicts_malformed"] += 1
             log.warning("malformed verdict ignored: %s", exc)
             return
@@ -156,7 +145,7 @@ class Reconciler:
                 listener(v)
             return
         self.counters[f"verdicts_{entry.tier}"] += 1
-        if entry.tier == URGENT:
+        if entry.tier == Tier.URGENT:
             if late:
                 self.counters["verdicts_late"] += 1
             else:
@@ -171,7 +160,7 @@ class Reconciler:
         """Move urgent cases past their deadline to overdue (counted as missed)."""
         now = self.clock()
         with self._lock:
-            urgent = self._pending[URGENT]
+            urgent = self._pending[Tier.URGENT]
             while urgent:
                 key, first = next(iter(urgent.items()))
                 if first.sent + self.s.deadline_ms / 1000.0 > now:
@@ -189,7 +178,7 @@ class Reconciler:
     def waiting_urgent(self) -> int:
         """Urgent cases still inside their deadline without a verdict."""
         with self._lock:
-            return len(self._pending[URGENT])
+            return len(self._pending[Tier.URGENT])
 
     def waiting(self) -> int:
         with self._lock:

@@ -11,6 +11,7 @@ the manifest's confidence threshold a reading is ``hard`` too. The router
 
 from __future__ import annotations
 
+import enum
 import time
 from dataclasses import dataclass
 
@@ -22,6 +23,14 @@ from edge_agent.ingest.readings import Reading
 from edge_agent.models.pack import ModelPack
 from edge_agent.scoring import backends
 from edge_agent.scoring.backends.base import Backend, BackendOptions, FloatArray
+
+
+class Route(enum.StrEnum):
+    """Where a decision goes: acted on locally, or a hard case for the cloud."""
+
+    LOCAL = "local"
+    HARD = "hard"
+
 
 #: Stable route reasons, in the order they are checked.
 ROUTE_REASONS: dict[str, str] = {
@@ -39,7 +48,7 @@ class Decision:
 
     label: str
     confidence: float
-    route: str  #: "local" or "hard"
+    route: Route
     reason: str | None
     model: str  #: name@version
     latency_ms: float
@@ -155,7 +164,7 @@ class Scorer:
                 Decision(
                     label=self.labels[int(idx[i])],
                     confidence=c,
-                    route="local" if reason is None else "hard",
+                    route=Route.LOCAL if reason is None else Route.HARD,
                     reason=reason,
                     model=self.ref,
                     latency_ms=(now - reading.t_mono_ns) / 1e6,

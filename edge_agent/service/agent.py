@@ -39,11 +39,12 @@ from edge_agent.delivery.link import Link
 from edge_agent.delivery.outbox import ClassLimits, Cls, Outbox
 from edge_agent.errors import EdgeAgentError, OutboxError
 from edge_agent.ingest.sources import Source
-from edge_agent.rollout.machine import ModelEvent, ModelStore, Rollout
-from edge_agent.routing.router import URGENT, Reconciler, Router
+from edge_agent.models.store import ModelStore
+from edge_agent.rollout.machine import Rollout
+from edge_agent.routing.router import Reconciler, Router
 from edge_agent.scoring.drift import DriftMonitor
 from edge_agent.scoring.pipeline import ScorePipeline
-from edge_agent.scoring.scorer import Decision, Scorer
+from edge_agent.scoring.scorer import Decision, Route, Scorer
 from edge_agent.service.systemd import Heartbeat, Notifier, Watchdog
 from edge_agent.service.telemetry import (
     LatencyWindow,
@@ -52,7 +53,15 @@ from edge_agent.service.telemetry import (
     TelemetryThread,
     prometheus_text,
 )
-from edge_agent.wire.messages import SCHEMA_VERSION, HardCase, LocalDecision, Topics, encoder
+from edge_agent.wire.messages import (
+    SCHEMA_VERSION,
+    HardCase,
+    LocalDecision,
+    ModelEvent,
+    Tier,
+    Topics,
+    encoder,
+)
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +137,7 @@ class Agent:
             scorer,
             settings.input.max_line_bytes,
             settings.model.max_batch,
-            on_decision=self._route,
+            on_decision=self.route,
             next_seq=self.outbox.next_seq,
         )
         t = settings.telemetry
@@ -154,17 +163,19 @@ class Agent:
 
     # -- routing (main thread) --------------------------------------------------------
 
-    def _route(self, d: Decision) -> tuple[str, str] | None:
+    def route(self, d: Decision) -> tuple[Tier, str] | None:
+        """Count, watch and route one decision; a hard case goes to the link. Returns its
+        tier and idempotency key (None for a local decision). The scoring loop's callback."""
         self.counters["readings"] += 1
         self.latency.record(d.latency_ms)
-        self.drift.record(d.reading.values, d.confidence, d.route == "hard")
+        self.drift.record(d.reading.values, d.confidence, d.route is Route.HARD)
         if self.rollout is not None:
             self.rollout.observe(d)
-        if d.route != "hard":
+        if d.route is not Route.HARD:
             return None
         tier = self.router.tier(d)
         key = f"{self.device}:{d.reading.seq}"
-        urgent = tier == URGENT
+        urgent = tier is Tier.URGENT
         case = HardCase(
             v=SCHEMA_VERSION,
             key=key,
@@ -172,7 +183,7 @@ class Agent:
             seq=d.reading.seq,
             values=d.reading.values.tolist(),
             local=LocalDecision(d.label, d.confidence, d.reason, d.model),
-            tier="urgent" if urgent else "batch",
+            tier=tier,
             id=d.reading.id,
             deadline_ms=self.settings.router.deadline_ms if urgent else None,
             readings_total=self._readings_before + self.counters["readings"],

@@ -129,7 +129,7 @@ def test_sigkill_at_random_points_loses_no_accepted_hard_case(
         assert len(accepted) > 50 * KILLS
         missing = collector.wait_for(accepted, 30)
         assert missing == set(), f"{len(missing)} of {len(accepted)} accepted hard cases lost"
-        unanswered = [k for k in accepted if worker._remembered("dev1", k) is None]
+        unanswered = [k for k in accepted if worker.memory.get("dev1", k) is None]
         assert unanswered == [], f"{len(unanswered)} accepted hard cases never reached the worker"
         scored = worker.counters["urgent_scored"] + worker.counters["batch_cases_scored"]
         assert scored == len(collector.keys)  # every key sent was scored once, duplicates dropped

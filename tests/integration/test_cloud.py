@@ -26,9 +26,9 @@ from paho.mqtt.properties import Properties
 
 from edge_agent.cloud.worker import PERMANENT_REFUSAL_LIMIT, WORKER_PROPERTY, CloudWorker
 from edge_agent.config import Settings, load_settings
-from edge_agent.delivery.link import set_nodelay
 from edge_agent.ingest.readings import ReadingDecoder
 from edge_agent.models.pack import open_pack
+from edge_agent.mqtt.session import set_nodelay
 from edge_agent.scoring.scorer import Scorer
 from edge_agent.wire.messages import (
     IDEMPOTENCY_PROPERTY,

@@ -159,7 +159,7 @@ def test_broker_killed_mid_flow_loses_nothing(
             time.sleep(0.1)
         assert link.outbox.depth() == {"urgent": 0, "batch": 0, "telemetry": 0}
         assert set(stored) == set(submitted)
-        unanswered = [k for k in stored if worker._remembered("dev1", k) is None]
+        unanswered = [k for k in stored if worker.memory.get("dev1", k) is None]
         assert unanswered == [], f"{len(unanswered)} accepted hard cases never reached the worker"
         scored = worker.counters["urgent_scored"] + worker.counters["batch_cases_scored"]
         assert scored == len(set(stored))  # each exactly once after dedupe

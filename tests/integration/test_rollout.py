@@ -36,7 +36,7 @@ from edge_agent.models.release import (
     load_private_key,
     sign_pack,
 )
-from edge_agent.rollout.machine import ModelStore
+from edge_agent.models.store import ModelStore
 from edge_agent.rollout.push import push_release
 from edge_agent.scoring.scorer import Scorer
 from edge_agent.service.agent import Agent

@@ -31,9 +31,10 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from paho.mqtt.enums import CallbackAPIVersion
 
 from edge_agent.config import Settings, load_settings
-from edge_agent.delivery.link import Link, new_client
+from edge_agent.delivery.link import Link
 from edge_agent.delivery.outbox import Cls
 from edge_agent.models.pack import open_pack
+from edge_agent.mqtt.session import new_client
 from edge_agent.scoring.scorer import Scorer
 from edge_agent.service.agent import Agent, open_outbox
 from edge_agent.wire.messages import Topics
@@ -64,7 +65,7 @@ class TestCA:
         folder.mkdir(parents=True, exist_ok=True)
         self.key = ec.generate_private_key(ec.SECP256R1())
         subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-        now = dt.datetime.now(dt.timezone.utc)
+        now = dt.datetime.now(dt.UTC)
         self.cert = (
             x509.CertificateBuilder()
             .subject_name(subject)
@@ -104,7 +105,7 @@ class TestCA:
         expired: bool = False,
     ) -> Issued:
         key = ec.generate_private_key(ec.SECP256R1())
-        now = dt.datetime.now(dt.timezone.utc)
+        now = dt.datetime.now(dt.UTC)
         if expired:
             start, end = now - dt.timedelta(days=10), now - dt.timedelta(days=1)
         else:

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from edge_agent.cloud.worker import CostLedger
+from edge_agent.cloud.ledger import CostLedger
 from edge_agent.devtools.bench import BenchOptions, budgets, cost_section, stats
 from edge_agent.errors import EdgeAgentError
 

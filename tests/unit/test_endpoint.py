@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from edge_agent.cloud.endpoint import Prompt, TokenBucket, parse_retry_after
-from edge_agent.cloud.worker import CostLedger
+from edge_agent.cloud.ledger import CostLedger
 from edge_agent.config import RouterSettings, load_settings
 from edge_agent.errors import ConfigError
 from edge_agent.models.pack import PromptSpec, resolve
@@ -76,7 +76,7 @@ def test_unknown_placeholders_and_packs_without_a_prompt_are_refused() -> None:
 
 
 def test_retry_after_seconds_and_http_dates() -> None:
-    now = dt.datetime(2026, 1, 1, 12, 0, 0, tzinfo=dt.timezone.utc)
+    now = dt.datetime(2026, 1, 1, 12, 0, 0, tzinfo=dt.UTC)
     assert parse_retry_after("2", now) == 2.0
     assert parse_retry_after(" 0.5 ", now) == 0.5
     assert parse_retry_after("Thu, 01 Jan 2026 12:00:07 GMT", now) == 7.0

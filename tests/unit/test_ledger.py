@@ -8,11 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from edge_agent.cloud.worker import CloudWorker, CostLedger
+from edge_agent.cloud.ledger import CostLedger
+from edge_agent.cloud.worker import CloudWorker
 from edge_agent.config import load_settings
 
-DAY1 = dt.datetime(2026, 11, 27, 12, 0, tzinfo=dt.timezone.utc)
-DAY2 = dt.datetime(2026, 11, 28, 0, 30, tzinfo=dt.timezone.utc)
+DAY1 = dt.datetime(2026, 11, 27, 12, 0, tzinfo=dt.UTC)
+DAY2 = dt.datetime(2026, 11, 28, 0, 30, tzinfo=dt.UTC)
 
 
 def ledger(price: float = 0.04, discount: float = 0.5, tokens: int = 1500) -> CostLedger:
@@ -137,7 +138,7 @@ def test_restore_refuses_garbage() -> None:
 def test_old_days_are_dropped() -> None:
     led = CostLedger(0.04, 0.5, 1500, keep_days=2)
     for day in range(1, 5):
-        led.charge("dev", "urgent", at=dt.datetime(2026, 1, day, tzinfo=dt.timezone.utc))
+        led.charge("dev", "urgent", at=dt.datetime(2026, 1, day, tzinfo=dt.UTC))
     assert sorted(led.summary()["days"]) == ["2026-01-03", "2026-01-04"]
 
 

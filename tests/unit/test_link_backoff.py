@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from edge_agent.config import LinkSettings
-from edge_agent.delivery.link import backoff_s
+from edge_agent.mqtt.session import backoff_s
 
 
 def test_backoff_grows_to_its_ceiling_with_full_jitter() -> None:

@@ -13,9 +13,11 @@ from hypothesis import strategies as st
 from edge_agent.config import RolloutSettings, load_settings
 from edge_agent.ingest.readings import Reading
 from edge_agent.models.pack import open_pack
-from edge_agent.rollout.machine import Bounds, ModelEvent, ModelStore, Pointer, Rollout, Shadow
+from edge_agent.models.store import ModelStore, Pointer
+from edge_agent.rollout.machine import Rollout
+from edge_agent.rollout.trial import Bounds, Shadow
 from edge_agent.scoring.scorer import Decision, Scorer
-from edge_agent.wire.messages import SCHEMA_VERSION, Verdict
+from edge_agent.wire.messages import SCHEMA_VERSION, ModelEvent, Verdict
 from tests.conftest import make_fake_pack
 
 

@@ -1,4 +1,9 @@
-"""Readings published on a topic of a local MQTT broker (one JSON line per message)."""
+"""Readings published on a topic of an MQTT broker (one JSON line per message).
+
+The client is the session every MQTT user of ours makes (``mqtt.session.new_client``), with
+the TLS and credentials of the ``[source]`` section, so an input topic on a secured broker
+works as the uplink does.
+"""
 
 from __future__ import annotations
 
@@ -8,13 +13,13 @@ from collections.abc import Iterator
 from typing import Any
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
 
 from edge_agent.config import Settings
 from edge_agent.errors import ConfigError
 from edge_agent.ingest.readings import Item
 from edge_agent.ingest.sources import IDLE_TICK_S
 from edge_agent.ingest.sources.lines import Oversize
+from edge_agent.mqtt.session import new_client
 
 log = logging.getLogger(__name__)
 
@@ -36,17 +41,13 @@ class MqttTopicSource:
         self.batch = batch
         self.dropped = 0
         self._queue: queue.Queue[Item] = queue.Queue(maxsize=10 * batch)
-        self.client = mqtt.Client(
-            callback_api_version=CallbackAPIVersion.VERSION2,
-            client_id=f"edge-agent-source-{settings.device_id}",
-            protocol=mqtt.MQTTv5,
-        )
+        self.client = new_client(s, f"edge-agent-source-{settings.device_id}")
         self.client.on_connect = self._on_connect
         self.client.on_message = self._on_message
         self.client.reconnect_delay_set(1, 10)
         try:
             self.client.connect(s.host, s.port, keepalive=30)
-        except OSError as exc:
+        except (OSError, ValueError) as exc:
             raise ConfigError(f"mqtt source {s.host}:{s.port}: cannot connect: {exc}") from exc
         self.client.loop_start()
 

@@ -16,6 +16,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 import numpy.typing as npt
 
+from edge_agent.config import ModelSettings
 from edge_agent.models.pack import ModelPack
 
 FloatArray = npt.NDArray[np.float32]
@@ -27,6 +28,11 @@ class BackendOptions:
 
     intra_op_threads: int = 1
     inter_op_threads: int = 1
+
+    @classmethod
+    def of(cls, model: ModelSettings) -> BackendOptions:
+        """The options the ``[model]`` section asks for."""
+        return cls(intra_op_threads=model.intra_op_threads, inter_op_threads=model.inter_op_threads)
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,124 @@
+"""The device's model store under ``<state_dir>/models``: installed packs and the pointer.
+
+::
+
+    incoming/<release id>/      files of a release being received (the only place written to
+                                from outside; names checked, sizes capped)
+    packs/<name>-<version>-<id>/ verified releases, never changed once there
+    current.json                the pointer: which installed pack serves, the previous one,
+                                whether the live one is still on probation, the committed
+                                version per pack name
+
+The pointer is replaced whole (``util.files.atomic_write``, folder synced), so at any instant —
+a SIGKILL included — it names exactly one pack (or none: the configured ``model.pack``
+serves), and a pack is only ever named once it is completely in ``packs/``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import msgspec
+
+from edge_agent.errors import ModelError, ReleaseError
+from edge_agent.models.pack import ModelPack, open_pack
+from edge_agent.models.release import VerifiedRelease, check_name
+from edge_agent.util.files import Durability, atomic_write, fsync_dir
+
+log = logging.getLogger(__name__)
+
+POINTER = "current.json"
+
+
+class Pointer(msgspec.Struct, forbid_unknown_fields=True):
+    v: int = 1
+    live: str | None = None  #: folder under packs/ that serves; None: the configured pack
+    previous: str | None = None  #: what served before ``live`` (None: the configured pack)
+    probation: bool = False  #: ``live`` was promoted and its health window is not over
+    baseline_hard_rate: float | None = None  #: the old model's hard rate, for the health window
+    release: str = ""  #: release id of ``live``
+    committed: dict[str, str] = {}  #: pack name -> last committed version
+
+
+class ModelStore:
+    """The device's installed packs and the pointer to the live one."""
+
+    def __init__(self, state_dir: str | Path, store_dir: str = "") -> None:
+        self.root = Path(state_dir) / "models"
+        self.packs = self.root / "packs"
+        self.incoming = self.root / "incoming"
+        self.pointer_path = self.root / POINTER
+        self.store_dir = store_dir
+
+    def read_pointer(self) -> Pointer:
+        try:
+            data = self.pointer_path.read_bytes()
+        except FileNotFoundError:
+            return Pointer()
+        except OSError as exc:
+            log.error("cannot read %s: %s; serving the configured pack", self.pointer_path, exc)
+            return Pointer()
+        try:
+            return msgspec.json.decode(data, type=Pointer)
+        except msgspec.MsgspecError as exc:
+            log.error("%s is not valid (%s); serving the configured pack", self.pointer_path, exc)
+            return Pointer()
+
+    def write_pointer(self, pointer: Pointer) -> None:
+        """Replace the pointer atomically and durably."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        atomic_write(self.pointer_path, msgspec.json.encode(pointer), Durability.FOLDER)
+
+    def open_installed(self, folder: str, *, verify: bool = True) -> ModelPack:
+        """An installed pack; ``verify=False`` only right after ``install``, whose release
+        was verified file by file just before the rename that put it there."""
+        pack = open_pack(self.packs / check_name(folder), self.store_dir)
+        if verify:
+            pack.verify()
+        else:
+            pack.verified = True
+        return pack
+
+    def live_pack(self) -> tuple[ModelPack | None, Pointer]:
+        """The installed pack the pointer names, verified; None: serve the configured pack."""
+        pointer = self.read_pointer()
+        for folder in (pointer.live, pointer.previous):
+            if folder is None:
+                return None, pointer
+            try:
+                return self.open_installed(folder), pointer
+            except (ModelError, ReleaseError) as exc:
+                log.error("installed pack %s cannot serve: %s", folder, exc)
+        return None, pointer
+
+    def staging(self, release_id: str) -> Path:
+        folder = self.incoming / check_name(release_id)
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder
+
+    def install(self, verified: VerifiedRelease) -> tuple[str, bool]:
+        """Move a verified staged release into packs/ (one rename); returns its folder name and
+        whether it was moved there now (False: it was installed before, the copy is dropped)."""
+        m = verified.pack.manifest
+        name = check_name(f"{m.name}-{m.version}-{verified.id[:12]}")
+        dest = self.packs / name
+        self.packs.mkdir(parents=True, exist_ok=True)
+        if dest.exists():
+            shutil.rmtree(verified.pack.path, ignore_errors=True)
+            return name, False
+        for child in verified.pack.path.iterdir():  # data on disk before the rename
+            with open(child, "rb") as fh:
+                os.fsync(fh.fileno())
+        os.replace(verified.pack.path, dest)
+        fsync_dir(self.packs)
+        return name, True
+
+    def tidy(self, keep: set[str]) -> None:
+        """Remove installed packs that the pointer does not name."""
+        if self.packs.is_dir():
+            for child in self.packs.iterdir():
+                if child.name not in keep:
+                    shutil.rmtree(child, ignore_errors=True)

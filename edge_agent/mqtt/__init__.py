@@ -1,0 +1,1 @@
+"""One MQTT client session: connect, TLS, credentials, backoff — used by every MQTT user."""

@@ -1,0 +1,1 @@
+"""Small helpers every folder may use: files written atomically, digests, percentiles, progress."""
