@@ -41,7 +41,6 @@ How to run
 from __future__ import annotations
 
 import argparse
-import hashlib
 import logging
 import math
 import shutil
@@ -71,6 +70,9 @@ from onnxruntime.quantization import (
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.model_selection import StratifiedKFold
 from sklearn.neural_network import MLPClassifier
+
+from edge_agent.scoring.backends.onnx import open_session
+from edge_agent.util.files import file_sha256
 
 log = logging.getLogger("train_sensor_model")
 
@@ -516,16 +518,8 @@ def build_graph(model: TrainedModel, temperature: float, doc: str) -> onnx.Model
 
 
 def session(path: Path) -> ort.InferenceSession:
-    """Same options as the runtime's ONNX backend: one thread, no spinning, full optimisation."""
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = 1
-    so.inter_op_num_threads = 1
-    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    so.add_session_config_entry("session.inter_op.allow_spinning", "0")
-    so.log_severity_level = 3
-    return ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
+    """The runtime's own ONNX session (one thread, no spinning, full optimisation)."""
+    return open_session(path)
 
 
 def run(sess: ort.InferenceSession, x: F64) -> Outputs:
@@ -677,10 +671,6 @@ def toml_doc(top: dict[str, Any], tables: list[tuple[str, dict[str, Any]]]) -> s
 def sig(v: float, digits: int = 4) -> float:
     """Round for a manifest: ``digits`` significant digits, always a finite float."""
     return float(f"{v:.{digits}g}")
-
-
-def sha256_of(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -844,7 +834,7 @@ def write_pack(
             "[[files]]",
             {
                 "path": "model.onnx",
-                "sha256": sha256_of(model_path),
+                "sha256": file_sha256(model_path),
                 "size": model_path.stat().st_size,
             },
         ),
@@ -924,7 +914,7 @@ def check_manifest(folder: Path) -> None:
         m = tomllib.load(fh)
     for entry in m["files"]:
         target = folder / entry["path"]
-        if target.stat().st_size != entry["size"] or sha256_of(target) != entry["sha256"]:
+        if target.stat().st_size != entry["size"] or file_sha256(target) != entry["sha256"]:
             raise RuntimeError(f"{folder}: manifest does not match {entry['path']}")
 
 

@@ -117,7 +117,7 @@ _verdict_decoder = msgspec.json.Decoder(Verdict)
 _verdicts_decoder = msgspec.json.Decoder(BatchVerdicts)
 
 
-def decode_verdicts(payload: bytes) -> list[Verdict]:
+def decode_verdicts(payload: bytes | bytearray) -> list[Verdict]:
     """The verdicts in one message on a verdict topic (a ``Verdict`` or a ``BatchVerdicts``).
 
     Raises one of ``DECODE_ERRORS`` when the payload is neither.

@@ -5,7 +5,9 @@ from pathlib import Path
 import pytest
 
 from edge_agent.cloud.ledger import CostLedger
-from edge_agent.devtools.bench import BenchOptions, budgets, cost_section, stats
+from edge_agent.devtools.bench import BenchOptions
+from edge_agent.devtools.costs import budgets, cost_section
+from edge_agent.devtools.measure import stats
 from edge_agent.errors import EdgeAgentError
 
 

@@ -9,6 +9,7 @@ an out-of-distribution score); names come from the manifest.
 from __future__ import annotations
 
 import logging
+import os
 
 import numpy as np
 import onnxruntime as ort
@@ -18,6 +19,24 @@ from edge_agent.models.pack import ModelPack
 from edge_agent.scoring.backends.base import BackendOptions, BackendOutput, FloatArray
 
 log = logging.getLogger(__name__)
+
+
+def open_session(
+    path: str | os.PathLike[str], options: BackendOptions | None = None
+) -> ort.InferenceSession:
+    """An ONNX Runtime CPU session with the runtime's options (the module docstring); the
+    benchmark's floor and the training script use it too, so all measure the same thing.
+    ORT's own errors propagate."""
+    options = options or BackendOptions()
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = options.intra_op_threads
+    so.inter_op_num_threads = options.inter_op_threads
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    so.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    so.log_severity_level = 3
+    return ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
 
 
 class OnnxBackend:
@@ -37,18 +56,8 @@ class OnnxBackend:
         if len(model_files) != 1:
             raise ModelLoadError(f"{pack.path}: expected exactly one .onnx file in the manifest")
         path = pack.file(model_files[0])
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = options.intra_op_threads
-        so.inter_op_num_threads = options.inter_op_threads
-        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        so.add_session_config_entry("session.inter_op.allow_spinning", "0")
-        so.log_severity_level = 3
         try:
-            session = ort.InferenceSession(
-                str(path), sess_options=so, providers=["CPUExecutionProvider"]
-            )
+            session = open_session(path, options)
         except Exception as exc:  # ORT raises its own untyped errors
             raise ModelLoadError(f"{path}: ONNX Runtime refused the model: {exc}") from exc
         inputs = {i.name for i in session.get_inputs()}

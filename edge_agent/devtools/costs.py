@@ -1,0 +1,166 @@
+"""The benchmark's cost model (monthly cost of all-cloud sync, all-cloud batch and the
+hybrid at the measured escalation rates; optionally the tokens measured by a cloud worker's
+ledger) and the design's budgets, each checked against the measured value."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from edge_agent.errors import EdgeAgentError
+
+if TYPE_CHECKING:
+    from edge_agent.devtools.bench import BenchOptions
+
+SECONDS_PER_MONTH = 30 * 86400
+
+
+def measured_tokens(ledger_file: Path) -> dict[str, Any]:
+    """Mean tokens per endpoint request and the prices, from a cloud worker's ledger file."""
+    try:
+        data = json.loads(ledger_file.read_text())
+        pricing = data["pricing"]
+        total = data["total"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise EdgeAgentError(f"{ledger_file}: not a cloud ledger file: {exc}") from exc
+    if not pricing.get("tokens_measured"):
+        raise EdgeAgentError(f"{ledger_file}: no endpoint request was billed in this ledger")
+    return {
+        "ledger": str(ledger_file),
+        "requests": total["calls"],
+        "mean_prompt_tokens": pricing["mean_prompt_tokens"],
+        "mean_completion_tokens": pricing["mean_completion_tokens"],
+        "price_prompt_per_1k": pricing["price_prompt_per_1k"],
+        "price_completion_per_1k": pricing["price_completion_per_1k"],
+        "batch_price_factor": pricing["batch_price_factor"],
+        "unit_price_urgent": pricing["unit_price_urgent"],
+        "unit_price_batch": pricing["unit_price_batch"],
+    }
+
+
+def cost_section(escalation: dict[str, float], opts: BenchOptions) -> dict[str, Any]:
+    """Monthly cost of all-cloud sync, all-cloud batch and the hybrid at the measured rates."""
+    monthly = opts.readings_per_second * SECONDS_PER_MONTH
+    tokens = opts.tokens_per_reading
+
+    def unit(price_per_1k: float, discount: float = 0.0) -> float:
+        return tokens / 1000.0 * price_per_1k * (1.0 - discount)
+
+    out: dict[str, Any] = {
+        "readings_per_month": monthly,
+        "tokens_per_reading": tokens,
+        "batch_discount": opts.batch_discount,
+        "sync_latency_ms_reference": list(opts.sync_latency_ms),
+        "scenarios": {},
+    }
+    for name, price in (
+        ("low", opts.price_sync_low),
+        ("default", opts.price_sync_per_1k_tokens),
+        ("high", opts.price_sync_high),
+    ):
+        u_sync, u_batch = unit(price), unit(price, opts.batch_discount)
+        hybrid = monthly * (escalation["urgent_rate"] * u_sync + escalation["batch_rate"] * u_batch)
+        out["scenarios"][name] = {
+            "price_sync_per_1k_tokens": price,
+            "all_cloud_sync": monthly * u_sync,
+            "all_cloud_batch": monthly * u_batch,
+            "hybrid": hybrid,
+            "hybrid_vs_sync": hybrid / (monthly * u_sync) if u_sync else None,
+        }
+    if opts.ledger is not None:
+        m = measured_tokens(opts.ledger)
+        u_sync, u_batch = m["unit_price_urgent"], m["unit_price_batch"]
+        hybrid = monthly * (escalation["urgent_rate"] * u_sync + escalation["batch_rate"] * u_batch)
+        out["measured"] = m
+        out["scenarios"]["measured"] = {
+            "price_sync_per_1k_tokens": "measured",
+            "all_cloud_sync": monthly * u_sync,
+            "all_cloud_batch": monthly * u_batch,
+            "hybrid": hybrid,
+            "hybrid_vs_sync": hybrid / (monthly * u_sync) if u_sync else None,
+        }
+    return out
+
+
+def budgets(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each budget of the design, with the measured value and pass/fail."""
+    out: list[dict[str, Any]] = []
+
+    def check(name: str, value: float | None, limit: float, unit: str, note: str = "") -> None:
+        ok = value is not None and math.isfinite(value) and value <= limit
+        out.append(
+            {
+                "budget": name,
+                "value": value,
+                "limit": limit,
+                "unit": unit,
+                "pass": bool(ok),
+                "note": note,
+            }
+        )
+
+    for ref, p in results["packs"].items():
+        if p["backend"] == "onnx":
+            floor_p99 = p["floor"]["single"]["p99_ms"]
+            check(
+                f"{ref}: agent p99 per line / raw run p99",
+                p["agent"]["single"]["p99_ms"] / floor_p99,
+                1.5,
+                "x",
+                "from a JSON line: includes decoding and validating 600 numbers",
+            )
+            check(
+                f"{ref}: agent p99 from a validated array / raw run p99",
+                p["agent"]["from_array"]["p99_ms"] / floor_p99,
+                1.5,
+                "x",
+                "score + OOD guard + route",
+            )
+            check(
+                f"{ref}: raw batched throughput / agent micro-batched throughput",
+                p["floor"]["batched"]["throughput_per_s"]
+                / p["agent"]["batched"]["throughput_per_s"],
+                2.0,
+                "x",
+                "agent >= 0.5x raw batched; from JSON lines: includes decoding",
+            )
+            check(
+                f"{ref}: raw batched throughput / agent micro-batched from arrays",
+                p["floor"]["batched"]["throughput_per_s"]
+                / p["agent"]["from_array_batched"]["throughput_per_s"],
+                2.0,
+                "x",
+                "score + OOD guard + route, 64 at a time",
+            )
+            check(
+                f"{ref}: agent p99 per line (absolute)", p["agent"]["single"]["p99_ms"], 50.0, "ms"
+            )
+            check(
+                f"{ref}: agent p99 / naive p99",
+                p["agent"]["single"]["p99_ms"] / p["naive"]["p99_ms"],
+                1.0,
+                "x",
+                "agent faster than the naive integration",
+            )
+        else:
+            check(f"{ref}: p95 per reading", p["agent"]["single"].get("p95_ms"), 50.0, "ms")
+    proc = results.get("process", {})
+    if proc:
+        check("ONNX agent peak RSS", proc["peak_rss_bytes"] / 2**20, 150.0, "MiB")
+    cold = results.get("cold_start", {})
+    if cold:
+        check("cold start to READY=1 (ONNX)", cold["ready_s"], 1.5, "s")
+    cloud = results.get("all_cloud", {})
+    if cloud:
+        check(
+            "hard-case round trip p99, excluding the cloud model",
+            cloud["round_trip_excluding_cloud_model"].get("p99_ms"),
+            5.0,
+            "ms",
+        )
+    tel = results.get("telemetry", {})
+    if tel:
+        check("p99 with telemetry on / off", tel["p99_ratio"], 1.1, "x")
+    return out

@@ -1,0 +1,493 @@
+"""The benchmark's measurements: the raw runtime, a naive integration, the agent's own
+paths, telemetry on vs off, all-cloud through mosquitto, the hybrid loop, cold start and the
+agent process's RSS and CPU. Each returns JSON-able figures; ``bench.run_bench`` runs them."""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from edge_agent.cloud.worker import CloudWorker
+from edge_agent.config import Settings, load_settings
+from edge_agent.ingest.readings import Reading
+from edge_agent.ingest.sources.replay import ReplaySource
+from edge_agent.models.pack import ModelPack
+from edge_agent.mqtt.session import new_client, set_nodelay
+from edge_agent.scoring.scorer import Scorer
+from edge_agent.service.agent import Agent
+from edge_agent.util.stats import percentiles
+from edge_agent.wire.messages import (
+    SCHEMA_VERSION,
+    HardCase,
+    LocalDecision,
+    Tier,
+    Verdict,
+    batch_payload,
+    decode_verdicts,
+    encoder,
+)
+
+# -- statistics -----------------------------------------------------------------------
+
+
+def stats(
+    samples_ms: list[float], cpu_s: float | None = None, wall_s: float | None = None
+) -> dict[str, Any]:
+    """p50/p95/p99/mean of per-reading latencies, and throughput / CPU per reading."""
+    arr = np.asarray(samples_ms, dtype=np.float64)
+    out: dict[str, Any] = {"n": int(arr.size)}
+    if arr.size:
+        out.update({f"{k}_ms": v for k, v in percentiles(arr).items()}, mean_ms=float(arr.mean()))
+    if wall_s:
+        out["throughput_per_s"] = arr.size / wall_s if arr.size else 0.0
+    if cpu_s is not None and arr.size:
+        out["cpu_ms_per_reading"] = cpu_s * 1000.0 / arr.size
+    return out
+
+
+def timed(fn: Callable[[], object], n: int) -> dict[str, Any]:
+    """Run ``fn`` n times; per-call latency, wall throughput and CPU per call."""
+    samples = []
+    gc.collect()
+    cpu0, wall0 = time.process_time(), time.perf_counter()
+    for _ in range(n):
+        t0 = time.perf_counter_ns()
+        fn()
+        samples.append((time.perf_counter_ns() - t0) / 1e6)
+    return stats(samples, time.process_time() - cpu0, time.perf_counter() - wall0)
+
+
+# -- inputs ---------------------------------------------------------------------------
+
+
+def load_lines(path: Path) -> list[bytes]:
+    return [line for line in path.read_bytes().splitlines() if line.strip()]
+
+
+def windows_of(lines: list[bytes]) -> np.ndarray:
+    rows = [json.loads(line)["values"] for line in lines]
+    return np.asarray(rows, dtype=np.float32)
+
+
+# -- the measurements -----------------------------------------------------------------
+
+
+def _raw_session(pack: ModelPack) -> Any:
+    from edge_agent.scoring.backends.onnx import open_session  # noqa: PLC0415 - ONNX packs only
+
+    model = next(f.path for f in pack.manifest.files if f.path.endswith(".onnx"))
+    return open_session(pack.file(model))
+
+
+def floor_onnx(pack: ModelPack, x: np.ndarray, passes: int) -> dict[str, Any]:
+    """The raw runtime: session.run on prepared arrays, batch 1 and batch 64."""
+    sess = _raw_session(pack)
+    m = pack.manifest
+    outs = [m.outputs.probs] if m.outputs is not None else None
+    name = m.input.name
+    singles = [x[i : i + 1] for i in range(len(x))]
+    for s in singles[:10]:
+        sess.run(outs, {name: s})
+    it = iter(singles * passes)
+    single = timed(lambda: sess.run(outs, {name: next(it)}), len(singles) * passes)
+    big = np.concatenate([x] * max(1, 64 // len(x) + 1))[:64]
+    sess.run(outs, {name: big})
+    n_batches = max(10, passes * len(x) // 64)
+    batch = timed(lambda: sess.run(outs, {name: big}), n_batches)
+    batch["throughput_per_s"] = 64 * n_batches / (batch["mean_ms"] * n_batches / 1000.0)
+    batch["batch"] = 64
+    return {"single": single, "batched": batch}
+
+
+def naive_onnx(pack: ModelPack, lines: list[bytes], passes: int, port: int) -> dict[str, Any]:
+    """Thirty lines a user would write: json.loads, numpy, session.run, softmax, publish."""
+    sess = _raw_session(pack)
+    m = pack.manifest
+    out_name = m.outputs.logits if m.outputs is not None and m.outputs.logits else None
+    labels = m.labels
+    client = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    client.connect("127.0.0.1", port)
+    client.loop_start()
+
+    def one(line: bytes) -> None:
+        obj = json.loads(line)
+        x = np.array(obj["values"], dtype=np.float32)[None]
+        logits = sess.run([out_name] if out_name else None, {m.input.name: x})[0][0]
+        e = np.exp(logits - logits.max())
+        p = e / e.sum()
+        k = int(p.argmax())
+        decision = {"id": obj.get("id"), "label": labels[k], "confidence": float(p[k])}
+        client.publish("bench/naive/decision", json.dumps(decision))
+
+    for line in lines[:10]:
+        one(line)
+    it = iter(lines * passes)
+    result = timed(lambda: one(next(it)), len(lines) * passes)
+    client.loop_stop()
+    client.disconnect()
+    return result
+
+
+def agent_settings(state: Path, port: int, prefix: str, **extra: str) -> Settings:
+    env = {
+        "EDGE_AGENT_DEVICE_ID": "bench",
+        "EDGE_AGENT_DEVICE_STATE_DIR": str(state),
+        "EDGE_AGENT_MQTT_PORT": str(port),
+        "EDGE_AGENT_MQTT_TOPIC_PREFIX": prefix,
+        "EDGE_AGENT_TELEMETRY_PUBLISH": "false",
+    }
+    env.update({f"EDGE_AGENT_{k.upper()}": v for k, v in extra.items()})
+    return load_settings(None, env=env)
+
+
+def agent_paths(
+    scorer: Scorer, lines: list[bytes], x: np.ndarray, passes: int, *, state: Path, port: int
+) -> dict[str, Any]:
+    """The agent's own path: per line, micro-batched, and from validated arrays."""
+    settings = agent_settings(state, port, "bench/agent")
+    agent = Agent(settings, scorer)
+    agent.link.start()
+    process = agent.pipeline.process
+    for line in lines[:10]:
+        process([line])
+    it = iter(lines * passes)
+    single = timed(lambda: process([next(it)]), len(lines) * passes)
+    group = (lines * (64 // len(lines) + 1))[:64]
+    n_groups = max(10 if passes > 3 else 1, passes * len(lines) // 64)
+    batched = timed(lambda: process(group), n_groups)
+    batched["throughput_per_s"] = 64 * n_groups / (batched["mean_ms"] * n_groups / 1000.0)
+    batched["batch"] = 64
+    readings = [Reading(values=w) for w in x]
+    route = agent.route  # the same routing the pipeline calls
+
+    def score_route(r: Reading) -> None:
+        for d in scorer.score([r]):
+            route(d)
+
+    itr = iter(readings * passes)
+    from_array = timed(lambda: score_route(next(itr)), len(readings) * passes)
+    group_r = (readings * (64 // len(readings) + 1))[:64]
+
+    def score_route_group() -> None:
+        for d in scorer.score(group_r):
+            route(d)
+
+    from_array_batched = timed(score_route_group, n_groups)
+    from_array_batched["throughput_per_s"] = 64 / (from_array_batched["mean_ms"] / 1000.0)
+    from_array_batched["batch"] = 64
+    agent.close()
+    hard_rate = agent.pipeline.counts["hard"] / max(
+        1, agent.pipeline.counts["hard"] + agent.pipeline.counts["local"]
+    )
+    return {
+        "single": single,
+        "batched": batched,
+        "from_array": from_array,
+        "from_array_batched": from_array_batched,
+        "hard_rate": hard_rate,
+    }
+
+
+def telemetry_effect(
+    scorer: Scorer, lines: list[bytes], passes: int, state: Path, port: int
+) -> dict[str, Any]:
+    """p99 of the per-line path with an aggressive telemetry thread vs none, interleaved."""
+    results: dict[str, list[float]] = {"off": [], "on": []}
+    for block in range(6):
+        mode = "on" if block % 2 else "off"
+        extra = (
+            {"telemetry_interval_s": "0.05", "telemetry_publish": "true"} if mode == "on" else {}
+        )
+        settings = agent_settings(state / f"t{block}", port, f"bench/telemetry{block}", **extra)
+        agent = Agent(settings, scorer)
+        agent.link.start()
+        if mode == "on":
+            agent.telemetry.start()
+        it = iter(lines * max(1, passes // 3))
+        for _ in range(len(lines) * max(1, passes // 3)):
+            t0 = time.perf_counter_ns()
+            agent.pipeline.process([next(it)])
+            results[mode].append((time.perf_counter_ns() - t0) / 1e6)
+        agent.close()
+    off, on = stats(results["off"]), stats(results["on"])
+    return {"off": off, "on": on, "p99_ratio": on["p99_ms"] / off["p99_ms"]}
+
+
+class _CloudClient:
+    """A synchronous-API client: publish one hard case, wait for its verdict."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.prefix = settings.mqtt.topic_prefix
+        self.event = threading.Event()
+        self.answer: Verdict | None = None
+        self.client = new_client(settings, "bench-cloud-client")
+        self.client.on_message = self._on_message
+        self.client.on_connect = lambda c, *_a: set_nodelay(c)
+        self.client.connect(settings.mqtt.host, settings.mqtt.port)
+        self.client.subscribe(f"{self.prefix}/bench/verdict/#", qos=1)
+        self.client.loop_start()
+        time.sleep(0.3)
+
+    def _on_message(self, _c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
+        verdicts = decode_verdicts(msg.payload)
+        if len(verdicts) == 1 and b'"verdicts"' not in msg.payload:
+            self.answer = verdicts[0]
+        self.event.set()
+
+    def ask(self, case: HardCase) -> Verdict | None:
+        props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+        props.ResponseTopic = f"{self.prefix}/bench/verdict"
+        props.CorrelationData = case.key.encode()
+        props.UserProperty = [("idempotency-key", case.key)]
+        self.event.clear()
+        self.client.publish(
+            f"{self.prefix}/bench/hard", encoder.encode(case), qos=1, properties=props
+        )
+        if not self.event.wait(5):
+            return None
+        return self.answer
+
+    def batch(self, cases: list[HardCase]) -> bool:
+        self.event.clear()
+        body = batch_payload("bench", [encoder.encode(c) for c in cases])
+        self.client.publish(f"{self.prefix}/bench/batch", body, qos=1)
+        return self.event.wait(30)
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+def all_cloud(settings: Settings, x: np.ndarray, passes: int) -> dict[str, Any]:
+    """Every reading sent to the cloud worker and answered; and the batch tier's throughput."""
+    worker = CloudWorker(settings)
+    worker.start()
+    if not worker.ready.wait(10):
+        raise RuntimeError("the benchmark's cloud worker did not subscribe")
+    client = _CloudClient(settings)
+    local = LocalDecision("unknown", 0.0, None, "none")
+    values = [w.tolist() for w in x]
+    seq = 0
+
+    def case(i: int, tier: Tier) -> HardCase:
+        nonlocal seq
+        seq += 1
+        return HardCase(
+            v=SCHEMA_VERSION,
+            key=f"bench:{seq}",
+            device="bench",
+            seq=seq,
+            values=values[i % len(values)],
+            local=local,
+            tier=tier,
+        )
+
+    for i in range(10):
+        client.ask(case(i, Tier.URGENT))
+    rtt, broker_only = [], []
+    n = len(values) * max(1, passes // 5)
+    cpu0, wall0 = time.process_time(), time.perf_counter()
+    for i in range(n):
+        t0 = time.perf_counter_ns()
+        v = client.ask(case(i, Tier.URGENT))
+        total = (time.perf_counter_ns() - t0) / 1e6
+        if v is not None:
+            rtt.append(total)
+            broker_only.append(max(0.0, total - v.cloud_ms))
+    sync = stats(rtt, time.process_time() - cpu0, time.perf_counter() - wall0)
+    sync["lost"] = n - len(rtt)
+    size = 200
+    n_batches = 3 if passes <= 5 else 10
+    t0w = time.perf_counter()
+    ok = sum(client.batch([case(i, Tier.BATCH) for i in range(size)]) for _ in range(n_batches))
+    wall = time.perf_counter() - t0w
+    client.close()
+    cloud_model = worker.scorer.ref
+    worker.stop()
+    return {
+        "sync": sync,
+        "round_trip_excluding_cloud_model": stats(broker_only),
+        "batch": {"cases_per_s": ok * size / wall, "batch_size": size, "batches": ok},
+        "cloud_model": cloud_model,
+    }
+
+
+HYBRID_NOISE = (0.0, 1.5)  #: sensor noise levels (x channel std) of the hybrid runs
+
+
+def hybrid(scorer: Scorer, data: Path, settings: Settings, noise: float) -> dict[str, Any]:
+    """The real agent replaying the test data (with sensor noise) through the whole loop."""
+    worker = CloudWorker(settings)
+    worker.start()
+    worker.ready.wait(10)
+    agent = Agent(settings, scorer)
+    source = ReplaySource(
+        str(data),
+        settings.input.max_line_bytes,
+        rate_hz=0,
+        loops=5,
+        noise=noise,
+        seed=0,
+        batch=settings.model.max_batch,
+    )
+    agent.run(source, exit_when_drained=True, drain_timeout_s=30)
+    worker.stop()
+    snap = agent.summary()
+    n = max(1, snap["readings"])
+    return {
+        "noise": noise,
+        "readings": snap["readings"],
+        "escalation_rate": (snap["hard_urgent"] + snap["hard_batch"]) / n,
+        "urgent_rate": snap["hard_urgent"] / n,
+        "batch_rate": snap["hard_batch"] / n,
+        "latency_ms_p50": snap["latency_ms_p50"],
+        "latency_ms_p99": snap["latency_ms_p99"],
+        "round_trip_ms_p50": snap["round_trip_ms_p50"],
+        "round_trip_ms_p99": snap["round_trip_ms_p99"],
+        "agreement": snap["agreement"],
+    }
+
+
+class _PeakRss:
+    """Samples a child's VmHWM (peak RSS of its own image, after exec) until it exits.
+
+    ``ru_maxrss`` from wait4 is not used: on Linux it also counts the pages of the
+    forked copy of this (large) benchmark process from before the exec.
+    """
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def sample(self) -> None:
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    self.peak = max(self.peak, int(line.split()[1]) * 1024)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.01):
+            self.sample()
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join(1)
+        return self.peak
+
+
+def _edge_agent_cmd() -> list[str]:
+    return [sys.executable, "-m", "edge_agent"]
+
+
+def cold_start(pack: ModelPack, state: Path, port: int, line: bytes, runs: int) -> dict[str, Any]:
+    """``edge-agent run``: process start → READY=1 and → first decision, peak RSS, CPU."""
+    ready, first, rss, cpu = [], [], [], []
+    for i in range(runs):
+        sock_path = state / f"notify{i}.sock"
+        notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        notify.bind(str(sock_path))
+        notify.settimeout(30)
+        env = dict(os.environ)
+        env.update(
+            {
+                "NOTIFY_SOCKET": str(sock_path),
+                "EDGE_AGENT_MODEL_PACK": str(pack.path),
+                "EDGE_AGENT_DEVICE_STATE_DIR": str(state / f"cold{i}"),
+                "EDGE_AGENT_MQTT_PORT": str(port),
+                "EDGE_AGENT_MQTT_TOPIC_PREFIX": "bench/cold",
+                "EDGE_AGENT_DEVICE_ID": "bench-cold",
+            }
+        )
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(
+            [
+                *_edge_agent_cmd(),
+                "run",
+                "--decisions",
+                "--exit-when-drained",
+                "--drain-timeout",
+                "5",
+            ],
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+        )
+        if proc.stdin is None or proc.stdout is None:  # pragma: no cover - PIPE above
+            raise RuntimeError("no pipes to the agent")
+        sampler = _PeakRss(proc.pid)
+        msg = notify.recv(4096)
+        ready.append(time.perf_counter() - t0 if msg.startswith(b"READY=1") else float("nan"))
+        proc.stdin.write(line + b"\n")
+        proc.stdin.flush()
+        proc.stdout.readline()
+        first.append(time.perf_counter() - t0)
+        sampler.sample()  # one last sample while the process is alive
+        proc.stdin.close()
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        proc.stdout.close()
+        notify.close()
+        rss.append(sampler.stop())
+        cpu.append(usage.ru_utime + usage.ru_stime)
+    return {
+        "ready_s": float(np.median(ready)),
+        "first_decision_s": float(np.median(first)),
+        "runs": runs,
+        "peak_rss_bytes": int(max(rss)),
+        "process_cpu_s": float(np.median(cpu)),
+    }
+
+
+def agent_process(
+    pack: ModelPack, data: Path, state: Path, port: int, loops: int
+) -> dict[str, Any]:
+    """A whole ``edge-agent run`` over the replayed test data: peak RSS and CPU per reading."""
+    n_lines = len(load_lines(data))
+    env = dict(os.environ)
+    env.update(
+        {
+            "EDGE_AGENT_MODEL_PACK": str(pack.path),
+            "EDGE_AGENT_DEVICE_STATE_DIR": str(state / "proc"),
+            "EDGE_AGENT_MQTT_PORT": str(port),
+            "EDGE_AGENT_MQTT_TOPIC_PREFIX": "bench/proc",
+            "EDGE_AGENT_DEVICE_ID": "bench-proc",
+            "EDGE_AGENT_SOURCE_KIND": "replay",
+            "EDGE_AGENT_SOURCE_PATH": str(data),
+            "EDGE_AGENT_SOURCE_LOOPS": str(loops),
+        }
+    )
+    proc = subprocess.Popen(
+        [*_edge_agent_cmd(), "run", "--exit-when-drained", "--drain-timeout", "2"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    sampler = _PeakRss(proc.pid)
+    _, _status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = 0
+    readings = n_lines * loops
+    return {
+        "readings": readings,
+        "peak_rss_bytes": sampler.stop(),
+        "cpu_ms_per_reading_incl_startup": (usage.ru_utime + usage.ru_stime) * 1000 / readings,
+    }

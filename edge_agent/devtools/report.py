@@ -1,0 +1,162 @@
+"""The benchmark's reports: a text table (stdout), Markdown (docs/BENCHMARKS.md) and a plot."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def _f(v: Any, digits: int = 3) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.{digits}f}"
+    return str(v)
+
+
+def table(results: dict[str, Any]) -> str:
+    rows = [("pattern", "p50 ms", "p95 ms", "p99 ms", "per s", "CPU ms/rd")]
+    for ref, p in results["packs"].items():
+        named = []
+        if "floor" in p:
+            named += [
+                (f"{ref} raw run (floor)", p["floor"]["single"]),
+                (f"{ref} raw run x64", p["floor"]["batched"]),
+            ]
+        if "naive" in p:
+            named.append((f"{ref} naive integration", p["naive"]))
+        named += [
+            (f"{ref} edge-agent per line", p["agent"]["single"]),
+            (f"{ref} edge-agent x64", p["agent"]["batched"]),
+            (f"{ref} edge-agent from array", p["agent"]["from_array"]),
+            (f"{ref} edge-agent from array x64", p["agent"]["from_array_batched"]),
+        ]
+        for name, s in named:
+            per = s.get("throughput_per_s")
+            rows.append(
+                (
+                    name,
+                    _f(s.get("p50_ms")),
+                    _f(s.get("p95_ms")),
+                    _f(s.get("p99_ms")),
+                    _f(per, 0) if per else "-",
+                    _f(s.get("cpu_ms_per_reading"), 4),
+                )
+            )
+    c = results["all_cloud"]
+    rows.append(
+        (
+            "all-cloud sync (mosquitto + cloud worker)",
+            _f(c["sync"].get("p50_ms")),
+            _f(c["sync"].get("p95_ms")),
+            _f(c["sync"].get("p99_ms")),
+            _f(c["sync"].get("throughput_per_s"), 0),
+            _f(c["sync"].get("cpu_ms_per_reading"), 4),
+        )
+    )
+    rows.append(("all-cloud batch tier", "-", "-", "-", _f(c["batch"]["cases_per_s"], 0), "-"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = [
+        "  ".join(
+            cell.ljust(widths[i]) if i == 0 else cell.rjust(widths[i]) for i, cell in enumerate(r)
+        )
+        for r in rows
+    ]
+    lines.insert(1, "-" * len(lines[0]))
+    lines.append("")
+    for h in results["hybrid"].values():
+        lines.append(
+            f"hybrid, test data with noise {h['noise']:g} x std: escalation"
+            f" {100 * h['escalation_rate']:.1f}% (urgent {100 * h['urgent_rate']:.1f}%,"
+            f" batch {100 * h['batch_rate']:.1f}%), agreement {_f(h['agreement'])},"
+            f" device round trip p50 {_f(h['round_trip_ms_p50'])} / p99"
+            f" {_f(h['round_trip_ms_p99'])} ms"
+        )
+    lines += [
+        f"telemetry on/off p99: {_f(results['telemetry']['p99_ratio'])}x;"
+        f" cold start READY=1 {_f(results['cold_start']['ready_s'])} s, first decision"
+        f" {_f(results['cold_start']['first_decision_s'])} s; agent peak RSS"
+        f" {results['process']['peak_rss_bytes'] / 2**20:.1f} MiB",
+        "",
+        "monthly cost per device at "
+        f"{results['options']['readings_per_second']:g} reading/s"
+        f" ({results['options']['tokens_per_reading']} tokens/reading):",
+    ]
+    for hname, cost in results["cost"].items():
+        for name, s in cost["scenarios"].items():
+            price = s["price_sync_per_1k_tokens"]
+            lines.append(
+                f"  {hname:<10} {name:<8} {'tokens' if price == 'measured' else f'${price}/1K'}:"
+                f" all-cloud sync ${s['all_cloud_sync']:,.0f},"
+                f" batch ${s['all_cloud_batch']:,.0f}, hybrid ${s['hybrid']:,.0f}"
+            )
+        m = cost.get("measured")
+        if m is not None:
+            lines.append(
+                f"  {hname:<10} measured: {m['requests']} endpoint requests in {m['ledger']},"
+                f" {m['mean_prompt_tokens']:.1f} prompt + {m['mean_completion_tokens']:.1f}"
+                f" completion tokens each (${m['price_prompt_per_1k']}/1K prompt,"
+                f" ${m['price_completion_per_1k']}/1K completion, batch x"
+                f"{m['batch_price_factor']})"
+            )
+    lines += ["", "budgets:"]
+    for b in results["budgets"]:
+        lines.append(
+            f"  {'PASS' if b['pass'] else 'FAIL'}  {b['budget']}:"
+            f" {_f(b['value'])} {b['unit']} (limit {b['limit']})"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def markdown(results: dict[str, Any], command: str) -> str:
+    m = results["machine"]
+    out = [
+        "# Benchmarks",
+        "",
+        f"Produced by `{command}` on {m['cpu']}"
+        f" ({m['cores']} cores, {m['machine']}, {m['system']}),"
+        f" versions: {', '.join(f'{k} {v}' for k, v in m['versions'].items())}.",
+        "Every figure below comes from that one run; ratios compare figures of the same run.",
+        "",
+        "```",
+        table(results).rstrip(),
+        "```",
+        "",
+    ]
+    return "\n".join(out)
+
+
+def plot(results: dict[str, Any], path: Path) -> None:
+    import matplotlib  # noqa: PLC0415 - optional extra
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    names, p50, p99 = [], [], []
+    for ref, p in results["packs"].items():
+        for label, s in (
+            ("floor", p.get("floor", {}).get("single")),
+            ("naive", p.get("naive")),
+            ("agent", p["agent"]["single"]),
+        ):
+            if s:
+                names.append(f"{ref}\n{label}")
+                p50.append(s["p50_ms"])
+                p99.append(s["p99_ms"])
+    c = results["all_cloud"]["sync"]
+    names.append("all-cloud\nsync")
+    p50.append(c["p50_ms"])
+    p99.append(c["p99_ms"])
+    fig, ax = plt.subplots(figsize=(max(6, len(names) * 1.2), 4))
+    idx = np.arange(len(names))
+    ax.bar(idx - 0.2, p50, 0.4, label="p50")
+    ax.bar(idx + 0.2, p99, 0.4, label="p99")
+    ax.set_yscale("log")
+    ax.set_ylabel("ms per reading (log)")
+    ax.set_xticks(idx, names, fontsize=7)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
