@@ -139,19 +139,22 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from edge_agent.devtools import bench  # noqa: PLC0415 - the service never needs the benchmark
 
+    prices = {
+        "price_sync_per_1k_tokens": args.price_sync,
+        "price_sync_low": args.price_sync_low,
+        "price_sync_high": args.price_sync_high,
+        "batch_discount": args.batch_discount,
+        "tokens_per_reading": args.tokens_per_reading,
+    }
     opts = bench.BenchOptions(
         quick=args.quick,
         repeats=args.repeats,
         packs=args.packs or [],
         data=Path(args.data),
-        price_sync_per_1k_tokens=args.price_sync,
-        price_sync_low=args.price_sync_low,
-        price_sync_high=args.price_sync_high,
-        batch_discount=args.batch_discount,
-        tokens_per_reading=args.tokens_per_reading,
         readings_per_second=args.readings_per_second,
         progress=not args.quiet,
         ledger=Path(args.ledger) if args.ledger else None,
+        **{k: v for k, v in prices.items() if v is not None},
     )
     results = bench.run_bench(opts)
     command = (
@@ -282,6 +285,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
+    _add_device_commands(sub)
+    _add_operator_tools(sub)
+    cloud = sub.add_parser("cloud", help="the cloud fallback worker (urgent + batch tiers)")
+    cloud.set_defaults(func=cmd_cloud)
+
+    msub = _add_models_commands(sub)
+    # `--config` is accepted before or after the subcommand (`edge-agent run --config F`).
+    subparsers = [*sub.choices.values(), *msub.choices.values()]
+    for p in subparsers:
+        p.add_argument(
+            "--config",
+            default=argparse.SUPPRESS,
+            help="TOML config file (default: $EDGE_AGENT_CONFIG)",
+        )
+    return parser
+
+
+def _add_device_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     score = sub.add_parser("score", help="score JSON lines (file or stdin), one decision per line")
     score.add_argument("file", nargs="?", default="-", help="input file, '-' for stdin")
     score.add_argument("--model", help="model pack name or folder (default: the default pack)")
@@ -306,6 +327,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--summary-json", help="write the end-of-run summary to this file")
     run.set_defaults(func=cmd_run)
 
+
+def _add_operator_tools(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     demo = sub.add_parser(
         "demo", help="the whole hybrid loop on this machine: broker, cloud worker, agent"
     )
@@ -339,11 +362,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench_p.add_argument("--json", help="write every figure as JSON to this file")
     bench_p.add_argument("--markdown", help="write a Markdown report to this file")
     bench_p.add_argument("--plot", help="write a PNG of latency per pattern (needs matplotlib)")
-    bench_p.add_argument("--price-sync", type=float, default=0.04, help="$ per 1K tokens, sync")
-    bench_p.add_argument("--price-sync-low", type=float, default=0.025, help="low sync price")
-    bench_p.add_argument("--price-sync-high", type=float, default=0.06, help="high sync price")
-    bench_p.add_argument("--batch-discount", type=float, default=0.5, help="batch discount")
-    bench_p.add_argument("--tokens-per-reading", type=int, default=1500, help="tokens per call")
+    # Prices default to the [cloud] section's defaults (docs/config.md).
+    bench_p.add_argument("--price-sync", type=float, help="$ per 1K tokens, sync")
+    bench_p.add_argument("--price-sync-low", type=float, help="low sync price")
+    bench_p.add_argument("--price-sync-high", type=float, help="high sync price")
+    bench_p.add_argument("--batch-discount", type=float, help="batch discount")
+    bench_p.add_argument("--tokens-per-reading", type=int, help="tokens per call")
     bench_p.add_argument(
         "--readings-per-second", type=float, default=1.0, help="one device's reading rate"
     )
@@ -354,9 +378,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench_p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     bench_p.set_defaults(func=cmd_bench)
 
-    cloud = sub.add_parser("cloud", help="the cloud fallback worker (urgent + batch tiers)")
-    cloud.set_defaults(func=cmd_cloud)
 
+def _add_models_commands(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser],
+) -> argparse._SubParsersAction[argparse.ArgumentParser]:
     models = sub.add_parser("models", help="list and verify model packs")
     msub = models.add_subparsers(dest="models_command", required=True)
     mlist = msub.add_parser("list", help="installed packs (* marks the default)")
@@ -396,15 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
     mpush.add_argument("--timeout", type=float, default=600.0, help="seconds to wait (600)")
     mpush.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
     mpush.set_defaults(func=cmd_models_push)
-    # `--config` is accepted before or after the subcommand (`edge-agent run --config F`).
-    subparsers = [*sub.choices.values(), *msub.choices.values()]
-    for p in subparsers:
-        p.add_argument(
-            "--config",
-            default=argparse.SUPPRESS,
-            help="TOML config file (default: $EDGE_AGENT_CONFIG)",
-        )
-    return parser
+    return msub
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -68,9 +68,6 @@ __all__ = ["BenchOptions", "markdown", "plot", "run_bench", "table"]
 _CLOUD = CloudSettings()
 
 
-SECONDS_PER_MONTH = 30 * 86400
-
-
 @dataclass
 class BenchOptions:
     quick: bool = False

@@ -27,10 +27,10 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
-import numpy as np
 
 from edge_agent.cloud.worker import CloudWorker
 from edge_agent.config import Settings, load_settings
+from edge_agent.devtools.costs import SECONDS_PER_MONTH
 from edge_agent.devtools.localbroker import Mosquitto
 from edge_agent.errors import ConfigError
 from edge_agent.ingest.readings import Reading, ReadingDecoder
@@ -38,11 +38,11 @@ from edge_agent.ingest.sources.replay import ReplaySource
 from edge_agent.models.pack import resolve
 from edge_agent.scoring.scorer import Scorer
 from edge_agent.service.agent import Agent
+from edge_agent.util.progress import Progress
+from edge_agent.util.stats import percentile
 from edge_agent.wire.messages import Verdict
 
 log = logging.getLogger(__name__)
-
-SECONDS_PER_MONTH = 30 * 86400
 
 
 class _Truth(msgspec.Struct):
@@ -64,7 +64,8 @@ def _base_id(reading_id: Any) -> str:
 
 
 def _pct(values: list[float], q: float) -> float | None:
-    return round(float(np.percentile(values, q)), 3) if values else None
+    p = percentile(values, q)
+    return round(p, 3) if p is not None else None
 
 
 def demo_settings(base: Settings | None, state: Path, port: int, args: Any) -> Settings:
@@ -93,34 +94,18 @@ def demo_settings(base: Settings | None, state: Path, port: int, args: Any) -> S
     return load_settings(None, env=merged)
 
 
-class _Progress:
-    """One line on stderr, redrawn in place on a terminal (plain lines otherwise)."""
+def _progress_note(agent: Agent) -> str:
+    c = agent.pipeline.counts
+    verdicts = agent.reconciler.counters
+    return (
+        f"local {c['local']}  hard {c['hard']}"
+        f"  verdicts {verdicts['verdicts_on_time'] + verdicts['verdicts_batch']}"
+    )
 
-    def __init__(self, total: int, enabled: bool) -> None:
-        self.total = total
-        self.enabled = enabled
-        self.tty = sys.stderr.isatty()
-        self._last = 0.0
 
-    def show(self, agent: Agent, final: bool = False) -> None:
-        now = time.monotonic()
-        if not self.enabled or (not final and now - self._last < (0.1 if self.tty else 2.0)):
-            return
-        self._last = now
-        c = agent.pipeline.counts
-        done = c["local"] + c["hard"] + c["rejected"]
-        width = 30
-        filled = int(width * min(done, self.total) / max(self.total, 1))
-        bar = "#" * filled + "-" * (width - filled)
-        verdicts = agent.reconciler.counters
-        text = (
-            f"[{bar}] {done}/{self.total} readings  local {c['local']}  hard {c['hard']}"
-            f"  verdicts {verdicts['verdicts_on_time'] + verdicts['verdicts_batch']}"
-        )
-        sys.stderr.write(("\r" + text) if self.tty else (text + "\n"))
-        if final and self.tty:
-            sys.stderr.write("\n")
-        sys.stderr.flush()
+def _readings_done(agent: Agent) -> int:
+    c = agent.pipeline.counts
+    return int(c["local"] + c["hard"] + c["rejected"])
 
 
 def run_demo(args: Any, base: Settings | None) -> dict[str, Any]:
@@ -134,8 +119,9 @@ def run_demo(args: Any, base: Settings | None) -> dict[str, Any]:
     try:
         broker.start()
         settings = demo_settings(base, workdir / "state", broker.port, args)
-        edge_pack = resolve(settings.model.pack, settings.model.packs_dir)
-        cloud_pack = resolve(settings.cloud.pack, settings.model.packs_dir)
+        m = settings.model
+        edge_pack = resolve(m.pack, m.packs_dir, m.store_dir)
+        cloud_pack = resolve(settings.cloud.pack, m.packs_dir, m.store_dir)
         edge = Scorer.open(edge_pack)
         cloud = Scorer.open(cloud_pack)
         worker = CloudWorker(settings, scorer=cloud)
@@ -168,22 +154,9 @@ def run_demo(args: Any, base: Settings | None) -> dict[str, Any]:
             seed=args.seed,
             batch=settings.model.max_batch,
         )
-        total = len(source.lines) * args.loops
-        progress = _Progress(total, not args.quiet)
-        ticker_stop = threading.Event()
-
-        def tick() -> None:
-            while not ticker_stop.wait(0.1):
-                progress.show(agent)
-
-        ticker = threading.Thread(target=tick, daemon=True)
-        ticker.start()
         started = time.monotonic()
-        code = agent.run(source, exit_when_drained=True, drain_timeout_s=30)
+        code = _run_with_progress(agent, source, len(source.lines) * args.loops, args.quiet)
         elapsed = time.monotonic() - started
-        ticker_stop.set()
-        ticker.join(2)
-        progress.show(agent, final=True)
         worker.stop()
         cloud_only = _cloud_only_accuracy(cloud, settings, data, args, truth)
         summary = _summarise(
@@ -207,6 +180,27 @@ def run_demo(args: Any, base: Settings | None) -> dict[str, Any]:
             sys.stderr.write(f"demo state kept in {workdir}\n")
         else:
             shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _run_with_progress(agent: Agent, source: ReplaySource, total: int, quiet: bool) -> int:
+    """``agent.run`` to the end of the source, with a progress line on stderr."""
+    progress = Progress(
+        total, None if quiet else sys.stderr, label="readings", plain_interval_s=2.0
+    )
+    ticker_stop = threading.Event()
+
+    def tick() -> None:
+        while not ticker_stop.wait(0.1):
+            progress.update(_readings_done(agent), _progress_note(agent))
+
+    ticker = threading.Thread(target=tick, daemon=True)
+    ticker.start()
+    code = agent.run(source, exit_when_drained=True, drain_timeout_s=30)
+    ticker_stop.set()
+    ticker.join(2)
+    progress.done = _readings_done(agent)
+    progress.finish(_progress_note(agent))
+    return code
 
 
 def _cloud_only_accuracy(

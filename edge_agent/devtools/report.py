@@ -16,8 +16,8 @@ def _f(v: Any, digits: int = 3) -> str:
     return str(v)
 
 
-def table(results: dict[str, Any]) -> str:
-    rows = [("pattern", "p50 ms", "p95 ms", "p99 ms", "per s", "CPU ms/rd")]
+def _latency_rows(results: dict[str, Any]) -> list[tuple[str, ...]]:
+    rows: list[tuple[str, ...]] = [("pattern", "p50 ms", "p95 ms", "p99 ms", "per s", "CPU ms/rd")]
     for ref, p in results["packs"].items():
         named = []
         if "floor" in p:
@@ -57,6 +57,33 @@ def table(results: dict[str, Any]) -> str:
         )
     )
     rows.append(("all-cloud batch tier", "-", "-", "-", _f(c["batch"]["cases_per_s"], 0), "-"))
+    return rows
+
+
+def _cost_lines(results: dict[str, Any]) -> list[str]:
+    lines = []
+    for hname, cost in results["cost"].items():
+        for name, s in cost["scenarios"].items():
+            price = s["price_sync_per_1k_tokens"]
+            lines.append(
+                f"  {hname:<10} {name:<8} {'tokens' if price == 'measured' else f'${price}/1K'}:"
+                f" all-cloud sync ${s['all_cloud_sync']:,.0f},"
+                f" batch ${s['all_cloud_batch']:,.0f}, hybrid ${s['hybrid']:,.0f}"
+            )
+        m = cost.get("measured")
+        if m is not None:
+            lines.append(
+                f"  {hname:<10} measured: {m['requests']} endpoint requests in {m['ledger']},"
+                f" {m['mean_prompt_tokens']:.1f} prompt + {m['mean_completion_tokens']:.1f}"
+                f" completion tokens each (${m['price_prompt_per_1k']}/1K prompt,"
+                f" ${m['price_completion_per_1k']}/1K completion, batch x"
+                f"{m['batch_price_factor']})"
+            )
+    return lines
+
+
+def table(results: dict[str, Any]) -> str:
+    rows = _latency_rows(results)
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = [
         "  ".join(
@@ -84,23 +111,7 @@ def table(results: dict[str, Any]) -> str:
         f"{results['options']['readings_per_second']:g} reading/s"
         f" ({results['options']['tokens_per_reading']} tokens/reading):",
     ]
-    for hname, cost in results["cost"].items():
-        for name, s in cost["scenarios"].items():
-            price = s["price_sync_per_1k_tokens"]
-            lines.append(
-                f"  {hname:<10} {name:<8} {'tokens' if price == 'measured' else f'${price}/1K'}:"
-                f" all-cloud sync ${s['all_cloud_sync']:,.0f},"
-                f" batch ${s['all_cloud_batch']:,.0f}, hybrid ${s['hybrid']:,.0f}"
-            )
-        m = cost.get("measured")
-        if m is not None:
-            lines.append(
-                f"  {hname:<10} measured: {m['requests']} endpoint requests in {m['ledger']},"
-                f" {m['mean_prompt_tokens']:.1f} prompt + {m['mean_completion_tokens']:.1f}"
-                f" completion tokens each (${m['price_prompt_per_1k']}/1K prompt,"
-                f" ${m['price_completion_per_1k']}/1K completion, batch x"
-                f"{m['batch_price_factor']})"
-            )
+    lines += _cost_lines(results)
     lines += ["", "budgets:"]
     for b in results["budgets"]:
         lines.append(

@@ -23,6 +23,7 @@ import numpy as np
 import numpy.typing as npt
 
 from edge_agent.errors import ReadingError
+from edge_agent.wire.messages import DECODE_ERRORS, decode_failure
 
 #: Stable rejection reason codes and what each means.
 REASONS: dict[str, str] = {
@@ -124,12 +125,8 @@ class ReadingDecoder:
                 raise ReadingError("invalid_utf8", f"invalid UTF-8 at byte {exc.start}") from None
         try:
             parsed = self._struct_decoder.decode(line)
-        except RecursionError:
-            raise ReadingError("too_deep", "JSON nests too deeply") from None
-        except msgspec.ValidationError as exc:
-            raise self._classify_validation(str(exc)) from None
-        except msgspec.DecodeError as exc:
-            raise self._classify_malformed(line, str(exc)) from None
+        except DECODE_ERRORS as exc:
+            raise self._classify(exc, line) from None
         return self.from_values(parsed.values, parsed.id)
 
     def from_values(self, values: Any, reading_id: Any = None) -> Reading:
@@ -170,9 +167,14 @@ class ReadingDecoder:
         return "x".join(str(d) for d in self.shape)
 
     @staticmethod
-    def _classify_validation(text: str) -> ReadingError:
-        if "Number out of range" in text:
-            return ReadingError("non_finite", f"number out of range ({text})")
+    def _classify(exc: BaseException, line: bytes) -> ReadingError:
+        """The payload codes of ``wire.messages.decode_failure``, made finer for readings:
+        which part of the schema is wrong, and NaN/Infinity tokens as ``non_finite``."""
+        code, text = decode_failure(exc)
+        if code == "malformed_json" and (b"NaN" in line or b"Infinity" in line):
+            return ReadingError("non_finite", "NaN and Infinity are not allowed in readings")
+        if code != "invalid_schema":
+            return ReadingError(code, text)
         if "missing required field `values`" in text:
             return ReadingError("missing_values", "the object has no 'values' field")
         if text.startswith("Expected `object`"):
@@ -180,12 +182,6 @@ class ReadingDecoder:
         if "Expected `array`, got `int`" in text or "Expected `array`, got `float`" in text:
             return ReadingError("wrong_shape", f"'values' must be nested lists ({text})")
         return ReadingError("wrong_type", text)
-
-    @staticmethod
-    def _classify_malformed(line: bytes, text: str) -> ReadingError:
-        if b"NaN" in line or b"Infinity" in line:
-            return ReadingError("non_finite", "NaN and Infinity are not allowed in readings")
-        return ReadingError("malformed_json", text)
 
 
 class _SampleLine(msgspec.Struct):

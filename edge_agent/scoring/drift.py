@@ -181,6 +181,35 @@ class DriftMonitor:
         with self._lock:
             return self._snapshot()
 
+    def _update_flag(
+        self, over: bool, psi_max: float, feature: str, hard_rate: float, hard_high: bool
+    ) -> None:
+        """Raise the flag on drift; clear it once PSI is below ``psi_clear`` (hysteresis)."""
+        s = self.settings
+        if not self.flag and over:
+            self.flag = True
+            self.raised += 1
+            log.warning(
+                "drift: live input differs from the training distribution over the last %d"
+                " readings: max PSI %.3f on %s (threshold %g)%s",
+                self.window,
+                psi_max,
+                feature,
+                s.psi_threshold,
+                f"; hard rate {hard_rate:.3f} vs {self.ref.hard_rate:.3f} in training"
+                if hard_high
+                else "",
+            )
+        elif self.flag and psi_max < s.psi_clear and not hard_high:
+            self.flag = False
+            log.warning(
+                "drift cleared: max PSI %.3f on %s (below %g) over the last %d readings",
+                psi_max,
+                feature,
+                s.psi_clear,
+                self.window,
+            )
+
     def _snapshot(self) -> dict[str, Any]:
         s = self.settings
         if self._values is None:
@@ -230,29 +259,7 @@ class DriftMonitor:
         reasons = (["feature_psi"] if psi_max >= s.psi_threshold else []) + (
             ["hard_rate"] if hard_high else []
         )
-        if not self.flag and reasons:
-            self.flag = True
-            self.raised += 1
-            log.warning(
-                "drift: live input differs from the training distribution over the last %d"
-                " readings: max PSI %.3f on %s (threshold %g)%s",
-                self.window,
-                psi_max,
-                self.names[top],
-                s.psi_threshold,
-                f"; hard rate {hard_rate:.3f} vs {self.ref.hard_rate:.3f} in training"
-                if hard_high
-                else "",
-            )
-        elif self.flag and psi_max < s.psi_clear and not hard_high:
-            self.flag = False
-            log.warning(
-                "drift cleared: max PSI %.3f on %s (below %g) over the last %d readings",
-                psi_max,
-                self.names[top],
-                s.psi_clear,
-                self.window,
-            )
+        self._update_flag(bool(reasons), psi_max, self.names[top], hard_rate, hard_high)
         block.update(
             {
                 "state": "drift" if self.flag else "ok",

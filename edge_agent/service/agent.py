@@ -32,8 +32,6 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-import numpy as np
-
 from edge_agent.config import Settings
 from edge_agent.delivery.link import Link
 from edge_agent.delivery.outbox import ClassLimits, Cls, Outbox
@@ -53,6 +51,7 @@ from edge_agent.service.telemetry import (
     TelemetryThread,
     prometheus_text,
 )
+from edge_agent.util.stats import percentile
 from edge_agent.wire.messages import (
     SCHEMA_VERSION,
     HardCase,
@@ -82,10 +81,6 @@ def open_outbox(settings: Settings) -> Outbox:
         o.max_total_bytes,
         hard_sync=o.hard_sync.upper(),
     )
-
-
-def _percentile(values: list[float], q: float) -> float | None:
-    return float(np.percentile(values, q)) if values else None
 
 
 class Agent:
@@ -269,8 +264,8 @@ class Agent:
             "latency_ms_p50": lat["p50"],
             "latency_ms_p95": lat["p95"],
             "latency_ms_p99": lat["p99"],
-            "round_trip_ms_p50": _percentile(rtt, 50),
-            "round_trip_ms_p99": _percentile(rtt, 99),
+            "round_trip_ms_p50": percentile(rtt, 50),
+            "round_trip_ms_p99": percentile(rtt, 99),
             "outbox": self.outbox.depth(),
             "outbox_bytes": self.outbox.bytes_used(),
             "outbox_events": dict(self.outbox.counters),

@@ -31,6 +31,9 @@ from typing import Any
 import numpy as np
 import psutil
 
+from edge_agent.util.files import Durability, atomic_write
+from edge_agent.util.stats import percentiles
+
 log = logging.getLogger(__name__)
 
 Snapshot = dict[str, Any]
@@ -48,11 +51,7 @@ class LatencyWindow:
         self._n += 1
 
     def percentiles(self) -> dict[str, float | None]:
-        filled = self._buf[: min(self._n, self._buf.size)]
-        if filled.size == 0:
-            return {"p50": None, "p95": None, "p99": None}
-        p50, p95, p99 = np.percentile(filled, [50, 95, 99])
-        return {"p50": float(p50), "p95": float(p95), "p99": float(p99)}
+        return percentiles(self._buf[: min(self._n, self._buf.size)])
 
     @property
     def count(self) -> int:
@@ -145,9 +144,7 @@ def prometheus_text(snapshot: Snapshot, prefix: str = "edge_agent") -> str:
 
 def write_textfile(path: Path, text: str) -> None:
     """Write atomically (temp file + rename), for node_exporter's textfile collector."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    atomic_write(path, text.encode(), Durability.RENAME)
 
 
 class MetricsServer:

@@ -12,7 +12,7 @@ from typing import IO
 WIDTH = 30
 
 
-def _is_terminal(stream: IO[str]) -> bool:
+def is_terminal(stream: IO[str]) -> bool:
     try:
         return stream.isatty()
     except (AttributeError, ValueError):
@@ -43,7 +43,7 @@ class Progress:
         self.label = label
         self.unit = unit
         self.scale = scale
-        self.tty = stream is not None and _is_terminal(stream)
+        self.tty = stream is not None and is_terminal(stream)
         self.interval_s = tty_interval_s if self.tty else plain_interval_s
         self.done = 0.0
         self._last = float("-inf")

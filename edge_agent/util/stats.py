@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 #: The percentiles the runtime reports.
 REPORTED = (50, 95, 99)
@@ -19,6 +21,6 @@ def percentiles(values: Iterable[float], qs: Sequence[float] = REPORTED) -> dict
     return {f"p{q:g}": float(v) for q, v in zip(qs, np.percentile(arr, qs), strict=True)}
 
 
-def percentile(values: Iterable[float], q: float) -> float | None:
+def percentile(values: Iterable[float] | npt.NDArray[Any], q: float) -> float | None:
     """One percentile of ``values``; None when there are no samples."""
     return percentiles(values, (q,))[f"p{q:g}"]
