@@ -171,7 +171,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_cloud(args: argparse.Namespace) -> int:
-    from edge_agent.cloud.worker import main_cloud  # noqa: PLC0415 - the device never needs the cloud worker
+    from edge_agent.cloud.service import main_cloud  # noqa: PLC0415 - the device never needs the cloud worker
 
     return main_cloud(_settings(args))
 

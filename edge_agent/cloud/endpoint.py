@@ -4,11 +4,8 @@ Any server speaking OpenAI's ``/v1/chat/completions`` (or ``/v1/completions``)
 protocol will do: OpenAI itself, vLLM, llama.cpp's server, TGI, Ollama. This
 module is the client side, in four parts, each usable alone:
 
-* ``Prompt`` turns a hard case — the window and the device's local answer —
-  into a request body from the cloud pack's ``[prompt]`` table, and parses the
-  reply **strictly**: after trimming white space and one trailing full stop,
-  the text must equal one of the pack's labels (case-insensitive). Anything
-  else is an ``unparseable`` failure, never a guessed label.
+* ``Prompt`` (``prompt.py``) turns a hard case into a request body from the cloud
+  pack's ``[prompt]`` table and parses the reply strictly into one of its labels.
 * ``parse_retry_after`` reads a ``Retry-After`` header (seconds or HTTP date).
 * ``TokenBucket`` is the client-side rate limit shared by all requests.
 * ``EndpointClient`` sends one request with a deadline: one httpx client with
@@ -40,20 +37,19 @@ import datetime as dt
 import email.utils
 import logging
 import math
-import random
-import string
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import msgspec
 import numpy as np
 
+from edge_agent.cloud.prompt import Prompt
 from edge_agent.config import EndpointSettings, read_secret
 from edge_agent.errors import BackendUnavailable, ConfigError, EndpointError
-from edge_agent.models.pack import ModelPack, PromptSpec
+from edge_agent.util.backoff import full_jitter
 from edge_agent.wire.messages import LocalDecision
 
 if TYPE_CHECKING:
@@ -74,120 +70,8 @@ FAILURES = (
 )
 #: Failures worth another try later (batch tier): the endpoint, not the case, was at fault.
 TRANSIENT = frozenset({"unreachable", "rate_limited", "server_error", "deadline", "overloaded"})
-#: Placeholders a ``[prompt]`` template may use.
-PLACEHOLDERS = (
-    "labels",
-    "labels_or",
-    "local_label",
-    "local_confidence",
-    "local_reason",
-    "summary",
-    "channels",
-    "samples",
-)
-#: HTTP statuses that are retried (with backoff, honouring Retry-After).
 RETRY_STATUSES = frozenset({408, 409, 429, 500, 502, 503, 504})
 INSTALL_HINT = "pip install 'edge-agent[cloud-http]'"
-
-
-# ----------------------------------------------------------------------------- prompt
-
-
-class Prompt:
-    """Renders requests for one cloud pack and parses replies into its labels."""
-
-    def __init__(self, spec: PromptSpec, labels: Sequence[str], channels: Sequence[str]) -> None:
-        if not labels:
-            raise ConfigError("the cloud pack has no labels to ask the endpoint for")
-        self.spec = spec
-        self.labels = list(labels)
-        self.channels = list(channels)
-        self._by_lower = {label.lower(): label for label in self.labels}
-        if len(self._by_lower) != len(self.labels):
-            raise ConfigError("the cloud pack's labels differ only in case; replies are ambiguous")
-        self._system = string.Template(spec.system)
-        self._user = string.Template(spec.user)
-        for name, template in (("system", self._system), ("user", self._user)):
-            used: set[str] = set()
-            for match in template.pattern.finditer(template.template):
-                if match.group("invalid") is not None:
-                    raise ConfigError(f"prompt.{name}: a '$' that starts no placeholder")
-                used.add(match.group("named") or match.group("braced") or "")
-            unknown = used - {"", *PLACEHOLDERS}
-            if unknown:
-                raise ConfigError(
-                    f"prompt.{name}: unknown placeholder(s) {sorted(unknown)};"
-                    f" known: {', '.join(PLACEHOLDERS)}"
-                )
-
-    @classmethod
-    def from_pack(cls, pack: ModelPack) -> Prompt:
-        m = pack.manifest
-        if m.prompt is None:
-            raise ConfigError(
-                f"cloud.pack {pack.ref} has no [prompt] table, so it cannot drive an endpoint"
-                " (cloud.backend = 'endpoint'); use a pack made for it, e.g."
-                " basicmotions-cloud-endpoint"
-            )
-        return cls(m.prompt, m.labels, m.input.channels)
-
-    def fields(self, values: np.ndarray[Any, Any], local: LocalDecision) -> dict[str, str]:
-        """The placeholder values for one window (``[channels, samples]``) and local answer."""
-        rows = []
-        for i, channel in enumerate(values):
-            name = self.channels[i] if i < len(self.channels) else f"ch{i}"
-            rows.append(
-                f"{name}: mean {_num(channel.mean())}, std {_num(channel.std())},"
-                f" min {_num(channel.min())}, max {_num(channel.max())}"
-            )
-        return {
-            "labels": ", ".join(self.labels),
-            "labels_or": ", ".join(self.labels[:-1]) + " or " + self.labels[-1]
-            if len(self.labels) > 1
-            else self.labels[0],
-            "local_label": local.label,
-            "local_confidence": f"{local.confidence:.2f}",
-            "local_reason": local.reason or "none",
-            "summary": "\n".join(rows),
-            "channels": str(values.shape[0]),
-            "samples": str(values.shape[1]) if values.ndim > 1 else "1",
-        }
-
-    def render(self, fields: Mapping[str, str]) -> tuple[str, str]:
-        """(system text, user text)."""
-        return self._system.substitute(fields), self._user.substitute(fields)
-
-    def body(self, api: str, model: str, fields: Mapping[str, str]) -> dict[str, Any]:
-        """The JSON body of a ``chat/completions`` or ``completions`` request."""
-        system, user = self.render(fields)
-        body: dict[str, Any] = {
-            "model": model,
-            "max_tokens": self.spec.max_tokens,
-            "temperature": self.spec.temperature,
-            "n": 1,
-            "stream": False,
-        }
-        if self.spec.stop:
-            body["stop"] = list(self.spec.stop)
-        if api == "chat":
-            messages = [{"role": "system", "content": system}] if system else []
-            messages.append({"role": "user", "content": user})
-            body["messages"] = messages
-        else:
-            body["prompt"] = f"{system}\n\n{user}" if system else user
-        return body
-
-    def parse(self, text: str) -> str | None:
-        """The label ``text`` names exactly, or None (white space and one final '.' ignored)."""
-        t = text.strip()
-        if t.endswith("."):
-            t = t[:-1].rstrip()
-        return self._by_lower.get(t.lower())
-
-
-def _num(x: Any) -> str:
-    text = f"{float(x):.2f}"
-    return "0.00" if text == "-0.00" else text
 
 
 # ----------------------------------------------------------------------------- retry-after
@@ -342,7 +226,7 @@ class EndpointClient:
                 f"the endpoint tier needs httpx, which is not installed: {INSTALL_HINT}"
             ) from exc
         self._httpx = httpx
-        self.s = settings
+        self.settings = settings
         self.prompt = prompt
         self.clock = clock
         self.stop_event = stop_event or threading.Event()
@@ -368,8 +252,7 @@ class EndpointClient:
         self.stop_event.wait(seconds)
 
     def _backoff(self, attempt: int) -> float:
-        ceiling = min(self.s.backoff_max_s, self.s.backoff_min_s * (2 ** min(attempt - 1, 20)))
-        return random.uniform(self.s.backoff_min_s, max(self.s.backoff_min_s, ceiling))  # noqa: S311
+        return full_jitter(self.settings.backoff_min_s, self.settings.backoff_max_s, attempt - 1)
 
     def ask(self, body: Mapping[str, Any], deadline: float) -> Reply:  # noqa: PLR0911 - one per outcome
         """Send ``body``; retry within the deadline (``time.monotonic`` seconds); never raises."""
@@ -387,11 +270,11 @@ class EndpointClient:
                 text = self._attempt(body, deadline, reply)
             except EndpointError as exc:
                 retryable = exc.reason in {"unreachable", "rate_limited", "server_error"}
-                if not retryable or reply.attempts >= self.s.max_attempts:
+                if not retryable or reply.attempts >= self.settings.max_attempts:
                     return self._fail(reply, exc.reason, exc.message, t0)
                 delay = self._backoff(reply.attempts)
                 if exc.retry_after is not None:
-                    if exc.retry_after > self.s.retry_after_max_s:
+                    if exc.retry_after > self.settings.retry_after_max_s:
                         return self._fail(
                             reply,
                             exc.reason,
@@ -430,7 +313,7 @@ class EndpointClient:
         remaining = deadline - self.clock()
         if remaining <= 0:
             raise EndpointError("deadline", "no time left for a request")
-        timeout = httpx.Timeout(remaining, connect=min(self.s.connect_timeout_s, remaining))
+        timeout = httpx.Timeout(remaining, connect=min(self.settings.connect_timeout_s, remaining))
         try:
             response = self._client.post(self.path, json=dict(body), timeout=timeout)
         except httpx.TimeoutException as exc:
@@ -498,7 +381,7 @@ class EndpointTier:
     def __init__(self, settings: EndpointSettings, prompt: Prompt) -> None:
         from concurrent.futures import ThreadPoolExecutor  # noqa: PLC0415 - only this tier
 
-        self.s = settings
+        self.settings = settings
         self.prompt = prompt
         self.stop_event = threading.Event()
         self.client = EndpointClient(settings, prompt, stop_event=self.stop_event)
@@ -509,7 +392,9 @@ class EndpointTier:
         self._open = 0  #: all jobs queued or running
 
     def body(self, values: np.ndarray[Any, Any], local: LocalDecision) -> dict[str, Any]:
-        return self.prompt.body(self.s.api, self.s.model, self.prompt.fields(values, local))
+        return self.prompt.body(
+            self.settings.api, self.settings.model, self.prompt.fields(values, local)
+        )
 
     @property
     def busy(self) -> int:
@@ -519,7 +404,7 @@ class EndpointTier:
 
     def submit_urgent(self, job: Job, done: Callable[[Job], None]) -> bool:
         with self._lock:
-            if self._urgent_open >= self.s.max_queue + self.s.concurrency:
+            if self._urgent_open >= self.settings.max_queue + self.settings.concurrency:
                 return False
             self._urgent_open += 1
             self._open += 1

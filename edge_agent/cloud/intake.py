@@ -22,6 +22,7 @@ from __future__ import annotations
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import msgspec
@@ -141,6 +142,42 @@ def reply_topic(msg: mqtt.MQTTMessage, topics: Topics, device: str) -> str:
 def chunks(items: list[Any], size: int) -> Iterator[list[Any]]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
+
+
+@dataclass(slots=True)
+class Pending:
+    """A batch case that passed validation and waits for its answer."""
+
+    index: int
+    case: HardCase
+    reading: Reading
+    tries: int = 0  #: endpoint requests made for it so far
+
+
+@dataclass(slots=True)
+class UrgentCtx:
+    """An urgent case handed to the endpoint: what its answer needs."""
+
+    case: HardCase
+    reply_to: str
+    correlation: bytes | None
+    client: mqtt.Client
+    mid: int
+    qos: int
+    received_ns: int
+
+
+@dataclass(slots=True)
+class BatchCtx:
+    """A batch (or a group of retried batch cases) handed to the endpoint."""
+
+    device: str
+    answers: list[tuple[HardCase, Answer | None]]
+    echoes: list[tuple[int, int]]
+    client: mqtt.Client | None  #: None for retries (nothing to acknowledge)
+    mid: int
+    qos: int
+    received_ns: int
 
 
 class Answer(NamedTuple):

@@ -21,8 +21,9 @@ from typing import Protocol
 import paho.mqtt.client as mqtt
 
 from edge_agent.cloud.endpoint import TRANSIENT, EndpointTier, Job, Reply
-from edge_agent.cloud.intake import Answer, AnswerMemory, Throttle
+from edge_agent.cloud.intake import Answer, AnswerMemory, BatchCtx, Pending, Throttle, UrgentCtx
 from edge_agent.cloud.ledger import CostLedger
+from edge_agent.cloud.verdicts import Verdicts
 from edge_agent.config import EndpointSettings
 from edge_agent.ingest.readings import Reading
 from edge_agent.wire.messages import HardCase, Tier
@@ -31,42 +32,6 @@ log = logging.getLogger(__name__)
 
 #: At stop: longest wait for the endpoint's open requests.
 DRAIN_TIMEOUT_S = 2.0
-
-
-@dataclass(slots=True)
-class Pending:
-    """A batch case that passed validation and waits for its answer."""
-
-    index: int
-    case: HardCase
-    reading: Reading
-    tries: int = 0  #: endpoint requests made for it so far
-
-
-@dataclass(slots=True)
-class UrgentCtx:
-    """An urgent case handed to the endpoint: what its answer needs."""
-
-    case: HardCase
-    reply_to: str
-    correlation: bytes | None
-    client: mqtt.Client
-    mid: int
-    qos: int
-    received_ns: int
-
-
-@dataclass(slots=True)
-class BatchCtx:
-    """A batch (or a group of retried batch cases) handed to the endpoint."""
-
-    device: str
-    answers: list[tuple[HardCase, Answer | None]]
-    echoes: list[tuple[int, int]]
-    client: mqtt.Client | None  #: None for retries (nothing to acknowledge)
-    mid: int
-    qos: int
-    received_ns: int
 
 
 @dataclass(slots=True)
@@ -85,11 +50,10 @@ class Host(Protocol):
     ledger: CostLedger
     memory: AnswerMemory
     throttle: Throttle
+    verdicts: Verdicts
 
     def stopping(self) -> bool: ...
     def current_client(self) -> mqtt.Client | None: ...
-    def send_urgent(self, client: mqtt.Client, ctx: UrgentCtx, answer: Answer) -> None: ...
-    def send_batch(self, ctx: BatchCtx) -> None: ...
 
 
 def ack(client: mqtt.Client, mid: int, qos: int, current: mqtt.Client | None) -> None:
@@ -232,7 +196,7 @@ class EndpointTiers:
         if client is None:
             self.host.counters["verdicts_unsent"] += 1
         else:
-            self.host.send_urgent(client, ctx, answer)
+            self.host.verdicts.urgent(client, ctx, answer)
         ack(ctx.client, ctx.mid, ctx.qos, client)
 
     def _finish_group(self, ctx: BatchCtx, jobs: list[Job]) -> None:
@@ -251,7 +215,7 @@ class EndpointTiers:
             if reason:
                 self._working.discard((ctx.device, p.case.key))
                 ctx.answers[p.index] = (p.case, self._no_verdict(reason))
-        self.host.send_batch(ctx)
+        self.host.verdicts.batch(self.host.current_client(), ctx)
         if ctx.client is not None:
             ack(ctx.client, ctx.mid, ctx.qos, self.host.current_client())
 

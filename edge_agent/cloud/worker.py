@@ -37,36 +37,36 @@ instead of idling (systemd restarts it and says why).
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import signal
 import socket
 import threading
 import time
 from collections import Counter
-from types import FrameType
 from typing import Any
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from edge_agent.cloud.endpoint import EndpointTier, Prompt
+from edge_agent.cloud.endpoint import EndpointTier
 from edge_agent.cloud.intake import (
     Answer,
     AnswerMemory,
+    BatchCtx,
+    Pending,
     Rejected,
     Throttle,
+    UrgentCtx,
     chunks,
     decode_batch,
     decode_case,
     reply_topic,
     validate,
 )
-from edge_agent.cloud.ledger import LEDGER_WRITE_INTERVAL_S, CostLedger, LedgerFile
-from edge_agent.cloud.tiers import BatchCtx, EndpointTiers, Pending, UrgentCtx, ack
+from edge_agent.cloud.ledger import CostLedger, LedgerFile
+from edge_agent.cloud.prompt import Prompt
+from edge_agent.cloud.tiers import EndpointTiers, ack
+from edge_agent.cloud.verdicts import Verdicts
 from edge_agent.config import Settings
 from edge_agent.errors import ConfigError, EdgeAgentError
 from edge_agent.ingest.readings import Reading, ReadingDecoder
@@ -74,15 +74,7 @@ from edge_agent.models.pack import resolve
 from edge_agent.mqtt.session import Session, disconnect_quietly
 from edge_agent.scoring.backends.base import BackendOptions
 from edge_agent.scoring.scorer import Decision, Scorer
-from edge_agent.wire.messages import (
-    IDEMPOTENCY_PROPERTY,
-    SCHEMA_VERSION,
-    BatchVerdicts,
-    HardCase,
-    Tier,
-    Topics,
-    encoder,
-)
+from edge_agent.wire.messages import HardCase, Tier, Topics
 
 log = logging.getLogger(__name__)
 
@@ -95,13 +87,8 @@ BUSY_LOOP_TIMEOUT_S = 0.005
 REJECT_LOG_INTERVAL_S = 10.0
 #: At stop: longest wait for the broker's acknowledgements of verdicts already published.
 DRAIN_TIMEOUT_S = 2.0
-#: CONNACK reason codes no retry can change: unsupported protocol version, client id not
-#: valid, bad user name or password, not authorised, banned, bad authentication method.
-PERMANENT_REFUSALS = frozenset({0x84, 0x85, 0x86, 0x87, 0x8A, 0x8C})
 #: Consecutive permanent refusals after which the worker gives up (exit code 1).
 PERMANENT_REFUSAL_LIMIT = 5
-#: MQTT v5 user property on every verdict naming the worker that answered (for tracing).
-WORKER_PROPERTY = "cloud-worker"
 
 
 class CloudWorker:
@@ -124,7 +111,7 @@ class CloudWorker:
         self.connected = threading.Event()
         self.ready = threading.Event()  #: connected and both subscriptions granted
         self.failed = ""  #: why the worker gave up, if it did
-        self.signalled = 0  #: the signal that stopped ``run_forever``, if one did
+        self.signalled = 0  #: the signal that stopped ``service.run_forever``, if one did
         self._session = Session(settings, self.client_id, self.counters)
         self._scorer = scorer
         self._owns_scorer = scorer is None
@@ -133,8 +120,7 @@ class CloudWorker:
         self._thread: threading.Thread | None = None
         self._client: mqtt.Client | None = None
         self._sub_mid: int | None = None
-        self._permanent_refusals = 0
-        self._unacked: set[int] = set()
+        self.verdicts = Verdicts(self.topics, self.worker_id, self.counters)
         self._stopped = False
         self._endpoint: EndpointTiers | None = None
         self._ledger_file = LedgerFile(self.ledger, self.cloud.ledger_path, self.counters)
@@ -178,6 +164,10 @@ class CloudWorker:
         self._thread = threading.Thread(target=self._run, name="edge-cloud-net", daemon=True)
         self._thread.start()
 
+    def wait_stopped(self, timeout: float) -> bool:
+        """Wait until a stop was asked for (or the worker gave up); True if it was."""
+        return self._stop.wait(timeout)
+
     def request_stop(self) -> None:
         """Ask the worker to stop (safe from a signal handler); ``stop`` finishes the job."""
         self._stop.set()
@@ -199,32 +189,6 @@ class CloudWorker:
         self.write_ledger()
         if self._owns_scorer and self._scorer is not None and not alive:
             self._scorer.close()
-
-    def run_forever(self) -> None:
-        """Block until ``request_stop``/``stop``, SIGTERM or SIGINT, or a fatal error; then stop.
-
-        Signal handlers are installed only when called from the main thread.
-        """
-        if self._thread is None:
-            self.start()
-        previous: dict[signal.Signals, Any] = {}
-        if threading.current_thread() is threading.main_thread():
-
-            def handler(signum: int, _frame: FrameType | None) -> None:
-                self.signalled = signum
-                self._stop.set()
-
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                previous[sig] = signal.signal(sig, handler)
-        try:
-            while not self._stop.wait(LEDGER_WRITE_INTERVAL_S):
-                self.write_ledger()
-            if self.signalled:
-                log.info("signal %d: stopping", self.signalled)
-        finally:
-            self.stop()
-            for sig, old in previous.items():
-                signal.signal(sig, old)
 
     def write_ledger(self) -> None:
         """Write the ledger file now if it changed (no-op without ``cloud.ledger_path``)."""
@@ -292,10 +256,7 @@ class CloudWorker:
         self.connected.clear()
         self.ready.clear()
         client, self._client = self._client, None
-        if self._unacked:
-            # The devices fall back on their local answers (their deadline passes).
-            self.counters["verdicts_lost"] += len(self._unacked)
-            self._unacked.clear()
+        self.verdicts.lost()
         if client is not None:
             disconnect_quietly(client)
         if was_connected:
@@ -310,19 +271,13 @@ class CloudWorker:
         if rc.is_failure:
             self.counters["connect_refused"] += 1
             log.error("broker refused the connection of %s: %s", self.client_id, rc)
-            if rc.value in PERMANENT_REFUSALS:
-                self._permanent_refusals += 1
-                if self._permanent_refusals >= PERMANENT_REFUSAL_LIMIT:
-                    self._give_up(
-                        f"the broker refused the connection {self._permanent_refusals} times: {rc}"
-                    )
-            else:
-                self._permanent_refusals = 0
+            refusals = self._session.refused(rc)
+            if refusals >= PERMANENT_REFUSAL_LIMIT:
+                self._give_up(f"the broker refused the connection {refusals} times: {rc}")
             self._lost(f"CONNACK refused: {rc}")
             return
         self._session.connected(client)
         self._session.reset_backoff()
-        self._permanent_refusals = 0
         self.connected.set()
         result, mid = client.subscribe([(topic, 1) for topic in self._shared()])
         if result != mqtt.MQTT_ERR_SUCCESS:
@@ -366,10 +321,7 @@ class CloudWorker:
     ) -> None:
         if client is not self._client:
             return
-        self._unacked.discard(mid)
-        if rc.is_failure:
-            self.counters["verdicts_refused"] += 1
-            log.error("the broker refused a verdict: %s", rc)
+        self.verdicts.acknowledged(mid, str(rc) if rc.is_failure else "")
 
     def _shutdown(self) -> None:
         """Unsubscribe, wait (bounded) for verdict acknowledgements, disconnect cleanly."""
@@ -386,13 +338,8 @@ class CloudWorker:
                 self._client = client
                 if self._endpoint is not None:
                     self._endpoint.close()
-                deadline = time.monotonic() + DRAIN_TIMEOUT_S
-                while self._unacked and time.monotonic() < deadline:
-                    if client.loop(timeout=0.05) != mqtt.MQTT_ERR_SUCCESS:
-                        break
+                self.verdicts.drain(client, DRAIN_TIMEOUT_S)
                 self._client = None
-                if self._unacked:
-                    log.warning("%d verdict(s) not acknowledged at stop", len(self._unacked))
             client.disconnect()
         except (OSError, ValueError, RuntimeError) as exc:
             log.debug("clean disconnect failed: %s", exc)
@@ -483,20 +430,8 @@ class CloudWorker:
             self.memory.put(device, case.key, answer)
             self.ledger.charge(device, Tier.URGENT)
             self.counters["urgent_scored"] += 1
-        self.send_urgent(client, ctx, answer)
+        self.verdicts.urgent(client, ctx, answer)
         return False
-
-    def send_urgent(self, client: mqtt.Client, ctx: UrgentCtx, answer: Answer) -> None:
-        """Publish an urgent case's verdict to its reply topic, correlation data copied back."""
-        verdict = answer.verdict(ctx.case, Tier.URGENT, _ms_since(ctx.received_ns))
-        props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
-        props.UserProperty = [
-            (IDEMPOTENCY_PROPERTY, ctx.case.key),
-            (WORKER_PROPERTY, self.worker_id),
-        ]
-        if ctx.correlation is not None:
-            props.CorrelationData = ctx.correlation
-        self._publish(client, ctx.reply_to, encoder.encode(verdict), props, 1)
 
     def _handle_batch(
         self, client: mqtt.Client, msg: mqtt.MQTTMessage, device: str, received_ns: int
@@ -520,7 +455,7 @@ class CloudWorker:
                 self.memory.put(device, p.case.key, answer)
             self.ledger.charge(device, Tier.BATCH, len(chunk))
             self.counters["batch_cases_scored"] += len(chunk)
-        self.send_batch(ctx)
+        self.verdicts.batch(self._client, ctx)
         return False
 
     def _take_cases(self, ctx: BatchCtx, raw_cases: list[Any]) -> list[Pending]:
@@ -555,64 +490,3 @@ class CloudWorker:
             pending.append(Pending(len(ctx.answers), case, reading))
             ctx.answers.append((case, None))
         return pending
-
-    def send_batch(self, ctx: BatchCtx) -> None:
-        """Publish the verdicts of a batch in one message on the device's verdict topic."""
-        answers = ctx.answers
-        for i, first in ctx.echoes:
-            answers[i] = (answers[i][0], answers[first][1])
-        cloud_ms = _ms_since(ctx.received_ns)
-        verdicts = [a.verdict(case, Tier.BATCH, cloud_ms) for case, a in answers if a is not None]
-        if not verdicts:
-            return
-        client = self._client
-        if client is None:
-            self.counters["verdicts_unsent"] += len(verdicts)
-            return
-        body = encoder.encode(BatchVerdicts(v=SCHEMA_VERSION, device=ctx.device, verdicts=verdicts))
-        props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
-        props.UserProperty = [
-            (IDEMPOTENCY_PROPERTY, f"{verdicts[0].key}+{len(verdicts)}"),
-            (WORKER_PROPERTY, self.worker_id),
-        ]
-        self._publish(client, self.topics.verdict(ctx.device), body, props, len(verdicts))
-
-    def _publish(
-        self, client: mqtt.Client, topic: str, body: bytes, props: Properties, verdicts: int
-    ) -> None:
-        try:
-            info = client.publish(topic, body, qos=1, properties=props)
-        except ValueError as exc:  # a topic paho refuses; validated before, so unexpected
-            raise Rejected("response_topic", str(exc)) from None
-        if info.rc != mqtt.MQTT_ERR_SUCCESS:
-            self.counters["verdicts_unsent"] += verdicts
-            log.error("verdict to %s not sent: %s", topic, mqtt.error_string(info.rc))
-            return
-        self._unacked.add(info.mid)
-        self.counters["verdicts_sent"] += verdicts
-
-
-def _ms_since(t0_ns: int) -> float:
-    return round((time.monotonic_ns() - t0_ns) / 1e6, 3)
-
-
-def main_cloud(settings: Settings) -> int:
-    """Run a cloud worker until SIGINT/SIGTERM; log the ledger summary; return the exit code.
-
-    0 after a requested stop, 1 when the worker gave up (broker refusals, internal
-    error). ConfigError and ModelError from start-up propagate to the CLI.
-    """
-    worker = CloudWorker(settings)
-    worker.start()
-    log.info("cloud worker %s started (group %r)", worker.client_id, settings.cloud.group)
-    worker.run_forever()
-    summary = worker.ledger.summary()
-    log.info(
-        "cloud worker stopped: counters %s; ledger %s",
-        json.dumps(dict(sorted(worker.counters.items()))),
-        json.dumps(summary["total"], sort_keys=True),
-    )
-    if worker.failed:
-        log.error("cloud worker failed: %s", worker.failed)
-        return 1
-    return 0

@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import random
 import select
 import socket
 import time
@@ -23,11 +22,17 @@ from typing import Any, Protocol
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.reasoncodes import ReasonCode
 
 from edge_agent.config import LinkSettings, Settings, read_secret
 from edge_agent.errors import ConfigError
+from edge_agent.util.backoff import full_jitter
 
 log = logging.getLogger(__name__)
+
+#: CONNACK reason codes no retry can change: unsupported protocol version, client id not
+#: valid, bad user name or password, not authorised, banned, bad authentication method.
+PERMANENT_REFUSALS = frozenset({0x84, 0x85, 0x86, 0x87, 0x8A, 0x8C})
 
 
 class Security(Protocol):
@@ -72,8 +77,7 @@ def new_client(security: Settings | Security, client_id: str) -> mqtt.Client:
 def backoff_s(link: LinkSettings, attempt: int) -> float:
     """Seconds before reconnect attempt ``attempt + 1``: exponential from ``reconnect_min_s`` up
     to ``reconnect_max_s``, with full jitter."""
-    ceiling = min(link.reconnect_max_s, link.reconnect_min_s * (2 ** min(attempt, 20)))
-    return random.uniform(link.reconnect_min_s, max(link.reconnect_min_s, ceiling))  # noqa: S311
+    return full_jitter(link.reconnect_min_s, link.reconnect_max_s, attempt)
 
 
 def set_nodelay(client: mqtt.Client) -> None:
@@ -106,6 +110,7 @@ class Session:
         self.attempt = 0  #: failed attempts since the backoff was last reset
         self.next_at = 0.0  #: monotonic time of the next attempt
         self.last_error = ""  #: why the last attempt failed ("" once connected)
+        self.permanent_refusals = 0  #: consecutive refusals no retry can cure
 
     def due_in(self) -> float:
         """Seconds until the next attempt may be made (<= 0: now)."""
@@ -131,7 +136,17 @@ class Session:
         """The broker accepted the connection."""
         set_nodelay(client)
         self.last_error = ""
+        self.permanent_refusals = 0
         self.counters["connects"] += 1
+
+    def refused(self, rc: ReasonCode) -> int:
+        """The broker refused the connection (a CONNACK failure): how many times in a row it
+        did so for a reason no retry can cure (0 for any other reason)."""
+        if rc.value in PERMANENT_REFUSALS:
+            self.permanent_refusals += 1
+        else:
+            self.permanent_refusals = 0
+        return self.permanent_refusals
 
     def reset_backoff(self) -> None:
         self.attempt = 0

@@ -77,7 +77,6 @@ class Rollout:
         report: Callable[[ModelEvent], None],
     ) -> None:
         self.settings = settings
-        self.cfg = settings.rollout
         self.store = store
         self.live = live
         self.previous: Scorer | None = None
@@ -98,7 +97,7 @@ class Rollout:
         pointer = store.read_pointer()
         # On probation only if the model that serves is the one promoted (not a fallback).
         if pointer.probation and pointer.live is not None and live.pack.path.name == pointer.live:
-            bounds = Bounds.of(live.pack, self.cfg)
+            bounds = Bounds.of(live.pack, self.settings.rollout)
             self.health = Health(bounds, pointer.baseline_hard_rate or 0.0)
             self._current = pointer.release
             log.info("model %s is on probation (health window restarts)", live.ref)
@@ -347,7 +346,7 @@ class Rollout:
 
     def _copy_in(self, src: Path, dest: Path) -> None:
         size = src.stat().st_size
-        if size > self.cfg.max_file_bytes:
+        if size > self.settings.rollout.max_file_bytes:
             raise ReleaseError(f"{src.name}: {size} bytes, over rollout.max_file_bytes")
         with open(src, "rb") as fin, open(dest, "wb") as fout:
             shutil.copyfileobj(fin, fout, 1 << 20)
@@ -361,8 +360,8 @@ class Rollout:
         if self._known(rid, cmd.request_id):
             shutil.rmtree(probe, ignore_errors=True)
             return
-        if len(statement.files) > self.cfg.max_files or any(
-            s > self.cfg.max_file_bytes for s in statement.sizes().values()
+        if len(statement.files) > self.settings.rollout.max_files or any(
+            s > self.settings.rollout.max_file_bytes for s in statement.sizes().values()
         ):
             shutil.rmtree(probe, ignore_errors=True)
             self._finish(
@@ -404,7 +403,7 @@ class Rollout:
                 request_id=r.request_id,
                 have=have,
                 sizes=r.sizes,
-                chunk_bytes=self.cfg.chunk_bytes,
+                chunk_bytes=self.settings.rollout.chunk_bytes,
                 resume=resume,
             )
             return
@@ -442,7 +441,7 @@ class Rollout:
         self._ask_for_files(resume=True)
 
     def _keys_dir(self) -> Path:
-        d = self.cfg.trusted_keys_dir
+        d = self.settings.rollout.trusted_keys_dir
         return Path(d) if d else Path(self.settings.device.state_dir) / "trusted-keys"
 
     def _finish(
@@ -460,8 +459,8 @@ class Rollout:
             verified = verify_release(
                 staging,
                 trusted_keys(self._keys_dir()),
-                max_file_bytes=self.cfg.max_file_bytes,
-                max_files=self.cfg.max_files,
+                max_file_bytes=self.settings.rollout.max_file_bytes,
+                max_files=self.settings.rollout.max_files,
             )
             self._check_version(verified)
             folder, moved = self.store.install(verified)
@@ -484,7 +483,7 @@ class Rollout:
             self._finish(rid, "selftest_failed", request_id, why)
             self.store.tidy(self._pointer_folders())
             return
-        bounds = Bounds.of(candidate.pack, self.cfg)
+        bounds = Bounds.of(candidate.pack, self.settings.rollout)
         if verified.release.rollback:  # an operator's signed rollback: no trial
             self._promote(
                 rid,
@@ -496,7 +495,7 @@ class Rollout:
                 forced=True,
             )
             return
-        shadow = Shadow(candidate, bounds, self.cfg.shadow_queue)
+        shadow = Shadow(candidate, bounds, self.settings.rollout.shadow_queue)
         self.event("shadow", rid, request_id=request_id, readings=bounds.shadow_readings)
         shadow.start()
         self.shadow = shadow

@@ -43,7 +43,7 @@ class Router:
     def __init__(
         self, settings: RouterSettings, clock: Callable[[], float] = time.monotonic
     ) -> None:
-        self.s = settings
+        self.settings = settings
         self.clock = clock
         self.counters: Counter[str] = Counter()
         self._urgent_reasons = frozenset(settings.urgent_reasons)
@@ -54,7 +54,7 @@ class Router:
     def tier(self, d: Decision) -> Tier:
         """``"urgent"`` or ``"batch"`` for a hard decision."""
         wants_urgent = (
-            d.confidence < self.s.urgent_below
+            d.confidence < self.settings.urgent_below
             or d.reason in self._urgent_reasons
             or d.label in self._urgent_labels
         )
@@ -63,12 +63,12 @@ class Router:
             return Tier.BATCH
         now = self.clock()
         last = self._last_urgent.get(d.label)
-        if last is not None and now - last < self.s.cooldown_s:
+        if last is not None and now - last < self.settings.cooldown_s:
             self.counters["batch_by_cooldown"] += 1
             return Tier.BATCH
         while self._recent and now - self._recent[0] >= 60.0:
             self._recent.popleft()
-        if len(self._recent) >= self.s.max_urgent_per_minute:
+        if len(self._recent) >= self.settings.max_urgent_per_minute:
             self.counters["batch_by_budget"] += 1
             return Tier.BATCH
         self._recent.append(now)
@@ -90,7 +90,7 @@ class Reconciler:
     def __init__(
         self, settings: RouterSettings, clock: Callable[[], float] = time.monotonic
     ) -> None:
-        self.s = settings
+        self.settings = settings
         self.clock = clock
         self.counters: Counter[str] = Counter()
         self._lock = threading.Lock()
@@ -110,7 +110,7 @@ class Reconciler:
         with self._lock:
             pending = self._pending[tier]
             pending[key] = _Pending(self.clock(), local_label, tier)
-            if len(pending) > self.s.max_pending:
+            if len(pending) > self.settings.max_pending:
                 old_key, _ = pending.popitem(last=False)
                 self.counters[f"forgotten_{tier}"] += 1
                 log.warning("forgot pending hard case %s: too many awaiting a verdict", old_key)
@@ -163,12 +163,12 @@ class Reconciler:
             urgent = self._pending[Tier.URGENT]
             while urgent:
                 key, first = next(iter(urgent.items()))
-                if first.sent + self.s.deadline_ms / 1000.0 > now:
+                if first.sent + self.settings.deadline_ms / 1000.0 > now:
                     break
                 del urgent[key]
                 self._overdue[key] = first
                 self.counters["deadline_missed"] += 1
-            while len(self._overdue) > self.s.max_pending:
+            while len(self._overdue) > self.settings.max_pending:
                 self._overdue.popitem(last=False)
 
     def agreement(self) -> float | None:

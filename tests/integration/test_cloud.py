@@ -24,7 +24,8 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from edge_agent.cloud.worker import PERMANENT_REFUSAL_LIMIT, WORKER_PROPERTY, CloudWorker
+from edge_agent.cloud.verdicts import WORKER_PROPERTY
+from edge_agent.cloud.worker import PERMANENT_REFUSAL_LIMIT, CloudWorker
 from edge_agent.config import Settings, load_settings
 from edge_agent.ingest.readings import ReadingDecoder
 from edge_agent.models.pack import open_pack

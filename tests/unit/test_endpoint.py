@@ -8,8 +8,9 @@ import msgspec
 import numpy as np
 import pytest
 
-from edge_agent.cloud.endpoint import Prompt, TokenBucket, parse_retry_after
+from edge_agent.cloud.endpoint import TokenBucket, parse_retry_after
 from edge_agent.cloud.ledger import CostLedger
+from edge_agent.cloud.prompt import Prompt
 from edge_agent.config import RouterSettings, load_settings
 from edge_agent.errors import ConfigError
 from edge_agent.models.pack import PromptSpec, resolve
