@@ -60,7 +60,20 @@ class InputSettings(_Section, frozen=True):
     max_line_bytes: Annotated[int, msgspec.Meta(ge=64, le=64 * 1024 * 1024)] = 1024 * 1024
 
 
-class SourceSettings(_Section, frozen=True):
+class _BrokerSecurity(_Section, frozen=True):
+    """TLS and credentials for a broker connection (off by default); the password is read
+    from ``password_file`` at connect time."""
+
+    tls_ca: str = ""
+    tls_cert: str = ""
+    tls_key: str = ""
+    username: str = ""
+    password_file: str = ""
+
+
+class SourceSettings(_BrokerSecurity, frozen=True):
+    """``[source]``; for ``kind = "mqtt"`` the TLS and credential keys are the source broker's."""
+
     kind: Literal["jsonl", "replay", "udp", "unix", "mqtt"] = "jsonl"
     path: str = "-"
     samples: bool = False
@@ -78,26 +91,15 @@ class SourceSettings(_Section, frozen=True):
     port: Port = 1883
     max_wait_ms: NonNegFloat = 2.0
     socket_mode: Annotated[int, msgspec.Meta(ge=0, le=0o777)] = 0o660
-    #: mqtt: TLS and credentials for the source's broker (as in [mqtt]; off by default)
-    tls_ca: str = ""
-    tls_cert: str = ""
-    tls_key: str = ""
-    username: str = ""
-    password_file: str = ""
 
 
-class MqttSettings(_Section, frozen=True):
+class MqttSettings(_BrokerSecurity, frozen=True):
     host: str = "127.0.0.1"
     port: Port = 1883
     topic_prefix: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*$")] = (
         "edge"
     )
     keepalive_s: Annotated[int, msgspec.Meta(ge=5, le=3600)] = 30
-    tls_ca: str = ""
-    tls_cert: str = ""
-    tls_key: str = ""
-    username: str = ""
-    password_file: str = ""
 
 
 class OutboxSettings(_Section, frozen=True):

@@ -34,6 +34,7 @@ import msgspec
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from packaging.version import InvalidVersion, Version
 
 from edge_agent.errors import ModelError, ReleaseError
 from edge_agent.models.pack import MANIFEST, ModelPack, open_pack
@@ -83,12 +84,13 @@ class VerifiedRelease:
     pack: ModelPack
 
 
-def version_key(version: str) -> tuple[int, ...]:
-    """``"1.10.2"`` -> ``(1, 10, 2)``; suffixes after the numbers are ignored for ordering."""
-    match = re.match(r"^[0-9]+(\.[0-9]+)*", version)
-    if match is None:
-        raise ReleaseError(f"version {version!r} does not start with numbers")
-    return tuple(int(x) for x in match.group(0).split("."))
+def version_key(version: str) -> Version:
+    """A release version for ordering (PEP 440, ``packaging.version``: ``1.10.2 > 1.9``,
+    ``1.0.0rc1 < 1.0.0``); ReleaseError when it is not one."""
+    try:
+        return Version(version)
+    except InvalidVersion as exc:
+        raise ReleaseError(f"version {version!r} is not a PEP 440 version") from exc
 
 
 def release_id(statement: bytes) -> str:
@@ -159,13 +161,19 @@ def trusted_keys(folder: Path) -> list[tuple[str, Ed25519PublicKey]]:
 # -- signing (operator side) -------------------------------------------------------------
 
 
-def sign_pack(folder: Path, key: Ed25519PrivateKey, *, rollback: bool = False) -> str:
-    """Verify the pack, write ``release.json`` and ``release.sig`` into it; return the id."""
+def _verified_pack(folder: Path, what: str) -> ModelPack:
+    """The pack in ``folder`` with every file checked; a ReleaseError saying ``what`` else."""
     try:
         pack = open_pack(folder)
         pack.verify()
     except ModelError as exc:
-        raise ReleaseError(f"{folder}: not a valid pack: {exc}") from exc
+        raise ReleaseError(f"{what}: {exc}") from exc
+    return pack
+
+
+def sign_pack(folder: Path, key: Ed25519PrivateKey, *, rollback: bool = False) -> str:
+    """Verify the pack, write ``release.json`` and ``release.sig`` into it; return the id."""
+    pack = _verified_pack(folder, f"{folder}: not a valid pack")
     m = pack.manifest
     if any(f.store for f in m.files):
         raise ReleaseError(
@@ -264,11 +272,7 @@ def verify_release(
     if len(statement.files) > max_files:
         raise ReleaseError(f"{len(statement.files)} files, over rollout.max_files")
     check_files(folder, statement, max_file_bytes)
-    try:
-        pack = open_pack(folder)
-        pack.verify()
-    except ModelError as exc:
-        raise ReleaseError(f"the released pack is not valid: {exc}") from exc
+    pack = _verified_pack(folder, "the released pack is not valid")
     m = pack.manifest
     if (m.name, m.version) != (statement.name, statement.version):
         raise ReleaseError(

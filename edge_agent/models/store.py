@@ -25,7 +25,7 @@ import msgspec
 
 from edge_agent.errors import ModelError, ReleaseError
 from edge_agent.models.pack import ModelPack, open_pack
-from edge_agent.models.release import VerifiedRelease, check_name
+from edge_agent.models.release import VerifiedRelease, check_name, version_key
 from edge_agent.util.files import Durability, atomic_write, fsync_dir
 
 log = logging.getLogger(__name__)
@@ -116,9 +116,73 @@ class ModelStore:
         fsync_dir(self.packs)
         return name, True
 
+    def named(self) -> set[str]:
+        """The installed packs the pointer names (live and previous)."""
+        p = self.read_pointer()
+        return {x for x in (p.live, p.previous) if x}
+
+    def promote(
+        self,
+        folder: str,
+        release: str,
+        pack: ModelPack,
+        baseline_hard_rate: float | None,
+        *,
+        committed: bool,
+    ) -> None:
+        """``folder`` serves from now, the live one becomes the previous; on probation unless
+        ``committed`` at once (an operator's signed rollback)."""
+        pointer = self.read_pointer()
+        pointer.previous, pointer.live = pointer.live, folder
+        pointer.release = release
+        pointer.probation = not committed
+        pointer.baseline_hard_rate = baseline_hard_rate
+        if committed:
+            m = pack.manifest
+            pointer.committed = {**pointer.committed, m.name: m.version}
+        self.write_pointer(pointer)
+
+    def commit(self, pack: ModelPack) -> None:
+        """The live pack passed its probation: its version is the committed one."""
+        pointer = self.read_pointer()
+        m = pack.manifest
+        pointer.probation = False
+        pointer.committed = {**pointer.committed, m.name: m.version}
+        self.write_pointer(pointer)
+
+    def roll_back(self) -> None:
+        """The previous pack serves again (None: the configured pack); nothing on probation."""
+        pointer = self.read_pointer()
+        pointer.live, pointer.previous = pointer.previous, None
+        pointer.probation = False
+        pointer.release = ""
+        self.write_pointer(pointer)
+
     def tidy(self, keep: set[str]) -> None:
         """Remove installed packs that the pointer does not name."""
         if self.packs.is_dir():
             for child in self.packs.iterdir():
                 if child.name not in keep:
                     shutil.rmtree(child, ignore_errors=True)
+
+    def check_upgrade(self, verified: VerifiedRelease, live: ModelPack) -> None:
+        """A release may replace ``live`` only with the same input shape and, unless signed
+        as a rollback, no lower version than the committed one (nor the live one again)."""
+        m = verified.pack.manifest
+        if tuple(m.input.shape) != tuple(live.manifest.input.shape):
+            raise ReleaseError(
+                f"input shape {m.input.shape} differs from the live model's"
+                f" {list(live.manifest.input.shape)}"
+            )
+        committed = self.read_pointer().committed.get(m.name)
+        if committed is None and live.manifest.name == m.name:
+            committed = live.manifest.version
+        if committed is None or verified.release.rollback:
+            return
+        if version_key(m.version) < version_key(committed):
+            raise ReleaseError(
+                f"version {m.version} is lower than the committed {committed}"
+                " (a downgrade needs a release signed with --rollback)"
+            )
+        if version_key(m.version) == version_key(committed) and live.ref == f"{m.name}@{m.version}":
+            raise ReleaseError(f"version {m.version} is already live")

@@ -44,15 +44,18 @@ from edge_agent.errors import EdgeAgentError, ReleaseError
 from edge_agent.models.release import (
     RELEASE,
     SIGNATURE,
-    VerifiedRelease,
-    check_name,
     read_statement,
     trusted_keys,
     verify_release,
-    version_key,
 )
 from edge_agent.models.store import ModelStore
-from edge_agent.rollout.transfer import PROGRESS_EVERY, Receiving, stage_statement, unfinished
+from edge_agent.rollout.transfer import (
+    PROGRESS_EVERY,
+    Receiving,
+    copy_release,
+    stage_statement,
+    unfinished,
+)
 from edge_agent.rollout.trial import Bounds, Health, Shadow, self_test
 from edge_agent.scoring.backends.base import BackendOptions
 from edge_agent.scoring.scorer import Decision, Scorer
@@ -212,16 +215,12 @@ class Rollout:
         return None
 
     def _commit(self, health: Health) -> None:
-        pointer = self.store.read_pointer()
-        m = self.live.pack.manifest
-        pointer.probation = False
-        pointer.committed = {**pointer.committed, m.name: m.version}
-        self.store.write_pointer(pointer)
+        self.store.commit(self.live.pack)
         self.health = None
         old, self.previous = self.previous, None
         if old is not None:
             old.close()
-        self.store.tidy({x for x in (pointer.live, pointer.previous) if x})
+        self.store.tidy(self.store.named())
         self._finish(self._current, "committed", "", **health.figures())
 
     def _roll_back(self, why: str) -> Scorer | None:
@@ -236,14 +235,11 @@ class Rollout:
                 log.error("cannot roll back, the previous model does not load: %s", exc)
                 self.event("rolled_back", self._current, reason=f"{why}; roll back failed: {exc}")
                 return None
-        pointer.live, pointer.previous = pointer.previous, None
-        pointer.probation = False
-        pointer.release = ""
-        self.store.write_pointer(pointer)
+        self.store.roll_back()
         bad, self.live, self.previous = self.live, back, None
         bad.close()
         if failed:
-            self.store.tidy({x for x in (pointer.live,) if x})
+            self.store.tidy(self.store.named())
         figures = health.figures() if health is not None else {}
         self._finish(self._current, "rolled_back", "", why, **figures)  # not tried again
         return back
@@ -336,20 +332,12 @@ class Rollout:
         )
         staging = self.store.staging(rid)
         try:
-            for name in (RELEASE, SIGNATURE, *statement.names()):
-                self._copy_in(source / check_name(name), staging / name)
+            copy_release(source, staging, statement, self.settings.rollout.max_file_bytes)
         except (ReleaseError, OSError) as exc:
             shutil.rmtree(staging, ignore_errors=True)
             self._finish(rid, "refused", request_id, f"cannot copy the release: {exc}")
             return
         self._candidate(rid, staging, request_id)
-
-    def _copy_in(self, src: Path, dest: Path) -> None:
-        size = src.stat().st_size
-        if size > self.settings.rollout.max_file_bytes:
-            raise ReleaseError(f"{src.name}: {size} bytes, over rollout.max_file_bytes")
-        with open(src, "rb") as fin, open(dest, "wb") as fout:
-            shutil.copyfileobj(fin, fout, 1 << 20)
 
     def _begin_receiving(self, cmd: ModelCommand) -> None:
         try:
@@ -462,7 +450,7 @@ class Rollout:
                 max_file_bytes=self.settings.rollout.max_file_bytes,
                 max_files=self.settings.rollout.max_files,
             )
-            self._check_version(verified)
+            self.store.check_upgrade(verified, self.live.pack)
             folder, moved = self.store.install(verified)
         except ReleaseError as exc:
             shutil.rmtree(staging, ignore_errors=True)
@@ -475,13 +463,13 @@ class Rollout:
             candidate = Scorer.open(pack, BackendOptions.of(self.settings.model))
         except EdgeAgentError as exc:
             self._finish(rid, "selftest_failed", request_id, f"does not load: {exc}")
-            self.store.tidy(self._pointer_folders())
+            self.store.tidy(self.store.named())
             return
         why = self_test(candidate)
         if why:
             candidate.close()
             self._finish(rid, "selftest_failed", request_id, why)
-            self.store.tidy(self._pointer_folders())
+            self.store.tidy(self.store.named())
             return
         bounds = Bounds.of(candidate.pack, self.settings.rollout)
         if verified.release.rollback:  # an operator's signed rollback: no trial
@@ -505,7 +493,7 @@ class Rollout:
         if self._stop.is_set():  # the agent stops: a trial cut short decides nothing
             candidate.close()
             self.event("rejected", rid, request_id=request_id, reason="the agent stopped")
-            self.store.tidy(self._pointer_folders())
+            self.store.tidy(self.store.named())
             return
         figures = shadow.figures()
         why = (
@@ -514,37 +502,9 @@ class Rollout:
         if why:
             candidate.close()
             self._finish(rid, "rejected", request_id, why, **figures)
-            self.store.tidy(self._pointer_folders())
+            self.store.tidy(self.store.named())
             return
         self._promote(rid, folder, candidate, request_id=request_id, figures=figures, bounds=bounds)
-
-    def _pointer_folders(self) -> set[str]:
-        p = self.store.read_pointer()
-        return {x for x in (p.live, p.previous) if x}
-
-    def _check_version(self, verified: VerifiedRelease) -> None:
-        """No downgrade below the committed version (unless signed as a rollback), the same
-        input shape as the live model."""
-        m = verified.pack.manifest
-        if tuple(m.input.shape) != self.live.shape:
-            raise ReleaseError(
-                f"input shape {m.input.shape} differs from the live model's {list(self.live.shape)}"
-            )
-        committed = self.store.read_pointer().committed.get(m.name)
-        if committed is None and self.live.pack.manifest.name == m.name:
-            committed = self.live.pack.manifest.version
-        if committed is None or verified.release.rollback:
-            return
-        if version_key(m.version) < version_key(committed):
-            raise ReleaseError(
-                f"version {m.version} is lower than the committed {committed}"
-                " (a downgrade needs a release signed with --rollback)"
-            )
-        if (
-            version_key(m.version) == version_key(committed)
-            and self.live.ref == f"{m.name}@{m.version}"
-        ):
-            raise ReleaseError(f"version {m.version} is already live")
 
     def _promote(
         self,
@@ -557,15 +517,8 @@ class Rollout:
         bounds: Bounds,
         forced: bool = False,
     ) -> None:
-        pointer = self.store.read_pointer()
-        pointer.previous, pointer.live = pointer.live, folder
-        pointer.release = rid
-        pointer.probation = not forced
-        pointer.baseline_hard_rate = figures["hard_rate_live"] if figures else None
-        if forced:
-            m = candidate.pack.manifest
-            pointer.committed = {**pointer.committed, m.name: m.version}
-        self.store.write_pointer(pointer)
+        baseline = figures["hard_rate_live"] if figures else None
+        self.store.promote(folder, rid, candidate.pack, baseline, committed=forced)
         self._swap_done.clear()
         self._swap = candidate
         while not self._swap_done.wait(0.5):  # the scoring thread swaps between two groups
@@ -576,5 +529,5 @@ class Rollout:
             if old is not None:
                 old.close()
         else:
-            self.health = Health(bounds, pointer.baseline_hard_rate or 0.0)
+            self.health = Health(bounds, baseline or 0.0)
         self._finish(rid, "promoted", request_id, **(figures or {}), forced=forced)

@@ -136,6 +136,18 @@ def stage_statement(
     return rid, statement, probe
 
 
+def copy_release(source: Path, staging: Path, statement: Release, max_file_bytes: int) -> None:
+    """Copy a release folder on the device into staging: only the files its signed statement
+    names (and the statement and signature), each at most ``max_file_bytes``."""
+    for name in (RELEASE, SIGNATURE, *statement.names()):
+        src = source / check_name(name)
+        size = src.stat().st_size
+        if size > max_file_bytes:
+            raise ReleaseError(f"{src.name}: {size} bytes, over rollout.max_file_bytes")
+        with open(src, "rb") as fin, open(staging / name, "wb") as fout:
+            shutil.copyfileobj(fin, fout, 1 << 20)
+
+
 def unfinished(store: ModelStore, keys: list[tuple[str, Ed25519PublicKey]]) -> Receiving | None:
     """After a restart: the newest release whose files were still coming (older unfinished
     ones, and one whose statement no longer checks out, are removed)."""
