@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import socket
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -152,6 +153,51 @@ def test_mqtt_topic(broker: Mosquitto, topic_prefix: str, tmp_path: Path) -> Non
     pub.loop_stop()
     pub.disconnect()
     assert h.stop() == 0
+
+
+def test_mqtt_topic_on_a_broker_that_wants_a_password(
+    broker: Mosquitto, topic_prefix: str, tmp_path: Path
+) -> None:
+    """The source's broker is not the uplink's and refuses anonymous clients: the [source]
+    section's user name and password file (read like [mqtt]'s) get the readings through."""
+    folder = tmp_path / "source-broker"
+    folder.mkdir()
+    passwd = folder / "passwd"
+    subprocess.run(
+        ["mosquitto_passwd", "-b", "-c", str(passwd), "sensor-reader", "s3cret-source"],
+        check=True,
+    )
+    passwd.chmod(0o644)
+    secured = Mosquitto(folder, anonymous=False, extra=f"user root\npassword_file {passwd}")
+    secured.start()
+    secret = tmp_path / "source-password"
+    secret.write_text("s3cret-source\n")
+    topic = f"{topic_prefix}/sensors/imu"
+    try:
+        h = Harness(
+            broker,
+            topic_prefix,
+            tmp_path,
+            source_kind="mqtt",
+            source_path=topic,
+            source_port=str(secured.port),
+            source_username="sensor-reader",
+            source_password_file=str(secret),
+        )
+        h.thread.start()
+        pub = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+        pub.username_pw_set("sensor-reader", "s3cret-source")
+        pub.connect("127.0.0.1", secured.port)
+        pub.loop_start()
+        time.sleep(0.5)  # the source subscribes on connect
+        for payload in [*(good(i) for i in range(20)), *BAD]:
+            pub.publish(topic, payload, qos=1).wait_for_publish(5)
+        check(h.wait_for(23), 20)
+        pub.loop_stop()
+        pub.disconnect()
+        assert h.stop() == 0
+    finally:
+        secured.stop()
 
 
 def test_sample_stream_is_windowed(broker: Mosquitto, topic_prefix: str, tmp_path: Path) -> None:

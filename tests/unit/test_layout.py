@@ -85,15 +85,18 @@ def imports(path: Path, package: list[str] | None = None) -> list[str]:
 
 
 def edges() -> list[tuple[Path, str]]:
-    """(module file, the room of an edge_agent module it imports)."""
-    out = []
+    """(module file, the room of an edge_agent module it imports), each pair once."""
+    out: list[tuple[Path, str]] = []
     for path in sorted(PACKAGE.rglob("*.py")):
         for name in imports(path):
             parts = name.split(".")
             if parts[0] != "edge_agent":
                 continue
             target = parts[1] if len(parts) > 1 else "__init__"
-            if target in ROOMS or (PACKAGE / f"{target}.py").exists():
+            if (target in ROOMS or (PACKAGE / f"{target}.py").exists()) and (
+                path,
+                target,
+            ) not in out:
                 out.append((path, target))
     return out
 
