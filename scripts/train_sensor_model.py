@@ -611,7 +611,7 @@ def ood_params(x_train: F64) -> OodParams:
 
 
 def guard_reasons(x: F64, p: OodParams) -> list[str | None]:
-    """Mirror of the runtime's OodGuard (float32, same order of checks)."""
+    """Mirror of the runtime's OodCheck (float32, same order of checks)."""
     x32 = x.astype(np.float32)
     lo = np.asarray(p.channel_min, np.float32)
     hi = np.asarray(p.channel_max, np.float32)

@@ -38,6 +38,7 @@ REASONS: dict[str, str] = {
     "non_finite": "'values' holds NaN, Infinity or a number outside float32 range",
 }
 
+#: A window of sensor values as every module passes it (float32, [channels, samples]).
 FloatArray = npt.NDArray[np.float32]
 
 

@@ -78,7 +78,7 @@ class Router:
 
 
 @dataclass(slots=True)
-class _Pending:
+class _Awaiting:
     sent: float
     local_label: str
     tier: Tier
@@ -95,11 +95,11 @@ class Reconciler:
         self.counters: Counter[str] = Counter()
         self._lock = threading.Lock()
         # Urgent cases in send order, so deadlines are in order too; batch cases apart.
-        self._pending: dict[Tier, OrderedDict[str, _Pending]] = {
+        self._pending: dict[Tier, OrderedDict[str, _Awaiting]] = {
             Tier.URGENT: OrderedDict(),
             Tier.BATCH: OrderedDict(),
         }
-        self._overdue: OrderedDict[str, _Pending] = OrderedDict()
+        self._overdue: OrderedDict[str, _Awaiting] = OrderedDict()
         self.round_trips_ms: deque[float] = deque(maxlen=10_000)
         #: Called (on the link thread) with each verdict that matched a hard case, "no
         #: verdict" answers included (``v.no_verdict`` set, ``v.label`` empty).
@@ -109,7 +109,7 @@ class Reconciler:
         """Remember a hard case sent to the cloud (urgent ones with a deadline)."""
         with self._lock:
             pending = self._pending[tier]
-            pending[key] = _Pending(self.clock(), local_label, tier)
+            pending[key] = _Awaiting(self.clock(), local_label, tier)
             if len(pending) > self.settings.max_pending:
                 old_key, _ = pending.popitem(last=False)
                 self.counters[f"forgotten_{tier}"] += 1

@@ -56,7 +56,7 @@ class Decision:
     ood_score: float | None = None
 
 
-class OodGuard:
+class OodCheck:
     """Vectorised checks of raw windows against the pack's training statistics."""
 
     def __init__(self, pack: ModelPack) -> None:
@@ -113,7 +113,7 @@ class OodGuard:
 class Scorer:
     """Loads a verified pack into its backend and scores readings."""
 
-    def __init__(self, pack: ModelPack, backend: Backend, guard: OodGuard) -> None:
+    def __init__(self, pack: ModelPack, backend: Backend, guard: OodCheck) -> None:
         self.pack = pack
         self.backend = backend
         self.guard = guard
@@ -133,7 +133,7 @@ class Scorer:
             raise ModelPackError(f"{pack.path}: only float32 input is supported")
         backend = backends.create(pack.manifest.backend)
         backend.load(pack, options or BackendOptions())
-        return cls(pack, backend, OodGuard(pack))
+        return cls(pack, backend, OodCheck(pack))
 
     def score(self, readings: list[Reading]) -> list[Decision]:
         """Score readings in one backend call; decisions in the same order."""

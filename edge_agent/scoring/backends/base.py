@@ -13,13 +13,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-import numpy as np
-import numpy.typing as npt
-
 from edge_agent.config import ModelSettings
+from edge_agent.ingest.readings import FloatArray
 from edge_agent.models.pack import ModelPack
 
-FloatArray = npt.NDArray[np.float32]
+__all__ = ["Backend", "BackendOptions", "BackendOutput", "FloatArray"]
 
 
 @dataclass(frozen=True, slots=True)
