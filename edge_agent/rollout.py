@@ -56,9 +56,10 @@ import numpy as np
 from .backends import BackendOptions
 from .config import RolloutSettings, Settings
 from .errors import EdgeAgentError, ModelError, ReleaseError
+from .golden import self_test
 from .messages import Verdict
 from .modelpack import ModelPack, open_pack
-from .readings import Reading, ReadingDecoder
+from .readings import Reading
 from .release import (
     RELEASE,
     SIGNATURE,
@@ -189,44 +190,6 @@ class ModelStore:
             for child in self.packs.iterdir():
                 if child.name not in keep:
                     shutil.rmtree(child, ignore_errors=True)
-
-
-# -- golden inputs -------------------------------------------------------------------------
-
-
-class _Golden(msgspec.Struct, frozen=True):
-    values: list[list[float]]
-    label: str
-    confidence: float
-
-
-def self_test(scorer: Scorer) -> str:
-    """Score the pack's golden inputs; "" when every one matches, else what did not."""
-    st = scorer.pack.manifest.selftest
-    if st is None:
-        return "the pack has no [selftest] golden inputs"
-    try:
-        lines = scorer.pack.file(st.file).read_bytes().splitlines()
-        golden = [msgspec.json.decode(x, type=_Golden) for x in lines if x.strip()]
-    except (OSError, msgspec.MsgspecError, ModelError) as exc:
-        return f"golden inputs unreadable: {exc}"
-    if not golden:
-        return "the golden inputs file is empty"
-    decoder = ReadingDecoder(scorer.shape, 1 << 20)
-    try:
-        readings = [decoder.from_values(g.values) for g in golden]
-        decisions = scorer.score(readings)
-    except EdgeAgentError as exc:
-        return f"scoring the golden inputs failed: {exc}"
-    wrong = [
-        (i, d.label, round(d.confidence, 4))
-        for i, (g, d) in enumerate(zip(golden, decisions, strict=True))
-        if d.label != g.label or abs(d.confidence - g.confidence) > st.confidence_tolerance
-    ]
-    if wrong:
-        first = wrong[0]
-        return f"{len(wrong)} of {len(golden)} golden inputs differ, e.g. #{first[0]}: {first[1:]}"
-    return ""
 
 
 # -- bounds, shadow and health ---------------------------------------------------------------

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from . import backends
+from . import backends, golden
 from .backends.base import Backend, BackendOptions, FloatArray
-from .errors import ModelPackError
+from .errors import ModelLoadError, ModelPackError
 from .modelpack import ModelPack
 from .readings import Reading
 
@@ -124,7 +124,19 @@ class Scorer:
             raise ModelPackError(f"{pack.path}: only float32 input is supported")
         backend = backends.create(pack.manifest.backend)
         backend.load(pack, options or BackendOptions())
-        return cls(pack, backend, OodGuard(pack))
+        scorer = cls(pack, backend, OodGuard(pack))
+        st = pack.manifest.selftest
+        if st is not None and st.on_load:
+            why = golden.self_test(scorer)
+            if why:
+                scorer.close()
+                raise ModelLoadError(
+                    f"{pack.path}: this machine's {pack.manifest.backend} build does not"
+                    f" reproduce the pack's golden inputs within its cross-build tolerance"
+                    f" ({st.confidence_tolerance}): {why}; the pack is refused rather than"
+                    " served with other decisions than it was checked with"
+                )
+        return scorer
 
     def score(self, readings: list[Reading]) -> list[Decision]:
         """Score readings in one backend call; decisions in the same order."""
