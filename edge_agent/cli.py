@@ -256,12 +256,20 @@ def cmd_models_push(args: argparse.Namespace) -> int:
 
 
 def cmd_models_fetch(args: argparse.Namespace) -> int:
-    from edge_agent.models.fetch import fetch_pack  # noqa: PLC0415 - only this command fetches
+    from edge_agent.models.fetch import Quantizer, fetch_pack  # noqa: PLC0415 - this command only
 
+    quantizer: Quantizer | None = None
+    try:  # llama.cpp's quantizer, for packs whose file is requantized at fetch (extra llm)
+        from edge_agent.scoring.backends.llama_cpp import quantize_gguf  # noqa: PLC0415
+    except ImportError:
+        pass
+    else:
+        quantizer = quantize_gguf
     settings = _settings(args)
     packs = [resolve(ref, settings.model.packs_dir, settings.model.store_dir) for ref in args.packs]
     for pack in packs:
-        result = fetch_pack(pack, progress=None if args.quiet else sys.stderr)
+        progress = None if args.quiet else sys.stderr
+        result = fetch_pack(pack, progress=progress, quantizer=quantizer)
         pack.verify()
         if result is None:
             sys.stdout.write(f"ok   {pack.ref}: nothing to fetch (no store file)\n")

