@@ -22,9 +22,9 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
-import msgspec
 import numpy as np
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
@@ -36,12 +36,14 @@ from edge_agent.config import load_settings
 from edge_agent.devtools.localbroker import Mosquitto, free_port
 from edge_agent.models.pack import BUNDLED_TEST_DATA, open_pack, resolve
 from edge_agent.mqtt.session import set_nodelay
+from edge_agent.util.stats import percentile
 from edge_agent.wire.messages import (
     SCHEMA_VERSION,
     HardCase,
     LocalDecision,
+    Tier,
     Topics,
-    Verdict,
+    decode_verdicts,
     encoder,
 )
 
@@ -69,6 +71,37 @@ def start_server(port: int, gguf: Path, log: Path) -> subprocess.Popen[bytes]:
             time.sleep(0.1)
     proc.kill()
     raise SystemExit(f"the llama server did not start: {log.read_text()[-2000:]}")
+
+
+def ask(
+    dev: mqtt.Client,
+    inbox: queue.Queue[tuple[int, bytes]],
+    topics: Topics,
+    windows: list[Any],
+    n: int,
+) -> tuple[list[float], list[float], list[str]]:
+    """Send ``n`` urgent cases one after the other (after one warm-up); round trips, the
+    worker's own time, and what each answer was (a label or a no-verdict reason)."""
+    rtt, cloud_ms, outcomes = [], [], []
+    for i in range(n + 1):  # the first is a warm-up, not counted
+        case = HardCase(
+            v=SCHEMA_VERSION, key=f"dev1:{i}", device="dev1", seq=i,
+            values=windows[i % len(windows)],
+            local=LocalDecision("walking", 0.41, "low_confidence", "basicmotions-int8@1"),
+            tier=Tier.URGENT, deadline_ms=10_000.0, readings_total=i + 1,
+        )  # fmt: skip
+        props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+        props.ResponseTopic = topics.verdict("dev1")
+        props.CorrelationData = case.key.encode()
+        t0 = time.perf_counter_ns()
+        dev.publish(topics.hard("dev1"), encoder.encode(case), qos=1, properties=props)
+        t1, payload = inbox.get(timeout=30)
+        v = decode_verdicts(payload)[0]
+        if i:
+            rtt.append((t1 - t0) / 1e6)
+            cloud_ms.append(v.cloud_ms)
+            outcomes.append(v.label if v.no_verdict is None else v.no_verdict)
+    return rtt, cloud_ms, outcomes
 
 
 def main() -> int:
@@ -113,26 +146,8 @@ def main() -> int:
         dev.subscribe(topics.verdict("dev1"), qos=1)
         dev.loop_start()
         time.sleep(0.3)
-        rtt, cloud_ms, outcomes = [], [], []
         try:
-            for i in range(args.n + 1):  # the first is a warm-up, not counted
-                case = HardCase(
-                    v=SCHEMA_VERSION, key=f"dev1:{i}", device="dev1", seq=i,
-                    values=windows[i % len(windows)],
-                    local=LocalDecision("walking", 0.41, "low_confidence", "basicmotions-int8@1"),
-                    tier="urgent", deadline_ms=10_000.0, readings_total=i + 1,
-                )  # fmt: skip
-                props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
-                props.ResponseTopic = topics.verdict("dev1")
-                props.CorrelationData = case.key.encode()
-                t0 = time.perf_counter_ns()
-                dev.publish(topics.hard("dev1"), encoder.encode(case), qos=1, properties=props)
-                t1, payload = inbox.get(timeout=30)
-                v = msgspec.json.decode(payload, type=Verdict)
-                if i:
-                    rtt.append((t1 - t0) / 1e6)
-                    cloud_ms.append(v.cloud_ms)
-                    outcomes.append(v.label if v.no_verdict is None else v.no_verdict)
+            rtt, cloud_ms, outcomes = ask(dev, inbox, topics, windows, args.n)
         finally:
             dev.loop_stop()
             dev.disconnect()
@@ -144,8 +159,8 @@ def main() -> int:
     p = summary["pricing"]
     out = {
         "cases": len(rtt),
-        "round_trip_ms_p50": float(np.percentile(rtt, 50)),
-        "round_trip_ms_p99": float(np.percentile(rtt, 99)),
+        "round_trip_ms_p50": percentile(rtt, 50),
+        "round_trip_ms_p99": percentile(rtt, 99),
         "worker_ms_per_case_mean": float(np.mean(cloud_ms)),
         "mean_prompt_tokens": p["mean_prompt_tokens"],
         "mean_completion_tokens": p["mean_completion_tokens"],
@@ -155,19 +170,20 @@ def main() -> int:
         "outcomes": {o: outcomes.count(o) for o in sorted(set(outcomes))},
         "counters": {k: v for k, v in sorted(worker.counters.items()) if "endpoint" in k},
     }
-    if args.json:
-        print(json.dumps(out, indent=1))
-    else:
-        print(
-            f"{out['cases']} urgent cases through mosquitto + worker + llama.cpp server:"
-            f" round trip p50 {out['round_trip_ms_p50']:.1f} ms, p99"
-            f" {out['round_trip_ms_p99']:.1f} ms; worker time per case"
-            f" {out['worker_ms_per_case_mean']:.1f} ms; tokens per request"
-            f" {out['mean_prompt_tokens']:.1f} prompt + {out['mean_completion_tokens']:.1f}"
-            f" completion; spend ${out['spend']:.6f} (${out['unit_price_urgent']:.6f} per case);"
-            f" answers that parsed {out['parsed']}/{out['cases']}: {out['outcomes']}"
-        )
+    print(json.dumps(out, indent=1) if args.json else sentence(out))
     return 0
+
+
+def sentence(out: dict[str, Any]) -> str:
+    return (
+        f"{out['cases']} urgent cases through mosquitto + worker + llama.cpp server:"
+        f" round trip p50 {out['round_trip_ms_p50']:.1f} ms, p99"
+        f" {out['round_trip_ms_p99']:.1f} ms; worker time per case"
+        f" {out['worker_ms_per_case_mean']:.1f} ms; tokens per request"
+        f" {out['mean_prompt_tokens']:.1f} prompt + {out['mean_completion_tokens']:.1f}"
+        f" completion; spend ${out['spend']:.6f} (${out['unit_price_urgent']:.6f} per case);"
+        f" answers that parsed {out['parsed']}/{out['cases']}: {out['outcomes']}"
+    )
 
 
 if __name__ == "__main__":

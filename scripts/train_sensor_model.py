@@ -429,6 +429,32 @@ def _const(name: str, value: npt.ArrayLike, dtype: type = np.float32) -> onnx.Te
     return numpy_helper.from_array(np.asarray(value, dtype=dtype), name=name)
 
 
+def _mlp_head(
+    model: TrainedModel,
+    temperature: float,
+    nodes: list[onnx.NodeProto],
+    inits: list[onnx.TensorProto],
+) -> None:
+    """z -> MLP logits -> probs = softmax(logits / T), appended to ``nodes`` and ``inits``."""
+    # The MLP reads z through an Identity so that quantization (which rewires the consumers of
+    # a quantized tensor) never touches the feature_z branch; ORT removes the Identity.
+    nodes.append(helper.make_node("Identity", ["z"], ["h0"]))
+    h = "h0"
+    last = len(model.weights) - 1
+    for i, (w, b) in enumerate(zip(model.weights, model.biases, strict=True)):
+        inits.append(_const(f"W{i + 1}", w))
+        inits.append(_const(f"b{i + 1}", b))
+        nodes.append(helper.make_node("MatMul", [h, f"W{i + 1}"], [f"mm{i + 1}"]))
+        out = "logits" if i == last else f"pre{i + 1}"
+        nodes.append(helper.make_node("Add", [f"mm{i + 1}", f"b{i + 1}"], [out]))
+        if i < last:
+            nodes.append(helper.make_node("Relu", [out], [f"h{i + 1}"]))
+            h = f"h{i + 1}"
+    inits.append(_const("inv_temperature", 1.0 / temperature))
+    nodes.append(helper.make_node("Mul", ["logits", "inv_temperature"], ["logits_t"]))
+    nodes.append(helper.make_node("Softmax", ["logits_t"], ["probs"], axis=1))
+
+
 def build_graph(model: TrainedModel, temperature: float, doc: str) -> onnx.ModelProto:
     """Raw window -> features -> standardised z -> MLP logits; probs = softmax(logits / T)."""
     fs = model.spec.features
@@ -472,23 +498,7 @@ def build_graph(model: TrainedModel, temperature: float, doc: str) -> onnx.Model
     nodes.append(helper.make_node("Add", ["z_scaled", "z_add"], ["z"]))
     nodes.append(helper.make_node("Abs", ["z"], ["z_abs"]))
     red("ReduceMax", "z_abs", "feature_z", axis=1, keep=0)
-    # The MLP reads z through an Identity so that quantization (which rewires the consumers of
-    # a quantized tensor) never touches the feature_z branch; ORT removes the Identity.
-    nodes.append(helper.make_node("Identity", ["z"], ["h0"]))
-    h = "h0"
-    last = len(model.weights) - 1
-    for i, (w, b) in enumerate(zip(model.weights, model.biases, strict=True)):
-        inits.append(_const(f"W{i + 1}", w))
-        inits.append(_const(f"b{i + 1}", b))
-        nodes.append(helper.make_node("MatMul", [h, f"W{i + 1}"], [f"mm{i + 1}"]))
-        out = "logits" if i == last else f"pre{i + 1}"
-        nodes.append(helper.make_node("Add", [f"mm{i + 1}", f"b{i + 1}"], [out]))
-        if i < last:
-            nodes.append(helper.make_node("Relu", [out], [f"h{i + 1}"]))
-            h = f"h{i + 1}"
-    inits.append(_const("inv_temperature", 1.0 / temperature))
-    nodes.append(helper.make_node("Mul", ["logits", "inv_temperature"], ["logits_t"]))
-    nodes.append(helper.make_node("Softmax", ["logits_t"], ["probs"], axis=1))
+    _mlp_head(model, temperature, nodes, inits)
     f32 = TensorProto.FLOAT
     graph = helper.make_graph(
         nodes,
@@ -805,21 +815,6 @@ def write_pack(
     v = fam.variants[variant]
     model_path = folder / "model.onnx"
     shutil.copyfile(v.path, model_path)
-    acc = {k: vv.accuracy for k, vv in fam.variants.items()}
-    quantization = variant if variant in ("dynamic", "static") else "none"
-    if quantization != "none":
-        choice_text = fam.choice_reason
-    elif fam.spec is EDGE:
-        choice_text = (
-            f"none: fp32 reference of the edge model; basicmotions-int8 ships the {fam.choice}"
-            f" int8 variant ({fam.choice_reason})"
-        )
-    else:
-        choice_text = (
-            "none: the cloud tier runs fp32; int8 variants were measured for reference only"
-            f" (the edge rule would pick {fam.choice}; {fam.choice_reason})"
-        )
-    conf = v.out.probs.max(axis=1)
     top = {
         "schema_version": 1,
         "name": name,
@@ -829,7 +824,35 @@ def write_pack(
         "default": name == "basicmotions-int8",
         "labels": list(LABELS),
     }
-    tables: list[tuple[str, dict[str, Any]]] = [
+    tables = [
+        *_model_tables(model_path, fam, v, y_test),
+        *_record_tables(fam, variant, ood, y_test, seed),
+    ]
+    text = toml_doc(top, tables)
+    (folder / "manifest.toml").write_text(text, encoding="utf-8")
+    check_manifest(folder)
+
+
+def _choice_text(fam: Family, variant: str) -> str:
+    """Why the pack ships this variant (the manifest's ``quantization_choice``)."""
+    if variant in ("dynamic", "static"):
+        return fam.choice_reason
+    if fam.spec is EDGE:
+        return (
+            f"none: fp32 reference of the edge model; basicmotions-int8 ships the {fam.choice}"
+            f" int8 variant ({fam.choice_reason})"
+        )
+    return (
+        "none: the cloud tier runs fp32; int8 variants were measured for reference only"
+        f" (the edge rule would pick {fam.choice}; {fam.choice_reason})"
+    )
+
+
+def _model_tables(
+    model_path: Path, fam: Family, v: Variant, y_test: I64
+) -> list[tuple[str, dict[str, Any]]]:
+    """The manifest's tables about the model: its file, input, outputs, calibration, routing."""
+    return [
         (
             "[[files]]",
             {
@@ -868,6 +891,17 @@ def write_pack(
                 "rule": rule_text(),
             },
         ),
+    ]
+
+
+def _record_tables(
+    fam: Family, variant: str, ood: OodParams, y_test: I64, seed: int
+) -> list[tuple[str, dict[str, Any]]]:
+    """The manifest's tables about the data: OOD limits, test metrics, how it was trained."""
+    v = fam.variants[variant]
+    acc = {k: vv.accuracy for k, vv in fam.variants.items()}
+    conf = v.out.probs.max(axis=1)
+    return [
         (
             "ood",
             {
@@ -886,8 +920,8 @@ def write_pack(
                 "accuracy_test_int8": sig(acc[fam.choice]),
                 "accuracy_test_int8_dynamic": sig(acc["dynamic"]),
                 "accuracy_test_int8_static": sig(acc["static"]),
-                "quantization": quantization,
-                "quantization_choice": choice_text,
+                "quantization": variant if variant in ("dynamic", "static") else "none",
+                "quantization_choice": _choice_text(fam, variant),
                 "test_windows": len(y_test),
                 "hard_rate_test": sig(float((conf < fam.oof.threshold).mean())),
             },
@@ -904,9 +938,6 @@ def write_pack(
             },
         ),
     ]
-    text = toml_doc(top, tables)
-    (folder / "manifest.toml").write_text(text, encoding="utf-8")
-    check_manifest(folder)
 
 
 def check_manifest(folder: Path) -> None:
@@ -1158,45 +1189,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             lat = {k: latency[f"{fam.spec.key}_{k}"] for k in fam.variants}
             fam.choice, fam.choice_reason = choose_quantization(fam, lat)
 
-        packs = [
-            (
-                "basicmotions-int8",
-                edge,
-                edge.choice,
-                "BasicMotions activity classifier for the edge (default): small MLP on 36"
-                f" per-channel window features, int8 ({edge.choice} quantization)",
-            ),
-            (
-                "basicmotions-fp32",
-                edge,
-                "fp32",
-                "BasicMotions activity classifier for the edge: the same small MLP in fp32",
-            ),
-            (
-                "basicmotions-cloud",
-                cloud,
-                "fp32",
-                "BasicMotions activity classifier for the cloud tier: larger 2-layer MLP on"
-                f" {CLOUD.features.n_features} window features incl. acc/gyr magnitudes, fp32",
-            ),
+        packs = _packs(edge, cloud)
+        results = [
+            _write_and_check(args.out_models, pack, ood, xt, yt, ref_std, seed) for pack in packs
         ]
-        results: list[PackResult] = []
-        for name, fam, variant, description in packs:
-            write_pack(args.out_models, name, fam, variant, ood, yt, seed, description)
-            v = fam.variants[variant]
-            sess = session(args.out_models / name / "model.onnx")
-            results.append(
-                PackResult(
-                    name,
-                    args.out_models / name,
-                    v.accuracy,
-                    float((v.out.probs.max(axis=1) < fam.oof.threshold).mean()),
-                    ece(softmax(v.out.logits), yt),
-                    ece(v.out.probs, yt),
-                    float(v.out.feature_z.max()),
-                    noisy_check(sess, xt, yt, ref_std, fam, ood, seed),
-                )
-            )
         print_summary(edge, cloud, ood, latency, results, args)
     # The [drift] reference (per-channel window statistics of the train split) goes at the end
     # of each manifest; the model files are not touched (scripts/drift_reference.py).
@@ -1208,6 +1204,58 @@ def main(argv: Sequence[str] | None = None) -> int:
         [drift_reference.open_pack(f) for f in folders], train_jsonl, drift_reference.BINS, False
     )
     return 0
+
+
+def _packs(edge: Family, cloud: Family) -> list[tuple[str, Family, str, str]]:
+    """The packs written: name, model family, variant, description."""
+    return [
+        (
+            "basicmotions-int8",
+            edge,
+            edge.choice,
+            "BasicMotions activity classifier for the edge (default): small MLP on 36"
+            f" per-channel window features, int8 ({edge.choice} quantization)",
+        ),
+        (
+            "basicmotions-fp32",
+            edge,
+            "fp32",
+            "BasicMotions activity classifier for the edge: the same small MLP in fp32",
+        ),
+        (
+            "basicmotions-cloud",
+            cloud,
+            "fp32",
+            "BasicMotions activity classifier for the cloud tier: larger 2-layer MLP on"
+            f" {CLOUD.features.n_features} window features incl. acc/gyr magnitudes, fp32",
+        ),
+    ]
+
+
+def _write_and_check(
+    out_models: Path,
+    pack: tuple[str, Family, str, str],
+    ood: OodParams,
+    xt: F64,
+    yt: I64,
+    ref_std: F64,
+    seed: int,
+) -> PackResult:
+    """Write one pack and measure it as shipped (noisy test windows included)."""
+    name, fam, variant, description = pack
+    write_pack(out_models, name, fam, variant, ood, yt, seed, description)
+    v = fam.variants[variant]
+    sess = session(out_models / name / "model.onnx")
+    return PackResult(
+        name,
+        out_models / name,
+        v.accuracy,
+        float((v.out.probs.max(axis=1) < fam.oof.threshold).mean()),
+        ece(softmax(v.out.logits), yt),
+        ece(v.out.probs, yt),
+        float(v.out.feature_z.max()),
+        noisy_check(sess, xt, yt, ref_std, fam, ood, seed),
+    )
 
 
 def print_summary(
