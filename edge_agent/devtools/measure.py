@@ -15,7 +15,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import paho.mqtt.client as mqtt
@@ -398,6 +398,22 @@ def _edge_agent_cmd() -> list[str]:
     return [sys.executable, "-m", "edge_agent"]
 
 
+def _piped(
+    args: list[str], env: dict[str, str]
+) -> tuple[subprocess.Popen[bytes], IO[bytes], IO[bytes]]:
+    """``edge-agent ARGS`` as a child process with pipes to its stdin and from its stdout."""
+    proc = subprocess.Popen(
+        [*_edge_agent_cmd(), *args],
+        env=env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
+    if proc.stdin is None or proc.stdout is None:  # pragma: no cover - PIPE above
+        raise RuntimeError("no pipes to the edge-agent process")
+    return proc, proc.stdin, proc.stdout
+
+
 def cold_start(pack: ModelPack, state: Path, port: int, line: bytes, runs: int) -> dict[str, Any]:
     """``edge-agent run``: process start → READY=1 and → first decision, peak RSS, CPU."""
     ready, first, rss, cpu = [], [], [], []
@@ -418,34 +434,21 @@ def cold_start(pack: ModelPack, state: Path, port: int, line: bytes, runs: int) 
             }
         )
         t0 = time.perf_counter()
-        proc = subprocess.Popen(
-            [
-                *_edge_agent_cmd(),
-                "run",
-                "--decisions",
-                "--exit-when-drained",
-                "--drain-timeout",
-                "5",
-            ],
-            env=env,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
+        proc, stdin, stdout = _piped(
+            ["run", "--decisions", "--exit-when-drained", "--drain-timeout", "5"], env
         )
-        if proc.stdin is None or proc.stdout is None:  # pragma: no cover - PIPE above
-            raise RuntimeError("no pipes to the agent")
         sampler = _PeakRss(proc.pid)
         msg = notify.recv(4096)
         ready.append(time.perf_counter() - t0 if msg.startswith(b"READY=1") else float("nan"))
-        proc.stdin.write(line + b"\n")
-        proc.stdin.flush()
-        proc.stdout.readline()
+        stdin.write(line + b"\n")
+        stdin.flush()
+        stdout.readline()
         first.append(time.perf_counter() - t0)
         sampler.sample()  # one last sample while the process is alive
-        proc.stdin.close()
+        stdin.close()
         _, status, usage = os.wait4(proc.pid, 0)
         proc.returncode = os.waitstatus_to_exitcode(status)
-        proc.stdout.close()
+        stdout.close()
         notify.close()
         rss.append(sampler.stop())
         cpu.append(usage.ru_utime + usage.ru_stime)
@@ -467,31 +470,25 @@ def score_round_trip(
     stdout: decoding, validation, scoring and encoding included, start-up not. Also the child's
     peak RSS. ``env`` adds to the environment (e.g. ``LLAMA_CPP_LIB_PATH``, another build).
     """
-    proc = subprocess.Popen(
-        [*_edge_agent_cmd(), "score", "--model", str(pack.path), "-q", "-"],
-        env={**os.environ, **(env or {})},
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
+    proc, stdin, stdout = _piped(
+        ["score", "--model", str(pack.path), "-q", "-"], {**os.environ, **(env or {})}
     )
-    if proc.stdin is None or proc.stdout is None:  # pragma: no cover - PIPE above
-        raise RuntimeError("no pipes to the scoring process")
     sampler = _PeakRss(proc.pid)
     samples: list[float] = []
     try:
         for i in range(n + 1):
             t0 = time.perf_counter_ns()
-            proc.stdin.write(lines[i % len(lines)] + b"\n")
-            proc.stdin.flush()
-            if not proc.stdout.readline():
+            stdin.write(lines[i % len(lines)] + b"\n")
+            stdin.flush()
+            if not stdout.readline():
                 raise RuntimeError(f"edge-agent score --model {pack.ref} ended early")
             if i:  # the first line waits for the model to load
                 samples.append((time.perf_counter_ns() - t0) / 1e6)
         sampler.sample()
     finally:
-        proc.stdin.close()
+        stdin.close()
         proc.wait(60)
-        proc.stdout.close()
+        stdout.close()
     return stats(samples) | {"peak_rss_bytes": sampler.stop()}
 
 
