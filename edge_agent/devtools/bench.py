@@ -43,10 +43,8 @@ from edge_agent.devtools.localbroker import Mosquitto
 from edge_agent.devtools.measure import (
     HYBRID_NOISE,
     agent_paths,
-    agent_process,
     agent_settings,
     all_cloud,
-    cold_start,
     floor_onnx,
     hybrid,
     load_lines,
@@ -54,6 +52,7 @@ from edge_agent.devtools.measure import (
     telemetry_effect,
     windows_of,
 )
+from edge_agent.devtools.processes import agent_process, cold_start
 from edge_agent.devtools.report import markdown, plot, table
 from edge_agent.errors import EdgeAgentError
 from edge_agent.models.pack import BUNDLED_TEST_DATA, ModelPack, discover, resolve
