@@ -350,7 +350,7 @@ def _sha256(path: Path) -> str:
 
 def _matches(path: Path, entry: PackFile) -> bool:
     try:
-        return path.stat().st_size == entry.size and _sha256(path) == entry.sha256
+        return path.stat().st_size == entry.size and entry.accepts(_sha256(path))
     except OSError:
         return False
 
