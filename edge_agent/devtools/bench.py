@@ -52,7 +52,7 @@ from edge_agent.devtools.measure import (
     telemetry_effect,
     windows_of,
 )
-from edge_agent.devtools.processes import agent_process, cold_start
+from edge_agent.devtools.processes import agent_process, cold_start, score_round_trip
 from edge_agent.devtools.report import markdown, plot, table
 from edge_agent.errors import EdgeAgentError
 from edge_agent.models.pack import BUNDLED_TEST_DATA, ModelPack, discover, resolve
@@ -148,6 +148,11 @@ def _packs(opts: BenchOptions) -> Iterator[ModelPack]:
         yield pack
 
 
+def _model_file_bytes(pack: ModelPack) -> int:
+    """Size of the pack's largest file (the GGUF of a llama.cpp pack)."""
+    return max(f.size for f in pack.manifest.files)
+
+
 def run_bench(opts: BenchOptions) -> dict[str, Any]:
     lines = load_lines(opts.data)
     x = windows_of(lines)
@@ -169,7 +174,9 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
                 progress.step(f"{ref}: naive integration")
             else:
                 progress.step(f"{ref}: (no raw floor for this backend)")
-                progress.step(f"{ref}: (no naive integration for this backend)")
+                entry["process"] = score_round_trip(pack, lines, 100 if opts.quick else 400)
+                entry["model_file_bytes"] = _model_file_bytes(pack)
+                progress.step(f"{ref}: edge-agent score, one line at a time, from outside")
             # A reading through an LLM costs tens of ms: fewer passes keep the run short.
             passes = opts.passes if pack.manifest.backend == "onnx" else min(opts.passes, 3)
             entry["agent"] = agent_paths(

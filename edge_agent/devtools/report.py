@@ -27,6 +27,8 @@ def _latency_rows(results: dict[str, Any]) -> list[tuple[str, ...]]:
             ]
         if "naive" in p:
             named.append((f"{ref} naive integration", p["naive"]))
+        if "process" in p:
+            named.append((f"{ref} `score` process, from outside", p["process"]))
         named += [
             (f"{ref} edge-agent per line", p["agent"]["single"]),
             (f"{ref} edge-agent x64", p["agent"]["batched"]),

