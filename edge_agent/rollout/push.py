@@ -105,7 +105,7 @@ def push_release(
     inbox = EventInbox()
     request = uuid.uuid4().hex[:16]
     client = _connect(settings, inbox, topics.model_events(device))
-    bar = Progress(1.0, progress, label=f"{device}: receiving files")
+    bar = Progress(1.0, progress, label=f"{device}: receiving files", counts=False)
     try:
         command = msgspec.json.encode(
             ModelCommand(

@@ -24,7 +24,8 @@ class Progress:
 
     On a terminal the line is redrawn at most every ``tty_interval_s``; elsewhere (a log, a
     pipe) a plain line is written at most every ``plain_interval_s`` (None: only at the end).
-    ``scale`` divides the numbers shown (1e6 with ``unit="MB"`` for bytes).
+    ``scale`` divides the numbers shown (1e6 with ``unit="MB"`` for bytes); ``counts=False``
+    shows the percentage alone.
     """
 
     def __init__(
@@ -37,12 +38,14 @@ class Progress:
         scale: float = 1.0,
         tty_interval_s: float = 0.1,
         plain_interval_s: float | None = None,
+        counts: bool = True,
     ) -> None:
         self.total = max(total, 1e-12)
         self.stream = stream
         self.label = label
         self.unit = unit
         self.scale = scale
+        self.counts = counts
         self.tty = stream is not None and is_terminal(stream)
         self.interval_s = tty_interval_s if self.tty else plain_interval_s
         self.done = 0.0
@@ -72,11 +75,11 @@ class Progress:
         frac = min(max(self.done / self.total, 0.0), 1.0)
         filled = int(frac * WIDTH)
         bar = "#" * filled + "." * (WIDTH - filled)
-        if self.scale == 1.0:
-            counts = f"{self.done:g}/{self.total:g}"
-        else:
-            counts = f"{self.done / self.scale:.1f}/{self.total / self.scale:.1f}"
-        text = f"[{bar}] {frac * 100:5.1f}% {counts}"
+        text = f"[{bar}] {frac * 100:5.1f}%"
+        if self.counts and self.scale == 1.0:
+            text += f" {self.done:g}/{self.total:g}"
+        elif self.counts:
+            text += f" {self.done / self.scale:.1f}/{self.total / self.scale:.1f}"
         text = f"{self.label} {text}" if self.label else text
         text = f"{text} {self.unit}" if self.unit else text
         return f"{text}  {note}" if note else text
