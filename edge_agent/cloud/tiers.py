@@ -52,7 +52,7 @@ class Host(Protocol):
     throttle: Throttle
     verdicts: Verdicts
 
-    def stopping(self) -> bool: ...
+    def stop_requested(self) -> bool: ...
     def current_client(self) -> mqtt.Client | None: ...
 
 
@@ -118,7 +118,7 @@ class EndpointTiers:
                 self._finish_urgent(item)
             else:
                 self._finish_group(*item)
-        if self._retries and not self.host.stopping():
+        if self._retries and not self.host.stop_requested():
             now = time.monotonic()
             due = [r for r in self._retries if r.due <= now]
             if due:
@@ -223,7 +223,7 @@ class EndpointTiers:
         """A batch case's request failed: "" when it is tried again later (or left to the
         device), else the no-verdict reason to answer with now."""
         s = self.settings
-        if self.host.stopping() and (failure in TRANSIENT or failure == "stopped"):
+        if self.host.stop_requested() and (failure in TRANSIENT or failure == "stopped"):
             # Not answered: the device sends it again (link.confirm) to whoever serves then.
             self._working.discard((device, p.case.key))
             self.host.counters["batch_left_for_resend"] += 1

@@ -196,7 +196,7 @@ class CloudWorker:
 
     # -- what the endpoint mode uses (tiers.Host) ---------------------------------------
 
-    def stopping(self) -> bool:
+    def stop_requested(self) -> bool:
         return self._stop.is_set()
 
     def current_client(self) -> mqtt.Client | None:
