@@ -30,7 +30,7 @@ from pathlib import Path
 
 from edge_agent import __version__
 from edge_agent.config import Settings, load_settings
-from edge_agent.errors import ConfigError, EdgeAgentError, ModelError
+from edge_agent.errors import ConfigError, EdgeAgentError, FetchError, ModelError
 from edge_agent.ingest.sources import open_source
 from edge_agent.ingest.sources.lines import chunked_lines
 from edge_agent.models.pack import BUNDLED_TEST_DATA, ModelPack, discover, resolve
@@ -258,11 +258,17 @@ def cmd_models_push(args: argparse.Namespace) -> int:
 def cmd_models_fetch(args: argparse.Namespace) -> int:
     from edge_agent.models.fetch import Quantizer, fetch_pack  # noqa: PLC0415 - this command only
 
-    quantizer: Quantizer | None = None
+    quantizer: Quantizer
     try:  # llama.cpp's quantizer, for packs whose file is requantized at fetch (extra llm)
         from edge_agent.scoring.backends.llama_cpp import quantize_gguf  # noqa: PLC0415
-    except ImportError:
-        pass
+    except (ImportError, OSError) as exc:  # not installed, or its shared library will not load
+        why = str(exc)
+
+        def quantizer(_src: Path, _dst: Path, _kind: str) -> None:
+            raise FetchError(
+                "this pack's model file is made by llama.cpp's quantizer, which needs the llm"
+                f" extra: pip install 'edge-agent[llm]' ({why})"
+            )
     else:
         quantizer = quantize_gguf
     settings = _settings(args)

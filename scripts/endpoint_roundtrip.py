@@ -34,6 +34,7 @@ from paho.mqtt.properties import Properties
 from edge_agent.cloud.worker import CloudWorker
 from edge_agent.config import load_settings
 from edge_agent.devtools.localbroker import Mosquitto, free_port
+from edge_agent.models.fetch import source_file
 from edge_agent.models.pack import BUNDLED_TEST_DATA, open_pack, resolve
 from edge_agent.mqtt.session import set_nodelay
 from edge_agent.util.stats import percentile
@@ -112,7 +113,7 @@ def main() -> int:
     args = ap.parse_args()
     llm = open_pack(ROOT / "models" / "smollm2-basicmotions")
     llm.verify()
-    gguf = llm.location(next(f for f in llm.manifest.files if f.store))
+    gguf = source_file(llm) or llm.location(next(f for f in llm.manifest.files if f.store))
     windows = [json.loads(x)["values"] for x in BUNDLED_TEST_DATA.read_text().splitlines() if x]
     labels = resolve("basicmotions-cloud-endpoint").manifest.labels
     with tempfile.TemporaryDirectory() as tmp_name:

@@ -17,6 +17,7 @@ from pathlib import Path
 import httpx
 
 from edge_agent.devtools.localbroker import free_port
+from edge_agent.models.fetch import source_file
 from edge_agent.models.pack import open_pack
 from tests.conftest import MODELS, ROOT
 
@@ -26,9 +27,17 @@ API_KEY = "test-key-not-secret"
 
 
 def gguf_path() -> Path:
-    """The verified GGUF of the LLM pack (the tests fail, saying how to fetch it, without it)."""
+    """The verified GGUF of the LLM pack (the tests fail, saying how to fetch it, without it).
+
+    The original the pack's file was requantized from (SmolLM2's Q4_1, kept in the store by
+    ``models fetch``): the endpoint tests ask the model to repeat a word, and that 135M model's
+    Q4_1 does so for "walking" where its Q4_0 starts a sentence instead.
+    """
     pack = open_pack(LLM_PACK)
     pack.verify()
+    original = source_file(pack)
+    if original is not None:
+        return original
     entry = next(f for f in pack.manifest.files if f.store)
     return pack.location(entry)
 

