@@ -71,7 +71,7 @@ from edge_agent.config import Settings
 from edge_agent.errors import ConfigError, EdgeAgentError
 from edge_agent.ingest.readings import Reading, ReadingDecoder
 from edge_agent.models.pack import resolve
-from edge_agent.mqtt.session import Session, disconnect_quietly
+from edge_agent.mqtt.session import Session, disconnect_quietly, on_disconnect
 from edge_agent.scoring.backends.base import BackendOptions
 from edge_agent.scoring.scorer import Decision, Scorer
 from edge_agent.wire.messages import HardCase, Tier, Topics
@@ -231,7 +231,7 @@ class CloudWorker:
     def _setup(self, client: mqtt.Client) -> None:
         client.max_inflight_messages_set(self.settings.link.inflight_window)
         client.on_connect = self._on_connect
-        client.on_disconnect = self._on_disconnect
+        client.on_disconnect = on_disconnect(lambda: self._client, self._stop, self._lost)
         client.on_subscribe = self._on_subscribe
         client.on_message = self._on_message
         client.on_publish = self._on_publish
@@ -309,12 +309,6 @@ class CloudWorker:
             return
         self.ready.set()
         log.info("serving %s and %s", *self._shared())
-
-    def _on_disconnect(
-        self, client: mqtt.Client, _ud: Any, _flags: Any, rc: ReasonCode, _props: Any
-    ) -> None:
-        if client is self._client and not self._stop.is_set():
-            self._lost(f"disconnected: {rc}")
 
     def _on_publish(
         self, client: mqtt.Client, _ud: Any, mid: int, rc: ReasonCode, _props: Any

@@ -51,7 +51,7 @@ from edge_agent.config import Settings
 from edge_agent.delivery.inflight import Book
 from edge_agent.delivery.outbox import Cls, Message, Outbox
 from edge_agent.errors import OutboxError
-from edge_agent.mqtt.session import Session, Waker, disconnect_quietly, pump
+from edge_agent.mqtt.session import Session, Waker, disconnect_quietly, on_disconnect, pump
 from edge_agent.wire.messages import (
     DECODE_ERRORS,
     IDEMPOTENCY_PROPERTY,
@@ -251,7 +251,7 @@ class Link:
     def _setup(self, client: mqtt.Client) -> None:
         client.will_set(self.topics.status(self.device), self._will_payload, qos=1, retain=True)
         client.on_connect = self._on_connect
-        client.on_disconnect = self._on_disconnect
+        client.on_disconnect = on_disconnect(lambda: self._client, self._stop, self._lost)
         client.on_publish = self._on_publish
         client.on_message = self._on_message
 
@@ -300,12 +300,6 @@ class Link:
         self.connected.set()
         self._dirty = True
         log.info("connected to %s:%d", self.settings.mqtt.host, self.settings.mqtt.port)
-
-    def _on_disconnect(
-        self, client: mqtt.Client, _ud: Any, _flags: Any, rc: ReasonCode, _props: Any
-    ) -> None:
-        if client is self._client and not self._stop.is_set():
-            self._lost(f"disconnected: {rc}")
 
     def _on_publish(
         self, client: mqtt.Client, _ud: Any, mid: int, rc: ReasonCode, _props: Any

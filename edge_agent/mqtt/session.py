@@ -15,6 +15,7 @@ import logging
 import os
 import select
 import socket
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -93,6 +94,21 @@ def disconnect_quietly(client: mqtt.Client) -> None:
         client.disconnect()
     except (OSError, ValueError) as exc:
         log.debug("closing a lost connection: %s", exc)
+
+
+def on_disconnect(
+    current: Callable[[], mqtt.Client | None],
+    stopping: threading.Event,
+    lost: Callable[[str], None],
+) -> Callable[[mqtt.Client, Any, Any, ReasonCode, Any], None]:
+    """A paho ``on_disconnect`` callback: the connection in use (``current()``) is lost, unless
+    it is the owner's own stop closing it."""
+
+    def callback(client: mqtt.Client, _ud: Any, _flags: Any, rc: ReasonCode, _props: Any) -> None:
+        if client is current() and not stopping.is_set():
+            lost(f"disconnected: {rc}")
+
+    return callback
 
 
 class Session:
