@@ -50,7 +50,7 @@ from edge_agent.cloud.prompt import Prompt
 from edge_agent.config import EndpointSettings, read_secret
 from edge_agent.errors import BackendUnavailable, ConfigError, EndpointError
 from edge_agent.util.backoff import full_jitter
-from edge_agent.wire.messages import LocalDecision
+from edge_agent.wire.messages import LocalDecision, Tier
 
 if TYPE_CHECKING:
     import httpx
@@ -361,7 +361,7 @@ class Job:
 
     body: dict[str, Any]
     deadline: float  #: ``time.monotonic()`` seconds
-    tier: str  #: "urgent" or "batch"
+    tier: Tier
     token: Any = None  #: the caller's own context, handed back untouched
     reply: Reply | None = None
 

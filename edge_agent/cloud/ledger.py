@@ -172,7 +172,7 @@ class CostLedger:
             prompt_tokens / 1000.0 * self.price_prompt_per_1k
             + completion_tokens / 1000.0 * self.price_completion_per_1k
         )
-        return sync if tier == "urgent" else sync * self.batch_price_factor
+        return sync if tier == Tier.URGENT else sync * self.batch_price_factor
 
     def _measured_locked(self) -> tuple[float, float] | None:
         calls = prompt = completion = 0
@@ -198,7 +198,7 @@ class CostLedger:
         if measured is not None:
             return self.token_price(tier, *measured)
         sync = self.tokens_per_reading / 1000.0 * self.price_sync_per_1k_tokens
-        return sync if tier == "urgent" else sync * (1.0 - self.batch_discount)
+        return sync if tier == Tier.URGENT else sync * (1.0 - self.batch_discount)
 
     # -- recording ----------------------------------------------------------------------
 
@@ -210,11 +210,11 @@ class CostLedger:
             raise ValueError("cases must be >= 0")
         day = self._day(at)
         sync = self.tokens_per_reading / 1000.0 * self.price_sync_per_1k_tokens
-        cost = cases * (sync if tier == "urgent" else sync * (1.0 - self.batch_discount))
+        cost = cases * (sync if tier == Tier.URGENT else sync * (1.0 - self.batch_discount))
         with self._lock:
             usage = self._usage_locked(day, device)
             usage.tokens += cases * self.tokens_per_reading
-            if tier == "urgent":
+            if tier == Tier.URGENT:
                 usage.urgent += cases
                 usage.spend_urgent += cost
             else:
@@ -248,7 +248,7 @@ class CostLedger:
             usage.prompt_tokens += prompt_tokens
             usage.completion_tokens += completion_tokens
             usage.tokens += prompt_tokens + completion_tokens
-            if tier == "urgent":
+            if tier == Tier.URGENT:
                 usage.urgent += int(answered)
                 usage.spend_urgent += cost
             else:

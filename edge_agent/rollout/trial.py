@@ -84,7 +84,7 @@ class Shadow:
     def offer(self, d: Decision) -> None:
         """Called on the scoring thread for every live decision; never blocks."""
         try:
-            self._queue.put_nowait((d.reading, d.label, d.route is Route.HARD))
+            self._queue.put_nowait((d.reading, d.label, d.route == Route.HARD))
         except queue.Full:
             self.skipped += 1
 
@@ -111,7 +111,7 @@ class Shadow:
             self._match(reading.seq, d.label, live_label)
             self.agree += d.label == live_label
             self.live_hard += live_hard
-            self.cand_hard += d.route is Route.HARD
+            self.cand_hard += d.route == Route.HARD
         self.done.set()
 
     def on_verdict(self, v: Verdict) -> None:
@@ -197,7 +197,7 @@ class Health:
 
     def observe(self, d: Decision) -> None:
         self.seen += 1
-        self.hard += d.route is Route.HARD
+        self.hard += d.route == Route.HARD
         self.latencies_ms.append(d.latency_ms)
 
     def finished(self) -> bool:

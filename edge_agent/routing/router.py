@@ -52,7 +52,7 @@ class Router:
         self._recent: deque[float] = deque()
 
     def tier(self, d: Decision) -> Tier:
-        """``"urgent"`` or ``"batch"`` for a hard decision."""
+        """``Tier.URGENT`` or ``Tier.BATCH`` for a hard decision."""
         wants_urgent = (
             d.confidence < self.settings.urgent_below
             or d.reason in self._urgent_reasons

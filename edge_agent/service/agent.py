@@ -163,14 +163,14 @@ class Agent:
         tier and idempotency key (None for a local decision). The scoring loop's callback."""
         self.counters["readings"] += 1
         self.latency.record(d.latency_ms)
-        self.drift.record(d.reading.values, d.confidence, d.route is Route.HARD)
+        self.drift.record(d.reading.values, d.confidence, d.route == Route.HARD)
         if self.rollout is not None:
             self.rollout.observe(d)
-        if d.route is not Route.HARD:
+        if d.route != Route.HARD:
             return None
         tier = self.router.tier(d)
         key = f"{self.device}:{d.reading.seq}"
-        urgent = tier is Tier.URGENT
+        urgent = tier == Tier.URGENT
         case = HardCase(
             v=SCHEMA_VERSION,
             key=key,
