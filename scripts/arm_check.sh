@@ -299,7 +299,7 @@ model_args=()
 [[ -f $DATA ]] || die "no test data at $DATA (produced by scripts/train_sensor_model.py)"
 pack_ref=$(native -c '
 import sys
-from edge_agent.modelpack import resolve
+from edge_agent.models.pack import resolve
 print(resolve(sys.argv[1]).ref)' "$MODEL") || die "no model pack to score with (${MODEL:-the default pack})"
 
 # (b) the unit tests.
@@ -363,7 +363,7 @@ llm_check() {
     version=$(native -c 'import importlib.metadata as m; print(m.version("llama-cpp-python"))' \
         2>/dev/null) || die "--llm needs llama-cpp-python in the native venv: scripts/setup --llm"
     pack=${ARM_LLM_MODEL:-$(native -c '
-from edge_agent.modelpack import discover
+from edge_agent.models.pack import discover
 print(next((p.manifest.name for p in discover() if p.manifest.backend == "llama_cpp"), ""))')}
     [[ -n $pack ]] || die "--llm: no llama_cpp model pack found (set ARM_LLM_MODEL)"
     native -m edge_agent models verify "$pack" >"$WORK/llm-verify.log" 2>&1 ||

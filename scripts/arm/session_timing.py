@@ -22,7 +22,7 @@ import time
 import numpy as np
 import onnxruntime as ort
 
-from edge_agent.modelpack import resolve
+from edge_agent.models.pack import resolve
 
 
 def _session(model_path: str) -> ort.InferenceSession:
