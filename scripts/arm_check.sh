@@ -372,7 +372,9 @@ print(next((p.manifest.name for p in discover() if p.manifest.backend == "llama_
     # The cross-compiled wheel, cached per version and toolchain (the slow part) ...
     local cmake_args="-DCMAKE_TOOLCHAIN_FILE=$HERE/aarch64-toolchain.cmake -DGGML_NATIVE=OFF -DGGML_OPENMP=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF"
     local build_key
-    build_key=$(cat "$HERE/aarch64-toolchain.cmake" <(echo "$cmake_args") | sha256sum | cut -c1-12)
+    # Keyed on the toolchain file's content and the options, not on where the checkout is (CI
+    # runs in a fresh clone elsewhere and finds the cached wheel all the same).
+    build_key=$(cat "$HERE/aarch64-toolchain.cmake" <(echo "${cmake_args//$HERE/}") | sha256sum | cut -c1-12)
     local wheel_dir=$CACHE/llm-wheel/$version-$build_key wheel
     wheel=$(find "$wheel_dir" -name 'llama_cpp_python-*.whl' -print -quit 2>/dev/null || true)
     if [[ -n $wheel ]]; then
