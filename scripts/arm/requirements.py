@@ -18,10 +18,9 @@ from __future__ import annotations
 
 import re
 import sys
+import tomllib
 from importlib import metadata
 from pathlib import Path
-
-import tomllib
 
 TEST_TOOLS = ("pytest", "hypothesis")
 RUNTIME_TOOLS = ("pip",)
