@@ -77,15 +77,7 @@ def dump(name: str, pack: ModelPack, out: Path, texts_file: Path | None) -> Path
     if spec is None:
         raise SystemExit(f"{pack.path} is not a llama_cpp pack")
     texts = json.loads(texts_file.read_text()) if texts_file else all_texts(pack)
-    runner = LlamaRunner(
-        pack.file(spec.model),
-        spec.prefix,
-        add_bos=spec.add_bos,
-        n_ctx=spec.n_ctx,
-        n_ubatch=spec.n_ubatch,
-        threads=spec.threads,
-        extra_buffers=spec.extra_buffers,
-    )
+    runner = LlamaRunner.for_pack(pack, spec)
     try:
         hidden = np.stack([runner.hidden(t) for t in texts])
     finally:

@@ -193,6 +193,19 @@ class LlamaRunner:
             self.close()
             raise
 
+    @classmethod
+    def for_pack(cls, pack: ModelPack, spec: LlamaSpec) -> LlamaRunner:
+        """The runner a pack's ``[llama]`` table describes."""
+        return cls(
+            pack.file(spec.model),
+            spec.prefix,
+            add_bos=spec.add_bos,
+            n_ctx=spec.n_ctx,
+            n_ubatch=spec.n_ubatch,
+            threads=spec.threads,
+            extra_buffers=spec.extra_buffers,
+        )
+
     def _setup(
         self, prefix: str, *, add_bos: bool, n_ctx: int, n_ubatch: int, threads: int, path: Path
     ) -> None:
@@ -379,15 +392,7 @@ class LlamaCppBackend:
         temperature = m.calibration.temperature if m.calibration is not None else 1.0
         if not temperature > 0:
             raise ModelLoadError(f"{pack.path}: calibration.temperature must be positive")
-        runner = LlamaRunner(
-            pack.file(spec.model),
-            spec.prefix,
-            add_bos=spec.add_bos,
-            n_ctx=spec.n_ctx,
-            n_ubatch=spec.n_ubatch,
-            threads=spec.threads,
-            extra_buffers=spec.extra_buffers,
-        )
+        runner = LlamaRunner.for_pack(pack, spec)
         if head.shape[0] != runner.n_embd + 1:
             runner.close()
             raise ModelLoadError(
