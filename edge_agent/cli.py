@@ -173,7 +173,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_cloud(args: argparse.Namespace) -> int:
     from edge_agent.cloud.service import main_cloud  # noqa: PLC0415 - the device never needs the cloud worker
 
-    return main_cloud(_settings(args))
+    settings = _settings(args)
+    if args.ledger_summary is not None:
+        from edge_agent.cloud.ledger_store import summary_of  # noqa: PLC0415
+
+        path = args.ledger_summary or settings.cloud.ledger_path
+        if not path:
+            raise ConfigError("--ledger-summary: give a path or set cloud.ledger_path")
+        sys.stdout.write(json.dumps(summary_of(path), indent=1, sort_keys=True) + "\n")
+        return EXIT_OK
+    return main_cloud(settings)
 
 
 def cmd_models_list(args: argparse.Namespace) -> int:
@@ -303,6 +312,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_operator_tools(sub)
     cloud = sub.add_parser("cloud", help="the cloud fallback worker (urgent + batch tiers)")
     cloud.set_defaults(func=cmd_cloud)
+    cloud.add_argument(
+        "--ledger-summary",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="PATH",
+        help="print the cost ledger (PATH, default cloud.ledger_path) as JSON and exit",
+    )
 
     msub = _add_models_commands(sub)
     # `--config` is accepted before or after the subcommand (`edge-agent run --config F`).
