@@ -23,6 +23,9 @@ def cmd_fleet_sim(args: argparse.Namespace) -> int:
         duration_s=args.duration,
         case_rate=args.case_rate,
         seed=args.seed,
+        batch_share=args.batch_share,
+        resend_s=args.resend,
+        drain_s=args.drain,
         windows=fleetrun.load_windows(Path(args.data)),
     )
     faults = fleetrun.Faults(args.kill_worker_at, args.restart_broker_at)
@@ -64,6 +67,9 @@ def add_commands(
     fsim.add_argument("--case-rate", type=float, default=0.1, help="hard cases/s per device")
     fsim.add_argument("--kill-worker-at", type=float, default=None, metavar="S")
     fsim.add_argument("--restart-broker-at", type=float, default=None, metavar="S")
+    fsim.add_argument("--batch-share", type=float, default=0.5, help="cases sent in batches")
+    fsim.add_argument("--resend", type=float, default=15.0, help="s before a case is re-sent")
+    fsim.add_argument("--drain", type=float, default=30.0, help="s to wait for late verdicts")
     fsim.add_argument("--seed", type=int, default=1)
     fsim.add_argument("--data", default=str(BUNDLED_TEST_DATA), help="JSON lines of real windows")
     fsim.add_argument("--json", default="", help="also write the report to this file")
