@@ -28,7 +28,7 @@ def cmd_fleet_sim(args: argparse.Namespace) -> int:
         drain_s=args.drain,
         windows=fleetrun.load_windows(Path(args.data)),
     )
-    faults = fleetrun.Faults(args.kill_worker_at, args.restart_broker_at)
+    faults = fleetrun.Faults(args.kill_worker_at, args.restart_broker_at, args.broker_down)
     report = fleetrun.run_fleet(opts, args.workers, faults, progress=not args.quiet)
     text = json.dumps(report, indent=1)
     sys.stdout.write(text + "\n")
@@ -67,6 +67,7 @@ def add_commands(
     fsim.add_argument("--case-rate", type=float, default=0.1, help="hard cases/s per device")
     fsim.add_argument("--kill-worker-at", type=float, default=None, metavar="S")
     fsim.add_argument("--restart-broker-at", type=float, default=None, metavar="S")
+    fsim.add_argument("--broker-down", type=float, default=0.0, help="s the broker stays down")
     fsim.add_argument("--batch-share", type=float, default=0.5, help="cases sent in batches")
     fsim.add_argument("--resend", type=float, default=15.0, help="s before a case is re-sent")
     fsim.add_argument("--drain", type=float, default=30.0, help="s to wait for late verdicts")
