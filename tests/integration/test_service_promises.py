@@ -11,10 +11,10 @@ real command (a subprocess) or the real agent against a real mosquitto:
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
-import signal
 import socket
 import sqlite3
 import struct
@@ -24,6 +24,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import paho.mqtt.client as mqtt
 import pytest
@@ -158,9 +159,7 @@ def stalling_agent(
     def start(watchdog_s: float) -> tuple[subprocess.Popen[bytes], NotifySocket, dict[str, str]]:
         notify = NotifySocket(tmp_path / "notify.sock")
         env = agent_env(broker.port, topic_prefix, tmp_path)
-        env.update(
-            {"NOTIFY_SOCKET": str(notify.path), "WATCHDOG_USEC": str(int(watchdog_s * 1e6))}
-        )
+        env.update({"NOTIFY_SOCKET": str(notify.path), "WATCHDOG_USEC": str(int(watchdog_s * 1e6))})
         proc = subprocess.Popen(
             [sys.executable, "-m", "tests.stall", "run"],
             cwd=ROOT,
@@ -200,7 +199,7 @@ def test_a_hung_scoring_loop_stops_the_watchdog_pings_so_watchdogsec_fires(
     send_udp(env, [json.dumps({"values": [[1, 0.95, 0, 0], [0, 0, 0, 0]]}).encode()])
     assert notify.wait(lambda: len(notify.pings()) >= 5, 3 * watchdog_s)
     healthy = notify.pings()
-    gaps = [b - a for (a, _), (b, _) in zip(healthy, healthy[1:], strict=False)]
+    gaps = [b - a for (a, _), (b, _) in itertools.pairwise(healthy)]
     # systemd kills a service whose pings are further apart than WatchdogSec: a healthy agent
     # pings every half of it (the margin is the other half).
     assert max(gaps) < watchdog_s, gaps
@@ -216,7 +215,9 @@ def test_a_hung_scoring_loop_stops_the_watchdog_pings_so_watchdogsec_fires(
     assert last_ping <= stalled_at + watchdog_s / 2, (last_ping - stalled_at, watchdog_s)
     silent_for = time.monotonic() - last_ping
     assert silent_for > watchdog_s, f"silent for {silent_for:.1f} s only"
-    print(f"\nwatchdog {watchdog_s} s: healthy gaps max {max(gaps):.2f} s; silent {silent_for:.1f} s")
+    print(
+        f"\nwatchdog {watchdog_s} s: healthy gaps max {max(gaps):.2f} s; silent {silent_for:.1f} s"
+    )
 
 
 # -- the last will -------------------------------------------------------------------------
@@ -291,14 +292,26 @@ def test_exit_when_drained_exits_3_when_hard_cases_are_left_and_keeps_them(
     run. With a cloud tier that answers, the same input drains and exits 0."""
     lines = tmp_path / "in.jsonl"
     lines.write_text(
-        "".join(json.dumps({"id": i, "values": [[0, 0.3, 0, 0], [0, 0, 0, 0]]}) + "\n" for i in range(5))
+        "".join(
+            json.dumps({"id": i, "values": [[0, 0.3, 0, 0], [0, 0, 0, 0]]}) + "\n" for i in range(5)
+        )
     )
     port = free_port() if far_side == "broker-unreachable" else broker.port
     env = agent_env(port, topic_prefix, tmp_path, source_kind="jsonl", source_path=str(lines))
-    collector = Collector(broker.port, topic_prefix, answer=True) if far_side == "answered" else None
+    collector = (
+        Collector(broker.port, topic_prefix, answer=True) if far_side == "answered" else None
+    )
     try:
         proc = subprocess.run(
-            [sys.executable, "-m", "edge_agent", "run", "--exit-when-drained", "--drain-timeout", "3"],
+            [
+                sys.executable,
+                "-m",
+                "edge_agent",
+                "run",
+                "--exit-when-drained",
+                "--drain-timeout",
+                "3",
+            ],
             env=env,
             capture_output=True,
             text=True,
@@ -363,7 +376,7 @@ def test_refused_publishes_are_retried_every_retry_refused_s_and_counted_in_publ
             while len(refusals) < link.counters["nacked_urgent"]:
                 refusals.append(time.monotonic())
             time.sleep(0.005)
-        gaps = [b - a for a, b in zip(refusals, refusals[1:], strict=False)]
+        gaps = [b - a for a, b in itertools.pairwise(refusals)]
         # Retried: not before retry_refused_s (the behaviour), and not much later either:
         # the generous bound is the pause, the reconnect after mosquitto's disconnect (at
         # most link.reconnect_max_s = 0.5 s here), a link loop turn (0.5 s) and slack for
@@ -372,7 +385,7 @@ def test_refused_publishes_are_retried_every_retry_refused_s_and_counted_in_publ
         assert min(gaps) >= retry_s * 0.98, gaps
         assert max(gaps) <= retry_s + 0.5 + 0.5 + 1.5, gaps
 
-        def published() -> list[dict[str, object]]:
+        def published() -> list[dict[str, Any]]:
             return [
                 json.loads(p)
                 for t, p, _ in list(telemetry.messages)
@@ -380,9 +393,10 @@ def test_refused_publishes_are_retried_every_retry_refused_s_and_counted_in_publ
             ]
 
         # What an operator's telemetry shows while the ACL refuses the device's hard cases.
-        assert wait_until(
-            lambda: any(m["link"].get("nacked_urgent", 0) >= 3 for m in published()), 5  # type: ignore[union-attr]
-        ), published()[-1:]
+        def refusals_published() -> bool:
+            return any(m["link"].get("nacked_urgent", 0) >= 3 for m in published())
+
+        assert wait_until(refusals_published, 5), published()[-1:]
         assert agent.outbox.depth()["urgent"] == 1
         # The operator fixes the ACL; the broker restarts on the same port.
         write_acl(acl, "topic readwrite #\n")
@@ -396,7 +410,7 @@ def test_refused_publishes_are_retried_every_retry_refused_s_and_counted_in_publ
 
         def settled() -> bool:
             last = published()[-1]["link"] if published() else {}
-            return last.get("published_urgent") == 1 and last.get("nacked_urgent") == nacked  # type: ignore[union-attr]
+            return bool(last.get("published_urgent") == 1 and last.get("nacked_urgent") == nacked)
 
         # The published counters, once delivered: exactly what the link counted.
         assert wait_until(settled, 10), published()[-1:]

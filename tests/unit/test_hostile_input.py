@@ -282,7 +282,7 @@ def urgent_case(seq: int = 1, device: str = "dev-1") -> bytes:
             seq=seq,
             values=[[1.0, 0.5, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]],
             local=LocalDecision("a", 0.4, "low_confidence", "m@1"),
-            tier="urgent",
+            tier=Tier.URGENT,
         )
     )
 
@@ -296,7 +296,7 @@ def deliver(
 ) -> None:
     msg = mqtt.MQTTMessage(topic=topic.encode())
     msg.payload = payload
-    props = Properties(PacketTypes.PUBLISH)
+    props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
     if response_topic is not None:
         props.ResponseTopic = response_topic
         props.CorrelationData = b"c"
@@ -312,7 +312,8 @@ def outcomes(w: CloudWorker) -> Counter[str]:
         {
             k: v
             for k, v in w.counters.items()
-            if k.startswith("rejected_") or k in ("urgent_scored", "batch_cases_scored", "duplicates")
+            if k.startswith("rejected_")
+            or k in ("urgent_scored", "batch_cases_scored", "duplicates")
         }
     )
 
@@ -421,7 +422,7 @@ def verdict(key: str = "dev1:1") -> bytes:
             label="a",
             confidence=0.9,
             model="m@1",
-            tier="urgent",
+            tier=Tier.URGENT,
         )
     )
 

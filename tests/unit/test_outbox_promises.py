@@ -47,9 +47,8 @@ def test_a_state_dir_read_only_at_start_is_an_outbox_error_naming_the_path(
         ob = open_outbox(settings)
         ob.put(U, "d:1", "t", b"kept")
         ob.close()
-    with read_only_dir(state) as how:
-        with pytest.raises(OutboxError) as err:
-            open_outbox(settings)
+    with read_only_dir(state) as how, pytest.raises(OutboxError) as err:
+        open_outbox(settings)
     assert str(state / "outbox.db") in str(err.value), (how, err.value)
     assert "cannot open the outbox" in str(err.value)
     if existing:  # nothing was lost by the failed start
