@@ -214,7 +214,9 @@ def _score_cli(
         [sys.executable, "-m", "edge_agent", "score", "--model", model, "-q", "-"],
         input=stdin,
         capture_output=True,
-        timeout=300,
+        # A guard against a hang, not a speed bound: the generic build scores the 40 windows in
+        # ~1 min on a quiet AMD EPYC, and took over 300 s with four test suites on 2 cores.
+        timeout=1200,
         env={**os.environ, **(env or {})},
         check=False,
     )
