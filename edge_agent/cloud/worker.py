@@ -194,11 +194,11 @@ class CloudWorker:
         if self._owns_scorer and self._scorer is not None and not alive:
             self._scorer.close()
 
-    # -- what the endpoint mode uses (tiers.Host) ---------------------------------------
-
     def prune_ledger(self) -> None:
         """Forget answers older than ``cloud.answers_keep_s`` (no-op without a ledger file)."""
         self.books.prune(self.cloud.answers_keep_s)
+
+    # -- what the endpoint mode uses (tiers.Host) ---------------------------------------
 
     def stop_requested(self) -> bool:
         return self._stop.is_set()
