@@ -62,6 +62,8 @@ def cmd_score(args: argparse.Namespace) -> int:
     scorer = _open_scorer(settings, args.model)
     max_batch = args.batch or settings.model.max_batch
     pipeline = ScorePipeline(scorer, settings.input.max_line_bytes, max_batch)
+    if args.example:
+        args.file = str(BUNDLED_TEST_DATA)
     if args.file == "-":
         fd, close = sys.stdin.fileno(), False
     else:
@@ -319,6 +321,11 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_device_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     score = sub.add_parser("score", help="score JSON lines (file or stdin), one decision per line")
     score.add_argument("file", nargs="?", default="-", help="input file, '-' for stdin")
+    score.add_argument(
+        "--example",
+        action="store_true",
+        help="score the BasicMotions test windows bundled with the package instead of FILE",
+    )
     score.add_argument("--model", help="model pack name or folder (default: the default pack)")
     score.add_argument("--batch", type=int, help="largest internal batch (default model.max_batch)")
     score.add_argument("-q", "--quiet", action="store_true", help="no summary on stderr")
