@@ -117,11 +117,13 @@ apt-config dump Acquire::http Acquire::https Acquire::Check-Valid-Until Acquire:
 
 # --- 1. build --------------------------------------------------------------------------------
 step "build the packages"
-# gzip: lintian reads it (not zstd), and it takes ~30 s per package where xz takes 2-3 min.
-export DEB_COMPRESS=${DEB_COMPRESS:-gzip}
-deb1=$(bash "$REPO/scripts/build_deb.sh" --arch amd64 --revision 1 --out "$WORK/dist")
-deb2=$(bash "$REPO/scripts/build_deb.sh" --arch amd64 --revision 2 --out "$WORK/dist")
-((arm64)) && debarm=$(bash "$REPO/scripts/build_deb.sh" --arch arm64 --revision 1 --out "$WORK/dist")
+# Compression (build_deb.sh's default, xz, takes 2-3 min a package here): gzip for the package
+# lintian reads (it refuses zstd), zstd (2 s) for the others; apt and dpkg read all three.
+deb1=$(DEB_COMPRESS=gzip bash "$REPO/scripts/build_deb.sh" --arch amd64 --revision 1 --out "$WORK/dist")
+deb2=$(DEB_COMPRESS=zstd bash "$REPO/scripts/build_deb.sh" --arch amd64 --revision 2 --out "$WORK/dist")
+if ((arm64)); then
+    debarm=$(DEB_COMPRESS=zstd bash "$REPO/scripts/build_deb.sh" --arch arm64 --revision 1 --out "$WORK/dist")
+fi
 done_step "built $(basename "$deb1") $(basename "$deb2") ${debarm:+$(basename "$debarm")}"
 
 # --- 2. lintian ------------------------------------------------------------------------------
