@@ -253,6 +253,14 @@ def main() -> int:
         check(outbox_rows(root) == rows, f"the outbox holds the same {len(rows)} hard cases")
         pointer_after = (root / STATE / "models" / "current.json").read_bytes()
         check(pointer_after == pointer, "the release pointer (current.json) is unchanged")
+        listed = in_root(root, "edge-agent", "models", "list", "--json", "--config", f"/{CONFIG}")
+        serving = [
+            f"{r['name']}@{r['version']}" for r in json.loads(listed.stdout) if r.get("live")
+        ]
+        check(
+            serving == [f"{PACK}@{RELEASE_VERSION}"],
+            f"`edge-agent models list` shows the pushed release as the one that serves ({serving})",
+        )
         result.update(after_upgrade(root, work, broker))
         result.update(old=old, new=new, outbox_rows=len(rows), ok=True)
     except (CheckFailed, subprocess.TimeoutExpired, OSError, sqlite3.Error, ValueError) as exc:
