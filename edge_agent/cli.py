@@ -65,6 +65,8 @@ def cmd_score(args: argparse.Namespace) -> int:
     scorer = _open_scorer(settings, args.model)
     max_batch = args.batch or settings.model.max_batch
     pipeline = ScorePipeline(scorer, settings.input.max_line_bytes, max_batch)
+    if args.example:
+        args.file = str(BUNDLED_TEST_DATA)
     if args.file == "-":
         fd, close = sys.stdin.fileno(), False
     else:
@@ -189,18 +191,30 @@ def cmd_cloud(args: argparse.Namespace) -> int:
 
 
 def cmd_models_list(args: argparse.Namespace) -> int:
+    from edge_agent.models.store import ModelStore  # noqa: PLC0415 - the device's state
+
     settings = _settings(args)
     packs = discover(settings.model.packs_dir, settings.model.store_dir)
+    store = ModelStore(settings.device.state_dir, settings.model.store_dir)
+    installed = store.installed()
+    live = store.read_pointer().live if installed else None
     if args.json:
-        sys.stdout.write(json.dumps([p.summary() for p in packs], indent=2) + "\n")
+        rows = [p.summary() for p in packs]
+        rows += [{**p.summary(), "installed": True, "live": f == live} for f, p in installed]
+        sys.stdout.write(json.dumps(rows, indent=2) + "\n")
         return EXIT_OK
-    if not packs:
+    if not packs and not installed:
         sys.stdout.write("no model packs found\n")
         return EXIT_OK
     for p in packs:
         m = p.manifest
         mark = "*" if m.default else " "
         sys.stdout.write(f"{mark} {p.ref:<28} {m.backend:<10} {p.path.resolve()}\n")
+    if installed:
+        sys.stdout.write(f"installed releases ({store.packs}; > serves):\n")
+    for folder, p in installed:
+        mark = ">" if folder == live else " "
+        sys.stdout.write(f"{mark} {p.ref:<28} {p.manifest.backend:<10} {p.path.resolve()}\n")
     return EXIT_OK
 
 
@@ -341,6 +355,11 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_device_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     score = sub.add_parser("score", help="score JSON lines (file or stdin), one decision per line")
     score.add_argument("file", nargs="?", default="-", help="input file, '-' for stdin")
+    score.add_argument(
+        "--example",
+        action="store_true",
+        help="score the BasicMotions test windows bundled with the package instead of FILE",
+    )
     score.add_argument("--model", help="model pack name or folder (default: the default pack)")
     score.add_argument("--batch", type=int, help="largest internal batch (default model.max_batch)")
     score.add_argument("-q", "--quiet", action="store_true", help="no summary on stderr")
@@ -420,7 +439,9 @@ def _add_models_commands(
 ) -> argparse._SubParsersAction[argparse.ArgumentParser]:
     models = sub.add_parser("models", help="list and verify model packs")
     msub = models.add_subparsers(dest="models_command", required=True)
-    mlist = msub.add_parser("list", help="installed packs (* marks the default)")
+    mlist = msub.add_parser(
+        "list", help="bundled packs (* marks the default), releases installed here (> serves)"
+    )
     mlist.add_argument("--json", action="store_true", help="machine-readable output")
     mlist.set_defaults(func=cmd_models_list)
     mverify = msub.add_parser("verify", help="check every file's size and sha256")

@@ -18,6 +18,7 @@ there (see fetch.py); ``verify`` checks it like any other file.
 from __future__ import annotations
 
 import os
+from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -28,10 +29,15 @@ from edge_agent.util.files import UnreadableFile, file_sha256, read_toml
 
 MANIFEST = "manifest.toml"
 SUPPORTED_SCHEMA = 1
-#: Where the packs shipped with the source tree live.
-BUNDLED_PACKS_DIR = Path(__file__).resolve().parents[2] / "models"
-#: The held-out BasicMotions windows shipped with the source tree (demo and benchmark input).
-BUNDLED_TEST_DATA = BUNDLED_PACKS_DIR.parent / "data" / "basicmotions" / "test.jsonl"
+#: The package's own data, found through importlib.resources: site-packages/edge_agent/bundled
+#: in an installed wheel, edge_agent/bundled of the checkout in a development install (the
+#: checkout's top-level ``models`` and ``data`` are links into it). Read-only: fetched files go
+#: to the model store, pushed releases to the state folder (store.py).
+BUNDLED_DIR = Path(str(resources.files("edge_agent").joinpath("bundled")))
+#: Where the packs shipped with the package live.
+BUNDLED_PACKS_DIR = BUNDLED_DIR / "packs"
+#: The held-out BasicMotions windows shipped with the package (demo and benchmark input).
+BUNDLED_TEST_DATA = BUNDLED_DIR / "data" / "basicmotions" / "test.jsonl"
 
 _Sha256 = Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{64}$")]
 _RelPath = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")]
@@ -382,7 +388,8 @@ def open_pack(path: str | Path, store_dir: str | Path = "") -> ModelPack:
 
 
 def search_dirs(packs_dir: str = "") -> list[Path]:
-    """The folders searched for packs: the configured one, else the bundled ``models/``."""
+    """The folders searched for packs: the configured one, else the packs bundled with the
+    package (``BUNDLED_PACKS_DIR``)."""
     return [Path(packs_dir)] if packs_dir else [BUNDLED_PACKS_DIR]
 
 

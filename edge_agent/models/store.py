@@ -116,6 +116,26 @@ class ModelStore:
         fsync_dir(self.packs)
         return name, True
 
+    def installed(self) -> list[tuple[str, ModelPack]]:
+        """Every release installed in packs/, by folder name, manifests read (files are not
+        verified: ``live_pack`` does that before one serves). A folder that is not a readable
+        pack is logged and left out; an unreadable store (another user's 0700 state folder)
+        lists nothing, with a warning."""
+        try:
+            folders = sorted(p.name for p in self.packs.iterdir() if p.is_dir())
+        except FileNotFoundError:
+            return []
+        except OSError as exc:
+            log.warning("cannot list the installed releases in %s: %s", self.packs, exc)
+            return []
+        found: list[tuple[str, ModelPack]] = []
+        for folder in folders:
+            try:
+                found.append((folder, open_pack(self.packs / folder, self.store_dir)))
+            except ModelError as exc:
+                log.warning("installed release %s is not a readable pack: %s", folder, exc)
+        return found
+
     def named(self) -> set[str]:
         """The installed packs the pointer names (live and previous)."""
         p = self.read_pointer()
