@@ -359,6 +359,24 @@ def _add_operator_tools(sub: argparse._SubParsersAction[argparse.ArgumentParser]
     demo.add_argument(
         "--data", default=str(BUNDLED_TEST_DATA), help="JSON lines with 'label' fields"
     )
+    demo.add_argument(
+        "--policy",
+        choices=["both", "fixed", "learned"],
+        default="both",
+        help="routing policies to run, side by side (default: both)",
+    )
+    demo.add_argument(
+        "--warmup-loops",
+        type=int,
+        default=30,
+        help="passes over the warm-up windows the learned policy sees first (0: none)",
+    )
+    demo.add_argument(
+        "--warmup-data",
+        default=str(BUNDLED_TEST_DATA.parent / "train.jsonl"),
+        help="windows of the warm-up (default: the bundled train split)",
+    )
+    demo.add_argument("--plot", help="write a risk-coverage plot (SVG) to this file")
     demo.add_argument("--json", action="store_true", help="print the summary as JSON")
     demo.add_argument("--keep", action="store_true", help="keep the temporary state folder")
     demo.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
