@@ -240,7 +240,9 @@ def _run_policy(
         warm = ReplaySource(
             str(args.warmup_data),
             settings.input.max_line_bytes,
-            rate_hz=0,
+            # At the demo's pace: drift monitoring (which resets the estimates when it
+            # flags) sees the warm-up as it would see a device's history.
+            rate_hz=args.rate_hz,
             loops=args.warmup_loops,
             noise=args.noise,
             seed=args.seed + 1,
