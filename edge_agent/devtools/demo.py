@@ -326,22 +326,22 @@ def _cloud_labels(cloud: Scorer, settings: Settings, data: Path, args: Any) -> d
     return out
 
 
-def _summarise(
+def _grade(
     run: _Run,
-    worker: CloudWorker,
-    *,
+    decisions: list[dict[str, Any]],
     truth: dict[str, str],
     cloud_labels: dict[str, str],
-    args: Any,
-) -> dict[str, Any]:
-    agent = run.agent
-    replace_at = agent.settings.router.correction_min_confidence
-    decisions = [r for r in run.rows[run.warmup :] if "label" in r]
-    n = len(decisions)
-    tiers = Counter(str(d.get("tier", "local")) for d in decisions)
-    right = Counter[str]()
+    replace_at: float,
+) -> tuple[Counter[str], int, int, list[tuple[float, bool, str]]]:
+    """Right answers per kind (edge, cloud, hybrid, hybrid_any), readings with a label,
+    hard cases the cloud answered, and (confidence, local answer right, route) per reading.
+
+    The hybrid answer is the cloud's when its verdict disagrees with confidence >=
+    ``replace_at`` (``router.correction_min_confidence``), else the local one;
+    ``hybrid_any`` lets every verdict win."""
+    right: Counter[str] = Counter()
     answered = labelled = 0
-    points: list[tuple[float, bool, str]] = []  # (confidence, local answer right, route)
+    points: list[tuple[float, bool, str]] = []
     for d in decisions:
         label = truth.get(_base_id(d["id"]))
         if not label:
@@ -358,6 +358,24 @@ def _summarise(
         right["hybrid"] += final == label
         right["hybrid_any"] += final_any == label
         points.append((float(d["confidence"]), d["label"] == label, d["route"]))
+    return right, labelled, answered, points
+
+
+def _summarise(
+    run: _Run,
+    worker: CloudWorker,
+    *,
+    truth: dict[str, str],
+    cloud_labels: dict[str, str],
+    args: Any,
+) -> dict[str, Any]:
+    agent = run.agent
+    decisions = [r for r in run.rows[run.warmup :] if "label" in r]
+    n = len(decisions)
+    tiers = Counter(str(d.get("tier", "local")) for d in decisions)
+    right, labelled, answered, points = _grade(
+        run, decisions, truth, cloud_labels, agent.settings.router.correction_min_confidence
+    )
     lat = agent.latency.percentiles()
     rtt = list(agent.reconciler.round_trips_ms)
     pricing = worker.ledger.summary()["pricing"]
