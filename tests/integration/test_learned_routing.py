@@ -24,6 +24,7 @@ from edge_agent.scoring.scorer import Scorer
 from edge_agent.service.agent import Agent
 from edge_agent.wire.messages import Alert, Verdict
 from tests.conftest import TEST_JSONL, settings_env
+from tests.integration.test_rollout import FP32 as FP32_PACK
 from tests.integration.test_rollout import (
     keys,  # noqa: F401 - the fixture, for the promotion test
     make_release,
@@ -33,7 +34,6 @@ from tests.integration.test_rollout import (
     trust,
     wait_until,
 )
-from tests.integration.test_rollout import FP32 as FP32_PACK
 
 pytestmark = pytest.mark.integration
 
@@ -114,7 +114,10 @@ def test_a_dead_sensor_is_an_alert_on_its_own_topic_not_a_paid_cloud_case(
 
 
 def test_a_promotion_resets_the_learned_estimates(
-    broker: Mosquitto, topic_prefix: str, tmp_path: Path, keys: dict[str, Path]  # noqa: F811
+    broker: Mosquitto,
+    topic_prefix: str,
+    tmp_path: Path,
+    keys: dict[str, Path],  # noqa: F811
 ) -> None:
     state = tmp_path / "state"
     trust(state, keys["pub"])

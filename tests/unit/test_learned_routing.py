@@ -152,7 +152,8 @@ def test_unsure_disagreements_are_not_corrections() -> None:
         p.expect(f"u{i}", choice.stratum, "walking")
         p.on_verdict(verdict(f"u{i}", "running", confidence=0.6))  # the cloud guesses
     s = p.snapshot()["strata"][p.stratum(0.97, None)]
-    assert s["disagree"] > 300 and s["corrections"] == 0
+    assert s["disagree"] > 300
+    assert s["corrections"] == 0
     assert s["plan"] == "local"
 
 
