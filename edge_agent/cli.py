@@ -166,6 +166,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.markdown:
         Path(args.markdown).write_text(bench.markdown(results, command.strip()))
     if args.plot:
+        for svg in bench.plot_routing(results, Path(args.plot)):
+            sys.stderr.write(f"risk-coverage plot: {svg}\n")
         bench.plot(results, Path(args.plot))
     return EXIT_OK
 
@@ -393,7 +395,11 @@ def _add_operator_tools(sub: argparse._SubParsersAction[argparse.ArgumentParser]
     )
     bench_p.add_argument("--json", help="write every figure as JSON to this file")
     bench_p.add_argument("--markdown", help="write a Markdown report to this file")
-    bench_p.add_argument("--plot", help="write a PNG of latency per pattern (needs matplotlib)")
+    bench_p.add_argument(
+        "--plot",
+        help="write a PNG of latency per pattern (needs matplotlib) and, next to it,"
+        " risk-coverage SVGs of the routing comparison",
+    )
     # Prices default to the [cloud] section's defaults (docs/config.md).
     bench_p.add_argument("--price-sync", type=float, help="$ per 1K tokens, sync")
     bench_p.add_argument("--price-sync-low", type=float, help="low sync price")

@@ -265,6 +265,9 @@ class LearnedPolicy:
                 "generation": self.generation,
                 "readings": self._now,
                 "strata": strata,
+                # The same as tables of numbers (Prometheus series per stratum).
+                "upper_correction": {n: v["upper_correction"] for n, v in strata.items()},
+                "escalated": {n: int(v["plan"] != "local") for n, v in strata.items()},
                 "counters": dict(self.counters),
                 "by_label": dict(self.by_label),
             }
