@@ -9,6 +9,18 @@ fast each path was, how accurate edge-only, hybrid and cloud-only answers
 were on the same noisy readings, and what a month of it would cost compared
 with sending everything to the cloud.
 
+It does so for both routing policies side by side (``--policy both``, the
+default), each with an agent of its own (device ``demo-fixed``, ``demo-learned``)
+on the very same seeded readings. The learned policy (docs/routing.md) first sees
+a warm-up, made visible in the summary: ``--warmup-loops`` passes over
+``--warmup-data`` (the bundled train split: no test window is learned from) with
+the same noise and the next seed, at the demo's pace; then the demo sends the
+held batch and waits for the warm-up's verdicts before the measured readings
+start. Only the measured readings are in the table. The hybrid answer is the
+cloud's where its verdict corrects the local one (``router.correction_min_confidence``);
+``hybrid_any_verdict`` lets every verdict win. ``--plot FILE.svg`` writes a
+risk-coverage plot (demo_report.py).
+
 Nothing leaves the machine: every process talks over 127.0.0.1 and stops at
 the end; the temporary state is removed unless ``--keep`` is given.
 """
