@@ -339,6 +339,14 @@ def _base_type(tp: Any) -> Any:
     return tp
 
 
+def _list_item_type(tp: Any) -> Any:
+    """The item type of a (possibly ``Annotated``) ``list[...]``; ``str`` when unsure."""
+    while typing.get_origin(tp) is Annotated:
+        tp = typing.get_args(tp)[0]
+    args = typing.get_args(tp)
+    return args[0] if typing.get_origin(tp) is list and args else str
+
+
 def _from_env_string(name: str, raw: str, tp: Any) -> Any:
     base = _base_type(tp)
     if base is bool:
@@ -349,7 +357,11 @@ def _from_env_string(name: str, raw: str, tp: Any) -> Any:
             return False
         raise ConfigError(f"environment variable {name}={raw!r}: not a valid bool")
     if base is list:
-        return [item.strip() for item in raw.split(",") if item.strip()]
+        items = [item.strip() for item in raw.split(",") if item.strip()]
+        inner = _list_item_type(tp)
+        if inner is str:
+            return items
+        return [_from_env_string(name, item, inner) for item in items]
     try:
         if base is int:
             text = raw.strip()

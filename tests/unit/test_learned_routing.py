@@ -8,7 +8,8 @@ import random
 import numpy as np
 import pytest
 
-from edge_agent.config import RouterSettings
+from edge_agent.config import RouterSettings, load_settings
+from edge_agent.errors import ConfigError
 from edge_agent.ingest.readings import Reading
 from edge_agent.routing.bounds import rate_upper
 from edge_agent.routing.learned import LearnedPolicy
@@ -192,3 +193,28 @@ def test_the_learned_router_marks_audits_and_keeps_confident_strata_local() -> N
         p.decide(0.995, None)  # let the plan catch up
     audit = r.plan(decision(0.995, None))
     assert (audit.action, audit.reason, audit.tier) == ("escalate", "audit", Tier.BATCH)
+
+
+def test_the_learned_settings_come_from_the_environment_and_are_checked() -> None:
+    s = load_settings(
+        None,
+        env={
+            "EDGE_AGENT_ROUTER_POLICY": "learned",
+            "EDGE_AGENT_ROUTER_LEARN_BINS": "0.6, 0.9",
+            "EDGE_AGENT_ROUTER_ALPHA": "0.02",
+            "EDGE_AGENT_ROUTER_ALERT_REASONS": "dead_sensor",
+        },
+    )
+    r = s.router
+    assert (r.policy, r.learn_bins, r.alpha, r.alert_reasons) == (
+        "learned", [0.6, 0.9], 0.02, ["dead_sensor"]
+    )  # fmt: skip
+    for key, value in (
+        ("POLICY", "clever"),
+        ("LEARN_BINS", "0.6, 1.5"),
+        ("LEARN_BINS", "0.6, x"),
+        ("DELTA", "0"),
+        ("AUDIT_SHARE", "2"),
+    ):
+        with pytest.raises(ConfigError, match=f"(?i){key}"):
+            load_settings(None, env={f"EDGE_AGENT_ROUTER_{key}": value})
