@@ -359,9 +359,7 @@ def _from_env_string(name: str, raw: str, tp: Any) -> Any:
     if base is list:
         items = [item.strip() for item in raw.split(",") if item.strip()]
         inner = _list_item_type(tp)
-        if inner is str:
-            return items
-        return [_from_env_string(name, item, inner) for item in items]
+        return [item if inner is str else _from_env_string(name, item, inner) for item in items]
     try:
         if base is int:
             text = raw.strip()
