@@ -168,7 +168,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.plot:
         for svg in bench.plot_routing(results, Path(args.plot)):
             sys.stderr.write(f"risk-coverage plot: {svg}\n")
-        bench.plot(results, Path(args.plot))
+        try:
+            bench.plot(results, Path(args.plot))
+        except ImportError:
+            sys.stderr.write(
+                f"bench: {args.plot} not written: the latency plot needs matplotlib"
+                " (pip install matplotlib); the figures are in the table above\n"
+            )
+            return EXIT_FAILURE
     return EXIT_OK
 
 

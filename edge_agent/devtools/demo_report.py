@@ -121,7 +121,8 @@ def write_risk_coverage(path: Path, runs: dict[str, dict[str, Any]], noise: floa
     top = min(1.0, top * 1.15)
 
     def xy(cov: float, risk: float) -> tuple[float, float]:
-        return m + cov * (w - 1.5 * m), h - m - risk / top * (h - 1.7 * m)
+        x, y = m + cov * (w - 1.5 * m), h - m - risk / top * (h - 1.7 * m)
+        return round(x, 1), round(y, 1)
 
     pts = " ".join("{:.1f},{:.1f}".format(*xy(c, r)) for c, r in curve)
     x0, y0 = xy(0, 0)
