@@ -235,10 +235,7 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
             default, opts.data, work, broker.port, 5 if opts.quick else 50
         )
         progress.step("agent process: RSS and CPU")
-        results["routing"] = {}
-        for noise in ROUTING_NOISE:
-            results["routing"][f"noise_{noise:g}"] = routing_comparison(opts, noise)
-            progress.step(f"routing: fixed vs learned at noise {noise:g}")
+        results["routing"] = routing_section(opts, progress)
     finally:
         broker.stop()
     results["cost"] = {name: cost_section(h, opts) for name, h in results["hybrid"].items()}
@@ -251,6 +248,14 @@ def _opts_json(opts: BenchOptions) -> dict[str, Any]:
     d["data"] = str(opts.data)
     d["passes"] = opts.passes
     return d
+
+
+def routing_section(opts: BenchOptions, progress: Progress) -> dict[str, Any]:
+    out = {}
+    for noise in ROUTING_NOISE:
+        out[f"noise_{noise:g}"] = routing_comparison(opts, noise)
+        progress.step(f"routing: fixed vs learned at noise {noise:g}")
+    return out
 
 
 def routing_comparison(opts: BenchOptions, noise: float) -> dict[str, Any]:

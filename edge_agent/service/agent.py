@@ -269,7 +269,8 @@ class Agent:
         self.drift = DriftMonitor(scorer.pack, self.settings.drift)
         self._drift_flag = False
         if self.learned is not None:
-            # What the cloud thought of the old model's answers says nothing of the new one's.
+            # What the cloud thought of the old model's answers says nothing of the new one's
+            # (a promotion; a rollback swaps the model too and resets the same way).
             self.learned.reset("promotion")
         self.link.set_model(scorer.ref)
         log.info("now serving %s", scorer.ref)
