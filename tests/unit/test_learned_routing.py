@@ -218,3 +218,31 @@ def test_the_learned_settings_come_from_the_environment_and_are_checked() -> Non
     ):
         with pytest.raises(ConfigError, match=f"(?i){key}"):
             load_settings(None, env={f"EDGE_AGENT_ROUTER_{key}": value})
+
+
+def test_the_pipeline_counts_the_route_the_router_leaves() -> None:
+    """A hard reading the learned policy answers locally is counted (and printed) as local."""
+    import json  # noqa: PLC0415
+
+    from edge_agent.models.pack import BUNDLED_TEST_DATA, resolve  # noqa: PLC0415
+    from edge_agent.scoring.pipeline import ScorePipeline  # noqa: PLC0415
+    from edge_agent.scoring.scorer import Scorer  # noqa: PLC0415
+
+    scorer = Scorer.open(resolve())
+    lines = []
+    for raw in BUNDLED_TEST_DATA.read_bytes().splitlines()[:5]:
+        w = json.loads(raw)
+        w["values"] = [[v * 1000.0 for v in row] for row in w["values"]]  # far out of range
+        lines.append(json.dumps(w).encode())
+    plain = ScorePipeline(scorer, 1 << 20)
+    plain.process(lines)
+    assert plain.counts["hard"] == 5  # the scorer calls every one hard
+
+    def keep_local(d: Decision) -> None:
+        d.route = Route.LOCAL
+
+    pipe = ScorePipeline(scorer, 1 << 20, on_decision=keep_local)
+    out = pipe.process(lines)
+    scorer.close()
+    assert (pipe.counts["hard"], pipe.counts["local"]) == (0, 5)
+    assert out.count(b'"route":"local"') == 5
