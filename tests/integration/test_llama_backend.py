@@ -214,7 +214,9 @@ def _score_cli(
         [sys.executable, "-m", "edge_agent", "score", "--model", model, "-q", "-"],
         input=stdin,
         capture_output=True,
-        timeout=300,
+        # A guard against a hang, not a speed bound: the generic build (no SIMD kernels) is
+        # slow, and with four test suites on 2 cores (AMD EPYC) it took over 300 s.
+        timeout=1200,
         env={**os.environ, **(env or {})},
         check=False,
     )

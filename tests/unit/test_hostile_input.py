@@ -26,14 +26,25 @@ from hypothesis import strategies as st
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from edge_agent.cloud.intake import decode_batch
 from edge_agent.cloud.worker import CloudWorker
 from edge_agent.config import Settings, load_settings
 from edge_agent.errors import ConfigError, ReadingError
 from edge_agent.ingest.readings import REASONS, ReadingDecoder
 from edge_agent.models.pack import open_pack
 from edge_agent.routing.router import Reconciler
+from edge_agent.scoring.pipeline import ScorePipeline
 from edge_agent.scoring.scorer import Scorer
-from edge_agent.wire.messages import SCHEMA_VERSION, HardCase, LocalDecision, Verdict, encoder
+from edge_agent.wire.messages import (
+    SCHEMA_VERSION,
+    HardCase,
+    LocalDecision,
+    Tier,
+    Topics,
+    Verdict,
+    decode_verdicts,
+    encoder,
+)
 from tests.conftest import make_fake_pack
 
 SHAPE = (2, 4)  # the fake pack's input shape
@@ -113,7 +124,7 @@ def decoder() -> ReadingDecoder:
 VALID_LINE = dumps({"id": "r1", "values": [[1.0, 0.5, 0, 0], [0, 0, 0, 0]]})
 
 
-def check_reading(decoder: ReadingDecoder, line: bytes, seen: Counter[str]) -> None:
+def check_reading(decoder: ReadingDecoder, line: bytes) -> None:
     error: ReadingError | None = None
     try:
         reading = decoder.decode(line)
@@ -122,28 +133,23 @@ def check_reading(decoder: ReadingDecoder, line: bytes, seen: Counter[str]) -> N
     if error is not None:
         assert error.code in REASONS, error.code
         assert error.message
-        seen[error.code] += 1
         decoder.reject_id(line)  # echoing the id of a rejected line never raises either
         return
-    seen["ok"] += 1
     assert reading.values.shape == SHAPE
     assert reading.values.dtype == np.float32
     assert np.isfinite(reading.values).all()
 
 
-READING_CODES: Counter[str] = Counter()
-
-
 @FAST
 @given(line=st.binary(max_size=2000))
 def test_reading_decoder_on_arbitrary_bytes(decoder: ReadingDecoder, line: bytes) -> None:
-    check_reading(decoder, line, READING_CODES)
+    check_reading(decoder, line)
 
 
 @FAST
 @given(obj=json_values)
 def test_reading_decoder_on_any_json(decoder: ReadingDecoder, obj: Any) -> None:
-    check_reading(decoder, dumps(obj), READING_CODES)
+    check_reading(decoder, dumps(obj))
 
 
 @FAST
@@ -151,13 +157,13 @@ def test_reading_decoder_on_any_json(decoder: ReadingDecoder, obj: Any) -> None:
 def test_reading_decoder_on_nearly_right_readings(
     decoder: ReadingDecoder, values: Any, rid: Any, extra: dict[str, Any]
 ) -> None:
-    check_reading(decoder, dumps({**extra, "id": rid, "values": values}), READING_CODES)
+    check_reading(decoder, dumps({**extra, "id": rid, "values": values}))
 
 
 @FAST
 @given(line=hostile_bytes(VALID_LINE))
 def test_reading_decoder_on_damaged_readings(decoder: ReadingDecoder, line: bytes) -> None:
-    check_reading(decoder, line, READING_CODES)
+    check_reading(decoder, line)
 
 
 def test_reading_decoder_fixed_hostile_cases(decoder: ReadingDecoder) -> None:
@@ -186,6 +192,49 @@ def test_reading_decoder_fixed_hostile_cases(decoder: ReadingDecoder) -> None:
     assert r.values[0, 0] == 2
 
 
+#: One line per rejection code of ``readings.REASONS`` (the fake pack's shape is 2x4).
+REJECTION_EXAMPLES: dict[str, bytes] = {
+    "too_large": b"x" * (MAX_LINE + 1),
+    "invalid_utf8": b'{"values": [[1, 1, 2, 3], [0, 0, 0, "\xff"]]}',
+    "malformed_json": b'{"values": [[1, 1, 2, 3], [0, 0, 0, 0]]',
+    "too_deep": b'{"values": [[1, 1, 2, 3], [0, 0, 0, 0]], "id": '
+    + b"[" * 20_000
+    + b"]" * 20_000
+    + b"}",
+    "not_an_object": b"[1, 2]",
+    "missing_values": b'{"id": 1}',
+    "wrong_type": b'{"values": [[1, 1, 2, "a"], [0, 0, 0, 0]]}',
+    "wrong_shape": b'{"values": [[1, 1, 2], [0, 0, 0]]}',
+    "non_finite": b'{"values": [[NaN, 1, 2, 3], [0, 0, 0, 0]]}',
+}
+
+
+def test_every_rejection_code_has_an_example() -> None:
+    assert set(REJECTION_EXAMPLES) == set(REASONS)
+
+
+@pytest.mark.parametrize("code", sorted(REASONS))
+def test_reading_rejection_code_is_given_and_counted_exactly_once(
+    code: str, fake_scorer: Scorer
+) -> None:
+    """Each code of ``readings.REASONS`` is reached by its example, on a fresh decoder and a
+    fresh scoring pipeline: the line gets its error line and one count, nothing else."""
+    line = REJECTION_EXAMPLES[code]
+    with pytest.raises(ReadingError) as err:
+        ReadingDecoder(SHAPE, max_line_bytes=MAX_LINE).decode(line)
+    assert err.value.code == code
+    pipeline = ScorePipeline(fake_scorer, MAX_LINE)
+    out = pipeline.process([line, VALID_LINE])
+    first, second = out.splitlines()
+    assert json.loads(first)["error"]["code"] == code
+    assert json.loads(second)["label"] == "b"  # the next line is scored as usual
+    assert pipeline.rejects == Counter({code: 1})
+    assert (pipeline.counts["rejected"], pipeline.counts["local"] + pipeline.counts["hard"]) == (
+        1,
+        1,
+    )
+
+
 # -- the cloud worker --------------------------------------------------------------------
 
 
@@ -207,15 +256,21 @@ class _Client:
 
 
 @pytest.fixture(scope="module")
-def worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[CloudWorker, _Client]]:
-    pack = make_fake_pack(tmp_path_factory.mktemp("pack") / "fake-pack")
-    env = {"EDGE_AGENT_MQTT_TOPIC_PREFIX": "edge", "EDGE_AGENT_CLOUD_MAX_PAYLOAD_BYTES": "65536"}
-    scorer = Scorer.open(open_pack(pack))
-    w = CloudWorker(load_settings(None, env=env), scorer=scorer)
+def fake_scorer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scorer]:
+    scorer = Scorer.open(open_pack(make_fake_pack(tmp_path_factory.mktemp("pack") / "fake-pack")))
+    yield scorer
+    scorer.close()
+
+
+WORKER_ENV = {"EDGE_AGENT_MQTT_TOPIC_PREFIX": "edge", "EDGE_AGENT_CLOUD_MAX_PAYLOAD_BYTES": "65536"}
+
+
+def fresh_worker(scorer: Scorer) -> tuple[CloudWorker, _Client]:
+    """A worker of its own for one example (counters from zero, empty dedupe memory)."""
+    w = CloudWorker(load_settings(None, env=WORKER_ENV), scorer=scorer)
     # What start() sets up, without a network thread: messages are handed in directly.
     w._readings = ReadingDecoder(scorer.shape)
-    yield w, _Client()
-    scorer.close()
+    return w, _Client()
 
 
 def urgent_case(seq: int = 1, device: str = "dev-1") -> bytes:
@@ -227,7 +282,7 @@ def urgent_case(seq: int = 1, device: str = "dev-1") -> bytes:
             seq=seq,
             values=[[1.0, 0.5, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]],
             local=LocalDecision("a", 0.4, "low_confidence", "m@1"),
-            tier="urgent",
+            tier=Tier.URGENT,
         )
     )
 
@@ -241,16 +296,49 @@ def deliver(
 ) -> None:
     msg = mqtt.MQTTMessage(topic=topic.encode())
     msg.payload = payload
-    props = Properties(PacketTypes.PUBLISH)
+    props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
     if response_topic is not None:
         props.ResponseTopic = response_topic
         props.CorrelationData = b"c"
     msg.properties = props
-    before = sum(w.counters.values())
     w._on_message(client, None, msg)  # type: ignore[arg-type]
     assert w.counters["errors"] == 0, "a message reached the worker's last line of defence"
-    # Every message is accounted for: answered, refused or a duplicate.
-    assert sum(w.counters.values()) > before
+
+
+def outcomes(w: CloudWorker) -> Counter[str]:
+    """What became of the cases a worker was handed: refused (by reason), scored, or
+    answered from memory."""
+    return Counter(
+        {
+            k: v
+            for k, v in w.counters.items()
+            if k.startswith("rejected_")
+            or k in ("urgent_scored", "batch_cases_scored", "duplicates")
+        }
+    )
+
+
+def deliver_once(
+    scorer: Scorer, topic: str, payload: bytes, response_topic: Any = None
+) -> CloudWorker:
+    """One message to a fresh worker, accounted for exactly: a hard case (or anything on
+    another topic) is refused once or scored once; a batch is refused whole once, or each
+    of its cases is refused, scored or answered from memory once."""
+    w, client = fresh_worker(scorer)
+    deliver(w, client, topic, payload, response_topic)
+    got = outcomes(w)
+    if w.counters["batches"]:
+        # How many cases the worker took the batch to hold (invalid UTF-8 inside one case
+        # refuses that case only, so a strict JSON parser is no judge of that number).
+        cases = decode_batch(payload, Topics.device_of(topic)).cases
+        assert sum(got.values()) == len(cases), (dict(w.counters), len(cases))
+        return w
+    assert sum(got.values()) == 1, dict(w.counters)
+    if got["urgent_scored"]:
+        assert w.counters["verdicts_sent"] == len(client.published) == 1
+    else:
+        assert client.published == []  # a refused case is never answered
+    return w
 
 
 CLOUD_TOPICS = st.sampled_from(
@@ -260,18 +348,14 @@ CLOUD_TOPICS = st.sampled_from(
 
 @FAST
 @given(topic=CLOUD_TOPICS, payload=st.binary(max_size=2000))
-def test_cloud_worker_on_arbitrary_bytes(
-    worker: tuple[CloudWorker, _Client], topic: str, payload: bytes
-) -> None:
-    deliver(*worker, topic, payload)
+def test_cloud_worker_on_arbitrary_bytes(fake_scorer: Scorer, topic: str, payload: bytes) -> None:
+    deliver_once(fake_scorer, topic, payload)
 
 
 @FAST
 @given(topic=CLOUD_TOPICS, obj=json_values)
-def test_cloud_worker_on_any_json(
-    worker: tuple[CloudWorker, _Client], topic: str, obj: Any
-) -> None:
-    deliver(*worker, topic, dumps(obj))
+def test_cloud_worker_on_any_json(fake_scorer: Scorer, topic: str, obj: Any) -> None:
+    deliver_once(fake_scorer, topic, dumps(obj))
 
 
 @FAST
@@ -282,15 +366,15 @@ def test_cloud_worker_on_any_json(
     as_batch=st.booleans(),
 )
 def test_cloud_worker_on_cases_with_one_wrong_field(
-    worker: tuple[CloudWorker, _Client], seq: int, field: str, value: Any, as_batch: bool
+    fake_scorer: Scorer, seq: int, field: str, value: Any, as_batch: bool
 ) -> None:
     case = json.loads(urgent_case(seq))
     case[field] = value
     body = dumps(case)
     if as_batch:
-        deliver(*worker, "edge/dev-1/batch", batch_of([urgent_case(seq + 1), body]))
+        deliver_once(fake_scorer, "edge/dev-1/batch", batch_of([urgent_case(seq + 1), body]))
     else:
-        deliver(*worker, "edge/dev-1/hard", body, response_topic="edge/dev-1/verdict")
+        deliver_once(fake_scorer, "edge/dev-1/hard", body, response_topic="edge/dev-1/verdict")
 
 
 @FAST
@@ -303,30 +387,26 @@ def test_cloud_worker_on_cases_with_one_wrong_field(
     ),
 )
 def test_cloud_worker_on_damaged_cases(
-    worker: tuple[CloudWorker, _Client], payload: bytes, response_topic: str | None
+    fake_scorer: Scorer, payload: bytes, response_topic: str | None
 ) -> None:
-    deliver(*worker, "edge/dev-1/hard", payload, response_topic=response_topic)
+    deliver_once(fake_scorer, "edge/dev-1/hard", payload, response_topic=response_topic)
 
 
 @FAST
 @given(payload=hostile_bytes(batch_of([urgent_case(1), urgent_case(2)])))
-def test_cloud_worker_on_damaged_batches(
-    worker: tuple[CloudWorker, _Client], payload: bytes
-) -> None:
-    deliver(*worker, "edge/dev-1/batch", payload)
+def test_cloud_worker_on_damaged_batches(fake_scorer: Scorer, payload: bytes) -> None:
+    deliver_once(fake_scorer, "edge/dev-1/batch", payload)
 
 
-def test_cloud_worker_only_answers_on_the_senders_own_verdict_topic(
-    worker: tuple[CloudWorker, _Client],
-) -> None:
-    w, client = worker
-    client.published.clear()
+def test_cloud_worker_only_answers_on_the_senders_own_verdict_topic(fake_scorer: Scorer) -> None:
+    w, client = fresh_worker(fake_scorer)
     deliver(w, client, "edge/dev-1/hard", urgent_case(99), response_topic="edge/dev-2/verdict")
     deliver(w, client, "edge/dev-1/hard", urgent_case(98, "dev-2"))
     deliver(w, client, "edge/dev-1/hard", urgent_case(97), response_topic="edge/dev-1/verdict/x")
     assert [t for t, _ in client.published] == ["edge/dev-1/verdict/x"]
-    assert w.counters["rejected_response_topic"] >= 1
-    assert w.counters["rejected_device_mismatch"] >= 1
+    assert outcomes(w) == Counter(
+        {"rejected_response_topic": 1, "rejected_device_mismatch": 1, "urgent_scored": 1}
+    )
 
 
 # -- verdicts reaching the device --------------------------------------------------------
@@ -342,22 +422,61 @@ def verdict(key: str = "dev1:1") -> bytes:
             label="a",
             confidence=0.9,
             model="m@1",
-            tier="urgent",
+            tier=Tier.URGENT,
         )
     )
 
 
-@pytest.fixture(scope="module")
-def reconciler() -> Reconciler:
-    return Reconciler(Settings().router)
+def fresh_reconciler(expecting: str | None = None) -> Reconciler:
+    """A reconciler of its own (counters from zero), awaiting one urgent case if asked."""
+    r = Reconciler(Settings().router)
+    if expecting is not None:
+        r.expect(expecting, "a", Tier.URGENT)
+    return r
+
+
+MALFORMED_VERDICTS = [
+    b"",
+    b"{",
+    b"null",
+    b"[]",
+    b"\xff\xfe",
+    b'{"v":1}',
+    verdict()[:-1],
+    verdict().replace(b'"confidence":0.9', b'"confidence":NaN'),
+    verdict().replace(b'"confidence":0.9', b'"confidence":"high"'),
+    b'{"v":1,"device":"dev1","verdicts":[{"key":1}]}',
+]
+
+
+@pytest.mark.parametrize("payload", MALFORMED_VERDICTS)
+def test_reconciler_counts_each_malformed_verdict_once_and_keeps_waiting(payload: bytes) -> None:
+    r = fresh_reconciler(expecting="dev1:1")
+    r.on_verdict(payload)
+    assert r.counters == Counter({"verdicts_malformed": 1})
+    assert r.waiting_urgent() == 1  # the case still awaits its verdict
+
+
+def test_reconciler_takes_a_well_formed_verdict() -> None:
+    """The counterpart of the malformed ones: the same reconciler takes a good verdict."""
+    r = fresh_reconciler(expecting="dev1:1")
+    r.on_verdict(verdict())
+    assert r.counters == Counter({"verdicts_urgent": 1, "verdicts_on_time": 1, "agree": 1})
+    assert r.waiting_urgent() == 0
 
 
 @FAST
 @given(payload=st.one_of(st.binary(max_size=2000), json_values.map(dumps)))
-def test_reconciler_on_arbitrary_payloads(reconciler: Reconciler, payload: bytes) -> None:
-    before = sum(reconciler.counters.values())
-    reconciler.on_verdict(payload)
-    assert sum(reconciler.counters.values()) == before + 1 or b"verdicts" in payload
+def test_reconciler_on_arbitrary_payloads(payload: bytes) -> None:
+    """Nothing is expected, so a payload is either malformed (counted once) or verdicts
+    for unknown cases (each counted once)."""
+    r = fresh_reconciler()
+    r.on_verdict(payload)
+    c = r.counters
+    if c["verdicts_malformed"]:
+        assert c == Counter({"verdicts_malformed": 1}), dict(c)
+    else:
+        assert c == Counter({"verdicts_unknown": len(decode_verdicts(payload))}), dict(c)
 
 
 @FAST
@@ -367,9 +486,16 @@ def test_reconciler_on_arbitrary_payloads(reconciler: Reconciler, payload: bytes
         hostile_bytes(b'{"v":1,"device":"dev1","verdicts":[%s]}' % verdict()),
     )
 )
-def test_reconciler_on_damaged_verdicts(reconciler: Reconciler, payload: bytes) -> None:
-    reconciler.expect("dev1:1", "a", "urgent")
-    reconciler.on_verdict(payload)  # never raises
+def test_reconciler_on_damaged_verdicts(payload: bytes) -> None:
+    r = fresh_reconciler(expecting="dev1:1")
+    r.on_verdict(payload)  # never raises
+    c = r.counters
+    if c["verdicts_malformed"]:
+        assert c == Counter({"verdicts_malformed": 1}), dict(c)
+        assert r.waiting_urgent() == 1
+    else:  # decoded: each verdict in it was taken once (ours, another case's, "no verdict")
+        taken = c["verdicts_urgent"] + c["verdicts_unknown"] + c["no_verdict"]
+        assert taken == len(decode_verdicts(payload)), dict(c)
 
 
 # -- config files ------------------------------------------------------------------------
@@ -415,9 +541,6 @@ def toml_documents(draw: st.DrawFn) -> bytes:
     return text
 
 
-CONFIG_OUTCOMES: Counter[str] = Counter()
-
-
 @FAST
 @given(doc=toml_documents())
 def test_load_settings_on_arbitrary_toml(
@@ -432,9 +555,7 @@ def test_load_settings_on_arbitrary_toml(
         error = exc
     if error is not None:
         assert str(path) in str(error)
-        CONFIG_OUTCOMES["ConfigError"] += 1
         return
-    CONFIG_OUTCOMES["ok"] += 1
     for section in SECTIONS:  # every float a setting holds is finite
         for value in msgspec_fields(getattr(s, section)):
             assert not isinstance(value, float) or math.isfinite(value)
@@ -465,13 +586,3 @@ def test_load_settings_fixed_hostile_cases(tmp_path: Path, doc: bytes) -> None:
 def test_non_finite_environment_values_are_refused() -> None:
     with pytest.raises(ConfigError, match="EDGE_AGENT_"):
         load_settings(None, env={"EDGE_AGENT_LINK_RECONNECT_MAX_S": "inf"})
-
-
-def test_every_rejection_code_was_reached() -> None:
-    """Runs last in this module: the properties above did exercise each reason."""
-    if not READING_CODES:
-        pytest.skip("run together with the property tests above")
-    print(f"\nreading outcomes: {dict(READING_CODES)}; config outcomes: {dict(CONFIG_OUTCOMES)}")
-    assert {"malformed_json", "not_an_object", "wrong_type", "wrong_shape", "non_finite"} <= set(
-        READING_CODES
-    )
