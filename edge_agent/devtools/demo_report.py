@@ -34,8 +34,8 @@ def _pct(x: float | None, digits: int = 1) -> str:
     return f"{100 * x:.{digits}f}%" if x is not None else "-"
 
 
-def _row(name: str, cells: list[str], width: int = 24) -> str:
-    return f"  {name:<22}" + "".join(f"{c:<{width}}" for c in cells)
+def _row(name: str, cells: list[str], width: int = 30) -> str:
+    return f"  {name:<24}" + "".join(f"{c:<{width}}" for c in cells).rstrip()
 
 
 def render(summary: dict[str, Any]) -> str:
