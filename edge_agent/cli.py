@@ -171,7 +171,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.markdown:
         Path(args.markdown).write_text(bench.markdown(results, command.strip()))
     if args.plot:
-        bench.plot(results, Path(args.plot))
+        for svg in bench.plot_routing(results, Path(args.plot)):
+            sys.stderr.write(f"risk-coverage plot: {svg}\n")
+        try:
+            bench.plot(results, Path(args.plot))
+        except ImportError:
+            sys.stderr.write(
+                f"bench: {args.plot} not written: the latency plot needs matplotlib"
+                " (pip install matplotlib); the figures are in the table above\n"
+            )
+            return EXIT_FAILURE
     return EXIT_OK
 
 
@@ -400,6 +409,24 @@ def _add_operator_tools(sub: argparse._SubParsersAction[argparse.ArgumentParser]
     demo.add_argument(
         "--data", default=str(BUNDLED_TEST_DATA), help="JSON lines with 'label' fields"
     )
+    demo.add_argument(
+        "--policy",
+        choices=["both", "fixed", "learned"],
+        default="both",
+        help="routing policies to run, side by side (default: both)",
+    )
+    demo.add_argument(
+        "--warmup-loops",
+        type=int,
+        default=30,
+        help="passes over the warm-up windows the learned policy sees first (0: none)",
+    )
+    demo.add_argument(
+        "--warmup-data",
+        default=str(BUNDLED_TEST_DATA.parent / "train.jsonl"),
+        help="windows of the warm-up (default: the bundled train split)",
+    )
+    demo.add_argument("--plot", help="write a risk-coverage plot (SVG) to this file")
     demo.add_argument("--json", action="store_true", help="print the summary as JSON")
     demo.add_argument("--keep", action="store_true", help="keep the temporary state folder")
     demo.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
@@ -416,7 +443,11 @@ def _add_operator_tools(sub: argparse._SubParsersAction[argparse.ArgumentParser]
     )
     bench_p.add_argument("--json", help="write every figure as JSON to this file")
     bench_p.add_argument("--markdown", help="write a Markdown report to this file")
-    bench_p.add_argument("--plot", help="write a PNG of latency per pattern (needs matplotlib)")
+    bench_p.add_argument(
+        "--plot",
+        help="write a PNG of latency per pattern (needs matplotlib) and, next to it,"
+        " risk-coverage SVGs of the routing comparison",
+    )
     # Prices default to the [cloud] section's defaults (docs/config.md).
     bench_p.add_argument("--price-sync", type=float, help="$ per 1K tokens, sync")
     bench_p.add_argument("--price-sync-low", type=float, help="low sync price")

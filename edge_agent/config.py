@@ -140,6 +140,36 @@ class RouterSettings(_Section, frozen=True):
     max_urgent_per_minute: Annotated[int, msgspec.Meta(ge=0)] = 60
     deadline_ms: Annotated[float, msgspec.Meta(gt=0)] = 2000.0
     max_pending: PositiveInt = 10_000
+    #: Readings whose scorer reason is one of these cannot be fixed by asking the cloud
+    #: (the sensor is broken): they are reported as alerts instead of escalated ...
+    alert_reasons: list[str] = msgspec.field(default_factory=lambda: ["dead_sensor", "saturated"])
+    #: ... unless this is true (then they are escalated as well).
+    alert_escalate: bool = False
+    #: ``fixed``: escalate what the scorer calls hard; ``learned``: escalate by the cloud's
+    #: verdicts so far (see docs/routing.md).
+    policy: Literal["fixed", "learned"] = "fixed"
+    #: learned: what a wrong local answer costs, in the currency of the cloud prices.
+    wrong_answer_cost: NonNegFloat = 0.25
+    #: learned: the share of local answers the cloud would have changed stays <= alpha ...
+    alpha: Annotated[float, msgspec.Meta(gt=0.0, le=1.0)] = 0.05
+    #: ... with probability >= 1 - delta.
+    delta: Annotated[float, msgspec.Meta(gt=0.0, lt=1.0)] = 0.05
+    #: learned: share of the readings answered locally still sent, at random, as audits.
+    audit_share: Fraction = 0.01
+    #: learned: inner edges of the confidence bins.
+    learn_bins: list[Fraction] = msgspec.field(
+        default_factory=lambda: [0.5, 0.8, 0.9, 0.95, 0.99, 0.999]
+    )
+    #: learned: scorer reasons that form strata of their own (instead of a confidence bin).
+    learn_reasons: list[str] = msgspec.field(
+        default_factory=lambda: ["out_of_range", "feature_outlier"]
+    )
+    #: learned: a disagreement counts as a correction when the verdict's confidence is >= this.
+    correction_min_confidence: Fraction = 0.9
+    #: learned: every count halves after this many readings.
+    learn_half_life: Annotated[float, msgspec.Meta(ge=1.0)] = 20_000.0
+    #: learned: forget the estimates when drift is flagged (a promotion always resets them).
+    reset_on_drift: bool = True
 
 
 class TelemetrySettings(_Section, frozen=True):
@@ -319,6 +349,14 @@ def _base_type(tp: Any) -> Any:
     return tp
 
 
+def _list_item_type(tp: Any) -> Any:
+    """The item type of a (possibly ``Annotated``) ``list[...]``; ``str`` when unsure."""
+    while typing.get_origin(tp) is Annotated:
+        tp = typing.get_args(tp)[0]
+    args = typing.get_args(tp)
+    return args[0] if typing.get_origin(tp) is list and args else str
+
+
 def _from_env_string(name: str, raw: str, tp: Any) -> Any:
     base = _base_type(tp)
     if base is bool:
@@ -329,7 +367,9 @@ def _from_env_string(name: str, raw: str, tp: Any) -> Any:
             return False
         raise ConfigError(f"environment variable {name}={raw!r}: not a valid bool")
     if base is list:
-        return [item.strip() for item in raw.split(",") if item.strip()]
+        items = [item.strip() for item in raw.split(",") if item.strip()]
+        inner = _list_item_type(tp)
+        return [item if inner is str else _from_env_string(name, item, inner) for item in items]
     try:
         if base is int:
             text = raw.strip()

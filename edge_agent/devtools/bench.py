@@ -14,6 +14,10 @@ windows, repeated), after warm-up:
   worker and answered (the synchronous-API pattern), and the batch tier's
   throughput;
 * **hybrid** — the real agent replaying the test data: its escalation rate;
+* **routing** — the demo's loop (``edge-agent demo``) at noise 1.5, 2 and 3: the fixed
+  threshold and the learned policy (after its warm-up) side by side, with escalations,
+  accuracy edge only / hybrid / cloud only and monthly cost; ``--plot`` also writes a
+  risk-coverage SVG per noise level;
 * side effects — telemetry on vs off, cold start of ``edge-agent run`` to
   READY=1 and to the first decision, peak RSS and CPU time per reading of the
   agent process.
@@ -34,11 +38,14 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from edge_agent import __version__
 from edge_agent.config import CloudSettings
 from edge_agent.devtools.costs import budgets, cost_section
+from edge_agent.devtools.demo import run_demo
+from edge_agent.devtools.demo_report import write_risk_coverage
 from edge_agent.devtools.localbroker import Mosquitto
 from edge_agent.devtools.measure import (
     HYBRID_NOISE,
@@ -61,7 +68,10 @@ from edge_agent.scoring.backends.base import BackendOptions
 from edge_agent.scoring.scorer import Scorer
 from edge_agent.util.progress import Progress
 
-__all__ = ["BenchOptions", "markdown", "plot", "run_bench", "table"]
+__all__ = ["BenchOptions", "markdown", "plot", "plot_routing", "run_bench", "table"]
+
+#: Sensor noise levels (x channel std) of the routing comparison (issue 21's levels).
+ROUTING_NOISE = (1.5, 2.0, 3.0)
 
 #: The cloud prices and token estimate of the config's defaults ([cloud]).
 _CLOUD = CloudSettings()
@@ -157,7 +167,7 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
     lines = load_lines(opts.data)
     x = windows_of(lines)
     packs = list(_packs(opts))
-    steps = 4 * len(packs) + 5
+    steps = 4 * len(packs) + 5 + len(ROUTING_NOISE)
     progress = Progress(steps, sys.stderr if opts.progress else None, plain_interval_s=0.0)
     results: dict[str, Any] = {"machine": machine_info(), "options": _opts_json(opts), "packs": {}}
     work = Path(tempfile.mkdtemp(prefix="edge-agent-bench-"))
@@ -225,6 +235,7 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
             default, opts.data, work, broker.port, 5 if opts.quick else 50
         )
         progress.step("agent process: RSS and CPU")
+        results["routing"] = routing_section(opts, progress)
     finally:
         broker.stop()
     results["cost"] = {name: cost_section(h, opts) for name, h in results["hybrid"].items()}
@@ -237,3 +248,40 @@ def _opts_json(opts: BenchOptions) -> dict[str, Any]:
     d["data"] = str(opts.data)
     d["passes"] = opts.passes
     return d
+
+
+def routing_section(opts: BenchOptions, progress: Progress) -> dict[str, Any]:
+    out = {}
+    for noise in ROUTING_NOISE:
+        out[f"noise_{noise:g}"] = routing_comparison(opts, noise)
+        progress.step(f"routing: fixed vs learned at noise {noise:g}")
+    return out
+
+
+def routing_comparison(opts: BenchOptions, noise: float) -> dict[str, Any]:
+    """The demo's loop (its own broker, cloud worker and agents) with both policies."""
+    args = SimpleNamespace(
+        data=str(opts.data),
+        loops=10,
+        rate_hz=200.0,
+        noise=noise,
+        seed=0,
+        readings_per_second=opts.readings_per_second,
+        policy="both",
+        warmup_loops=30,
+        warmup_data=str(Path(opts.data).parent / "train.jsonl"),
+        plot=None,
+        keep=False,
+        quiet=True,
+    )
+    return run_demo(args, None)
+
+
+def plot_routing(results: dict[str, Any], path: Path) -> list[Path]:
+    """One risk-coverage SVG per noise level of the routing comparison, next to ``path``."""
+    out = []
+    for name, summary in results.get("routing", {}).items():
+        svg = path.with_name(f"{path.stem}-risk-coverage-{name}.svg")
+        write_risk_coverage(svg, summary["policies"], summary["noise"])
+        out.append(svg)
+    return out

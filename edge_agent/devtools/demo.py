@@ -9,6 +9,18 @@ fast each path was, how accurate edge-only, hybrid and cloud-only answers
 were on the same noisy readings, and what a month of it would cost compared
 with sending everything to the cloud.
 
+It does so for both routing policies side by side (``--policy both``, the
+default), each with an agent of its own (device ``demo-fixed``, ``demo-learned``)
+on the very same seeded readings. The learned policy (docs/routing.md) first sees
+a warm-up, made visible in the summary: ``--warmup-loops`` passes over
+``--warmup-data`` (the bundled train split: no test window is learned from) with
+the same noise and the next seed, at the demo's pace; then the demo sends the
+held batch and waits for the warm-up's verdicts before the measured readings
+start. Only the measured readings are in the table. The hybrid answer is the
+cloud's where its verdict corrects the local one (``router.correction_min_confidence``);
+``hybrid_any_verdict`` lets every verdict win. ``--plot FILE.svg`` writes a
+risk-coverage plot (demo_report.py).
+
 Nothing leaves the machine: every process talks over 127.0.0.1 and stops at
 the end; the temporary state is removed unless ``--keep`` is given.
 """
@@ -23,6 +35,9 @@ import sys
 import tempfile
 import threading
 import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,9 +46,11 @@ import msgspec
 from edge_agent.cloud.worker import CloudWorker
 from edge_agent.config import Settings, load_settings
 from edge_agent.devtools.costs import SECONDS_PER_MONTH
+from edge_agent.devtools.demo_report import render, risk_coverage, write_risk_coverage
 from edge_agent.devtools.localbroker import Mosquitto
 from edge_agent.errors import ConfigError
-from edge_agent.ingest.readings import Reading, ReadingDecoder
+from edge_agent.ingest.readings import Item, Reading, ReadingDecoder
+from edge_agent.ingest.sources import Source
 from edge_agent.ingest.sources.replay import ReplaySource
 from edge_agent.models.pack import resolve
 from edge_agent.scoring.scorer import Scorer
@@ -41,6 +58,11 @@ from edge_agent.service.agent import Agent
 from edge_agent.util.progress import Progress
 from edge_agent.util.stats import percentile
 from edge_agent.wire.messages import Verdict
+
+__all__ = ["POLICIES", "demo_settings", "render", "run_demo"]
+
+#: The routing policies the demo runs side by side (``--policy both``).
+POLICIES = ("fixed", "learned")
 
 log = logging.getLogger(__name__)
 
@@ -68,10 +90,18 @@ def _pct(values: list[float], q: float) -> float | None:
     return round(p, 3) if p is not None else None
 
 
-def demo_settings(base: Settings | None, state: Path, port: int, args: Any) -> Settings:
+def demo_settings(
+    base: Settings | None,
+    state: Path,
+    port: int,
+    args: Any,
+    *,
+    device: str = "demo-device",
+    policy: str = "",
+) -> Settings:
     """The demo's settings: the user's file (if any) plus the demo's broker, data and pace."""
     env = {
-        "EDGE_AGENT_DEVICE_ID": "demo-device",
+        "EDGE_AGENT_DEVICE_ID": device,
         "EDGE_AGENT_DEVICE_STATE_DIR": str(state),
         "EDGE_AGENT_MQTT_HOST": "127.0.0.1",
         "EDGE_AGENT_MQTT_PORT": str(port),
@@ -91,6 +121,8 @@ def demo_settings(base: Settings | None, state: Path, port: int, args: Any) -> S
     merged = {k: v for k, v in os.environ.items() if k.startswith("EDGE_AGENT_")}
     merged.pop("EDGE_AGENT_CONFIG", None)
     merged.update(env)
+    if policy:
+        merged["EDGE_AGENT_ROUTER_POLICY"] = policy
     return load_settings(None, env=merged)
 
 
@@ -113,6 +145,9 @@ def run_demo(args: Any, base: Settings | None) -> dict[str, Any]:
     data = Path(args.data)
     if not data.is_file():
         raise ConfigError(f"{data}: demo data not found")
+    warm_data = Path(args.warmup_data)
+    if args.warmup_loops and not warm_data.is_file():
+        raise ConfigError(f"{warm_data}: demo warm-up data not found")
     truth = _truth(data)
     workdir = Path(tempfile.mkdtemp(prefix="edge-agent-demo-"))
     broker = Mosquitto(workdir / "broker")
@@ -128,49 +163,30 @@ def run_demo(args: Any, base: Settings | None) -> dict[str, Any]:
         worker.start()
         if not worker.ready.wait(10):
             raise ConfigError("the demo's cloud worker did not connect to the local broker")
-        decisions: list[dict[str, Any]] = []
-        verdicts: dict[str, str] = {}
-        lock = threading.Lock()
-
-        def collect(text: bytes) -> None:
-            rows = [json.loads(line) for line in text.splitlines()]
-            with lock:
-                decisions.extend(r for r in rows if "label" in r)
-
-        def on_verdict(v: Verdict) -> None:
-            if v.no_verdict is not None:  # no cloud answer: the local one stands
-                return
-            with lock:
-                verdicts[v.key] = v.label
-
-        agent = Agent(settings, edge, emit=collect)
-        agent.reconciler.listeners.append(on_verdict)
-        source = ReplaySource(
-            str(data),
-            settings.input.max_line_bytes,
-            rate_hz=args.rate_hz,
-            loops=args.loops,
-            noise=args.noise,
-            seed=args.seed,
-            batch=settings.model.max_batch,
-        )
+        cloud_labels = _cloud_labels(cloud, settings, data, args)
         started = time.monotonic()
-        code = _run_with_progress(agent, source, len(source.lines) * args.loops, args.quiet)
+        runs: dict[str, dict[str, Any]] = {}
+        drained = True
+        for policy in POLICIES if args.policy == "both" else (args.policy,):
+            run = _run_policy(policy, edge, base=base, workdir=workdir, port=broker.port, args=args)
+            drained = drained and run.drained
+            runs[policy] = _summarise(
+                run, worker, truth=truth, cloud_labels=cloud_labels, args=args
+            )
         elapsed = time.monotonic() - started
         worker.stop()
-        cloud_only = _cloud_only_accuracy(cloud, settings, data, args, truth)
-        summary = _summarise(
-            agent,
-            worker,
-            decisions=decisions,
-            verdicts=verdicts,
-            truth=truth,
-            cloud_only=cloud_only,
-            args=args,
-        )
-        summary["elapsed_s"] = round(elapsed, 2)
-        summary["drained"] = code == 0
-        summary["models"] = {"edge": edge.ref, "cloud": cloud.ref}
+        first = next(iter(runs.values()))
+        summary: dict[str, Any] = {
+            "readings": first["readings"],
+            "noise": args.noise,
+            "policies": runs,
+            "elapsed_s": round(elapsed, 2),
+            "drained": drained,
+            "models": {"edge": edge.ref, "cloud": cloud.ref},
+        }
+        if args.plot:
+            write_risk_coverage(Path(args.plot), runs, args.noise)
+            summary["plot"] = str(args.plot)
         edge.close()
         cloud.close()
         return summary
@@ -182,11 +198,106 @@ def run_demo(args: Any, base: Settings | None) -> dict[str, Any]:
             shutil.rmtree(workdir, ignore_errors=True)
 
 
-def _run_with_progress(agent: Agent, source: ReplaySource, total: int, quiet: bool) -> int:
-    """``agent.run`` to the end of the source, with a progress line on stderr."""
-    progress = Progress(
-        total, None if quiet else sys.stderr, label="readings", plain_interval_s=2.0
+@dataclass
+class _Run:
+    """One agent's run of the demo: its decision lines (warm-up first) and verdicts."""
+
+    policy: str
+    agent: Agent
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    verdicts: dict[str, tuple[str, float]] = field(default_factory=dict)
+    warmup: int = 0  #: the first ``warmup`` rows answer warm-up readings
+    drained: bool = True
+    warmup_s: float = 0.0
+
+
+def _run_policy(
+    policy: str, edge: Scorer, *, base: Settings | None, workdir: Path, port: int, args: Any
+) -> _Run:
+    """One agent (its own device id and state) under one routing policy; the learned one
+    first replays the warm-up readings and waits for their verdicts."""
+    settings = demo_settings(
+        base, workdir / f"state-{policy}", port, args, device=f"demo-{policy}", policy=policy
     )
+    lock = threading.Lock()
+    rows: list[dict[str, Any]] = []
+    verdicts: dict[str, tuple[str, float]] = {}
+
+    def collect(text: bytes) -> None:
+        lines = [json.loads(line) for line in text.splitlines()]
+        with lock:
+            rows.extend(r for r in lines if "label" in r or "error" in r)
+
+    def on_verdict(v: Verdict) -> None:
+        if v.no_verdict is not None:  # no cloud answer: the local one stands
+            return
+        with lock:
+            verdicts[v.key] = (v.label, v.confidence)
+
+    agent = Agent(settings, edge, emit=collect)
+    agent.reconciler.listeners.append(on_verdict)
+    run = _Run(policy, agent, rows, verdicts)
+    measured = ReplaySource(
+        str(args.data),
+        settings.input.max_line_bytes,
+        rate_hz=args.rate_hz,
+        loops=args.loops,
+        noise=args.noise,
+        seed=args.seed,
+        batch=settings.model.max_batch,
+    )
+    total = len(measured.lines) * args.loops
+    source: Source = measured
+    if policy == "learned" and args.warmup_loops > 0:
+        warm = ReplaySource(
+            str(args.warmup_data),
+            settings.input.max_line_bytes,
+            # At the demo's pace: drift monitoring (which resets the estimates when it
+            # flags) sees the warm-up as it would see a device's history.
+            rate_hz=args.rate_hz,
+            loops=args.warmup_loops,
+            noise=args.noise,
+            seed=args.seed + 1,
+            batch=settings.model.max_batch,
+        )
+        run.warmup = len(warm.lines) * args.warmup_loops
+        total += run.warmup
+        source = _Chain(warm, measured, lambda: _await_verdicts(agent, run))
+    label = f"{policy} policy" + (f" (warm-up {run.warmup} first)" if run.warmup else "")
+    code = _run_with_progress(agent, source, total, args.quiet, label)
+    run.drained = code == 0
+    return run
+
+
+def _await_verdicts(agent: Agent, run: _Run, timeout_s: float = 60.0) -> None:
+    """Between warm-up and measured readings: send the held batch, wait for the verdicts."""
+    t0 = time.monotonic()
+    agent.link.flush_batches()
+    while time.monotonic() - t0 < timeout_s and agent.reconciler.waiting() > 0:
+        agent.reconciler.sweep()
+        time.sleep(0.02)
+    run.warmup_s = time.monotonic() - t0
+
+
+class _Chain:
+    """Two sources one after the other, with a pause between them."""
+
+    def __init__(self, first: Source, second: Source, between: Callable[[], None]) -> None:
+        self.first, self.second, self.between = first, second, between
+
+    def groups(self) -> Iterator[list[Item]]:
+        yield from self.first.groups()
+        self.between()
+        yield from self.second.groups()
+
+    def close(self) -> None:
+        self.first.close()
+        self.second.close()
+
+
+def _run_with_progress(agent: Agent, source: Source, total: int, quiet: bool, label: str) -> int:
+    """``agent.run`` to the end of the source, with a progress line on stderr."""
+    progress = Progress(total, None if quiet else sys.stderr, label=label, plain_interval_s=2.0)
     ticker_stop = threading.Event()
 
     def tick() -> None:
@@ -203,10 +314,9 @@ def _run_with_progress(agent: Agent, source: ReplaySource, total: int, quiet: bo
     return code
 
 
-def _cloud_only_accuracy(
-    cloud: Scorer, settings: Settings, data: Path, args: Any, truth: dict[str, str]
-) -> float | None:
-    """The cloud pack on the very same noisy readings (the same seeded replay)."""
+def _cloud_labels(cloud: Scorer, settings: Settings, data: Path, args: Any) -> dict[str, str]:
+    """The cloud pack's label for each of the very same noisy readings (the same seeded
+    replay), by reading id: the cloud-only answers."""
     replay = ReplaySource(
         str(data),
         settings.input.max_line_bytes,
@@ -217,70 +327,105 @@ def _cloud_only_accuracy(
         batch=256,
     )
     decoder = ReadingDecoder(cloud.shape, settings.input.max_line_bytes)
-    right = n = 0
+    out: dict[str, str] = {}
     for group in replay.groups():
         readings: list[Reading] = []
         for item in group:
             if isinstance(item, bytes):
                 readings.append(decoder.decode(item))
         for d in cloud.score(readings):
-            label = truth.get(_base_id(d.reading.id))
-            if label:
-                n += 1
-                right += d.label == label
-    return right / n if n else None
+            out[str(d.reading.id)] = d.label
+    return out
 
 
-def _summarise(
-    agent: Agent,
-    worker: CloudWorker,
-    *,
+def _grade(
+    run: _Run,
     decisions: list[dict[str, Any]],
-    verdicts: dict[str, str],
     truth: dict[str, str],
-    cloud_only: float | None,
-    args: Any,
-) -> dict[str, Any]:
-    n = len(decisions)
-    local = [d for d in decisions if d["route"] == "local"]
-    urgent = [d for d in decisions if d.get("tier") == "urgent"]
-    batch = [d for d in decisions if d.get("tier") == "batch"]
-    edge_right = hybrid_right = labelled = answered = 0
+    cloud_labels: dict[str, str],
+    replace_at: float,
+) -> tuple[Counter[str], int, int, list[tuple[float, bool, str]]]:
+    """Right answers per kind (edge, cloud, hybrid, hybrid_any), readings with a label,
+    hard cases the cloud answered, and (confidence, local answer right, route) per reading.
+
+    The hybrid answer is the cloud's when its verdict disagrees with confidence >=
+    ``replace_at`` (``router.correction_min_confidence``), else the local one;
+    ``hybrid_any`` lets every verdict win."""
+    right: Counter[str] = Counter()
+    answered = labelled = 0
+    points: list[tuple[float, bool, str]] = []
     for d in decisions:
         label = truth.get(_base_id(d["id"]))
         if not label:
             continue
         labelled += 1
-        edge_right += d["label"] == label
-        final = d["label"]
-        if d["route"] == "hard" and d.get("key") in verdicts:
-            final = verdicts[d["key"]]
+        right["edge"] += d["label"] == label
+        right["cloud"] += cloud_labels.get(str(d["id"])) == label
+        final = final_any = d["label"]
+        if d["route"] == "hard" and d.get("key") in run.verdicts:
             answered += 1
-        hybrid_right += final == label
+            cloud_label, cloud_conf = run.verdicts[d["key"]]
+            final_any = cloud_label
+            final = cloud_label if cloud_conf >= replace_at else d["label"]
+        right["hybrid"] += final == label
+        right["hybrid_any"] += final_any == label
+        points.append((float(d["confidence"]), d["label"] == label, d["route"]))
+    return right, labelled, answered, points
+
+
+def _summarise(
+    run: _Run,
+    worker: CloudWorker,
+    *,
+    truth: dict[str, str],
+    cloud_labels: dict[str, str],
+    args: Any,
+) -> dict[str, Any]:
+    agent = run.agent
+    decisions = [r for r in run.rows[run.warmup :] if "label" in r]
+    n = len(decisions)
+    tiers = Counter(str(d.get("tier", "local")) for d in decisions)
+    right, labelled, answered, points = _grade(
+        run, decisions, truth, cloud_labels, agent.settings.router.correction_min_confidence
+    )
     lat = agent.latency.percentiles()
     rtt = list(agent.reconciler.round_trips_ms)
     pricing = worker.ledger.summary()["pricing"]
     unit_u, unit_b = pricing["unit_price_urgent"], pricing["unit_price_batch"]
     monthly = args.readings_per_second * SECONDS_PER_MONTH
-    share_u = len(urgent) / n if n else 0.0
-    share_b = len(batch) / n if n else 0.0
+    share_u = tiers["urgent"] / n if n else 0.0
+    share_b = tiers["batch"] / n if n else 0.0
+    local_right = [ok for (_, ok, route) in points if route == "local"]
+
+    def acc(key: str) -> float | None:
+        return round(right[key] / labelled, 4) if labelled else None
+
+    warm = [r for r in run.rows[: run.warmup] if "label" in r]
+    warm_tiers = Counter(str(d.get("tier", "local")) for d in warm)
     return {
+        "policy": run.policy,
         "readings": n,
-        "rejected": agent.pipeline.counts["rejected"],
-        "local": len(local),
-        "urgent": len(urgent),
-        "batch": len(batch),
-        "share_local": round(len(local) / n, 4) if n else None,
+        "rejected": sum(1 for r in run.rows[run.warmup :] if "error" in r),
+        "local": tiers["local"],
+        "urgent": tiers["urgent"],
+        "batch": tiers["batch"],
+        "alerts": tiers["alert"],
+        "escalated": tiers["urgent"] + tiers["batch"],
+        "audit": sum(1 for d in decisions if d.get("reason") == "audit"),
+        "share_local": round(tiers["local"] / n, 4) if n else None,
         "share_urgent": round(share_u, 4),
         "share_batch": round(share_b, 4),
         "hard_answered_by_cloud": answered,
         "local_latency_ms": {k: (round(v, 3) if v is not None else None) for k, v in lat.items()},
         "cloud_round_trip_ms": {"p50": _pct(rtt, 50), "p99": _pct(rtt, 99), "n": len(rtt)},
         "accuracy": {
-            "edge_only": round(edge_right / labelled, 4) if labelled else None,
-            "hybrid": round(hybrid_right / labelled, 4) if labelled else None,
-            "cloud_only": round(cloud_only, 4) if cloud_only is not None else None,
+            "edge_only": acc("edge"),
+            "hybrid": acc("hybrid"),
+            "hybrid_any_verdict": acc("hybrid_any"),
+            "cloud_only": acc("cloud"),
+            "local_answers": round(sum(local_right) / len(local_right), 4) if local_right else None,
         },
+        "risk_coverage": risk_coverage([(c, ok) for c, ok, _ in points]),
         "monthly_cost_usd": {
             "readings_per_second": args.readings_per_second,
             "all_cloud_sync": round(monthly * unit_u, 2),
@@ -288,46 +433,14 @@ def _summarise(
             "hybrid": round(monthly * (share_u * unit_u + share_b * unit_b), 2),
             "pricing": pricing,
         },
-        "cloud_worker": {k: v for k, v in worker.counters.items() if v},
+        "warmup": {
+            "readings": len(warm),
+            "data": str(args.warmup_data),
+            "seed": args.seed + 1,
+            "escalated": warm_tiers["urgent"] + warm_tiers["batch"],
+            "cost_usd": round(warm_tiers["urgent"] * unit_u + warm_tiers["batch"] * unit_b, 2),
+            "verdict_wait_s": round(run.warmup_s, 2),
+        },
+        "routing": agent.learned.snapshot() if agent.learned is not None else {"policy": "fixed"},
         "noise": args.noise,
     }
-
-
-def render(summary: dict[str, Any]) -> str:
-    """The summary as a few lines a newcomer can read."""
-    s = summary
-    lat, rtt, acc, cost = (
-        s["local_latency_ms"],
-        s["cloud_round_trip_ms"],
-        s["accuracy"],
-        s["monthly_cost_usd"],
-    )
-
-    def pct(x: float | None) -> str:
-        return f"{100 * x:.1f}%" if x is not None else "-"
-
-    def ms(x: float | None) -> str:
-        return f"{x:.2f} ms" if x is not None else "-"
-
-    rate = cost["readings_per_second"]
-    return "\n".join(
-        [
-            "",
-            f"edge-agent demo — {s['models']['edge']} on the device,"
-            f" {s['models']['cloud']} in the cloud, sensor noise {s['noise']} x channel std",
-            f"  readings            {s['readings']} in {s['elapsed_s']} s"
-            f" ({s['rejected']} rejected)",
-            f"  answered locally    {s['local']} ({pct(s['share_local'])})",
-            f"  escalated urgent    {s['urgent']} ({pct(s['share_urgent'])}),"
-            f" batch {s['batch']} ({pct(s['share_batch'])});"
-            f" cloud answered {s['hard_answered_by_cloud']}",
-            f"  local latency       p50 {ms(lat['p50'])}, p99 {ms(lat['p99'])}",
-            f"  cloud round trip    p50 {ms(rtt['p50'])}, p99 {ms(rtt['p99'])}"
-            " (local broker, cloud model included)",
-            f"  accuracy            edge only {pct(acc['edge_only'])}, hybrid {pct(acc['hybrid'])},"
-            f" cloud only {pct(acc['cloud_only'])}",
-            f"  monthly cost at {rate:g} reading/s: all-cloud sync ${cost['all_cloud_sync']:,.2f},"
-            f" all-cloud batch ${cost['all_cloud_batch']:,.2f}, hybrid ${cost['hybrid']:,.2f}",
-            "",
-        ]
-    )

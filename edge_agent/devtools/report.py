@@ -84,6 +84,30 @@ def _cost_lines(results: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _routing_lines(results: dict[str, Any]) -> list[str]:
+    """Fixed threshold vs learned policy on the demo's readings, per noise level."""
+    routing = results.get("routing")
+    if not routing:
+        return []
+    lines = [
+        "",
+        "routing on the demo's readings (400 per level; the learned policy after a warm-up of"
+        " 1200 train readings):",
+        "  noise  policy   escalated  accuracy edge / hybrid / cloud   cost per month",
+    ]
+    for summary in routing.values():
+        for name, r in summary["policies"].items():
+            a = r["accuracy"]
+            lines.append(
+                f"  {summary['noise']:<5g}  {name:<7}  {r['escalated']:>4}"
+                f" ({100 * r['escalated'] / max(1, r['readings']):4.1f}%)"
+                f"  {100 * a['edge_only']:6.2f} / {100 * a['hybrid']:6.2f} /"
+                f" {100 * a['cloud_only']:6.2f}       ${r['monthly_cost_usd']['hybrid']:>10,.2f}"
+            )
+    lines.append("")
+    return lines
+
+
 def table(results: dict[str, Any]) -> str:
     rows = _latency_rows(results)
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
@@ -103,6 +127,7 @@ def table(results: dict[str, Any]) -> str:
             f" device round trip p50 {_f(h['round_trip_ms_p50'])} / p99"
             f" {_f(h['round_trip_ms_p99'])} ms"
         )
+    lines += _routing_lines(results)
     lines += [
         f"telemetry on/off p99: {_f(results['telemetry']['p99_ratio'])}x;"
         f" cold start READY=1 {_f(results['cold_start']['ready_s'])} s, first decision"

@@ -18,7 +18,16 @@ as late; urgent cases without any verdict by their deadline as missed. A
 "no verdict" answer (``Verdict.no_verdict`` set: the cloud's endpoint failed or
 its answer did not parse) settles the case without a label: it is counted in
 ``no_verdict`` (and ``no_verdict_<tier>``), never as agreement or disagreement,
-and the local answer stands.
+and the local answer stands. A verdict that disagrees replaces the local answer only when
+its confidence is at least ``router.correction_min_confidence`` (counted in ``corrected``);
+below it the cloud is guessing too, the local answer stands (``disagree_unsure``).
+
+``Router.plan`` is the whole decision for one reading: answered locally, escalated (with
+its tier), or reported as an **alert** — a scorer reason in ``router.alert_reasons`` (a
+dead or saturated sensor) is something no cloud model can fix, so by default it is not
+paid for as cloud scoring. Under ``router.policy = "learned"`` what is escalated comes
+from ``learned.LearnedPolicy`` (see docs/routing.md); under ``fixed`` it is what the
+scorer calls hard.
 """
 
 from __future__ import annotations
@@ -29,27 +38,67 @@ import time
 from collections import Counter, OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 from edge_agent.config import RouterSettings
-from edge_agent.scoring.scorer import Decision
+from edge_agent.routing.learned import LearnedPolicy
+from edge_agent.scoring.scorer import Decision, Route
 from edge_agent.wire.messages import DECODE_ERRORS, Tier, Verdict, decode_verdicts
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """What to do with one reading."""
+
+    action: Literal["local", "escalate", "alert"]
+    tier: Tier | None = None
+    #: The reason sent with an escalated case: the scorer's, or ``audit`` (a random sample
+    #: of local answers) or ``policy`` (a confident reading the learned policy escalates).
+    reason: str | None = None
+    stratum: str = ""  #: the learned policy's stratum ("" under the fixed policy)
 
 
 class Router:
     """Chooses the tier of each hard case; not thread-safe (the scoring loop owns it)."""
 
     def __init__(
-        self, settings: RouterSettings, clock: Callable[[], float] = time.monotonic
+        self,
+        settings: RouterSettings,
+        clock: Callable[[], float] = time.monotonic,
+        *,
+        learned: LearnedPolicy | None = None,
     ) -> None:
         self.settings = settings
         self.clock = clock
         self.counters: Counter[str] = Counter()
+        self.learned = learned
         self._urgent_reasons = frozenset(settings.urgent_reasons)
         self._urgent_labels = frozenset(settings.urgent_labels)
+        self._alert_reasons = frozenset(settings.alert_reasons)
         self._last_urgent: dict[str, float] = {}
         self._recent: deque[float] = deque()
+
+    def plan(self, d: Decision) -> Plan:
+        """Local, escalated (and to which tier) or an alert, for one scored reading."""
+        if d.reason in self._alert_reasons and not self.settings.alert_escalate:
+            self.counters[f"alert_{d.reason}"] += 1
+            return Plan("alert", reason=d.reason)
+        if self.learned is None or d.reason in self._alert_reasons:
+            # fixed policy, or an alert reason with alert_escalate: asked, never learned
+            if d.route != Route.HARD:
+                return Plan("local")
+            return Plan("escalate", self.tier(d), d.reason)
+        choice = self.learned.decide(d.confidence, d.reason)
+        if not choice.escalate:
+            if d.route == Route.HARD:
+                self.counters["local_by_policy"] += 1
+            return Plan("local", stratum=choice.stratum)
+        if choice.audit:
+            self.counters["audit"] += 1
+            return Plan("escalate", Tier.BATCH, "audit", choice.stratum)
+        return Plan("escalate", self.tier(d), d.reason or "policy", choice.stratum)
 
     def tier(self, d: Decision) -> Tier:
         """``Tier.URGENT`` or ``Tier.BATCH`` for a hard decision."""
@@ -153,6 +202,9 @@ class Reconciler:
                 self.round_trips_ms.append((now - entry.sent) * 1000.0)
         agree = v.label == entry.local_label
         self.counters["agree" if agree else "disagree"] += 1
+        if not agree:
+            sure = v.confidence >= self.settings.correction_min_confidence
+            self.counters["corrected" if sure else "disagree_unsure"] += 1
         for listener in self.listeners:
             listener(v)
 

@@ -131,8 +131,9 @@ class ScorePipeline:
     def _score(self, pending: list[tuple[int, Reading]], out: list[bytes]) -> None:
         decisions = self.scorer.score([r for _, r in pending])
         for (pos, _), decision in zip(pending, decisions, strict=True):
-            self.counts[decision.route] += 1
+            # The hook may re-route (the learned policy): count the route it leaves.
             routed = self.on_decision(decision) if self.on_decision is not None else None
+            self.counts[decision.route] += 1
             out[pos] = _encoder.encode(decision_out(decision, routed)) + b"\n"
 
     def _reject(self, err: ReadingError, rid: Any) -> bytes:

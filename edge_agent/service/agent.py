@@ -39,6 +39,7 @@ from edge_agent.errors import EdgeAgentError, OutboxError
 from edge_agent.ingest.sources import Source
 from edge_agent.models.store import ModelStore
 from edge_agent.rollout.machine import Rollout
+from edge_agent.routing.learned import LearnedPolicy
 from edge_agent.routing.router import Reconciler, Router
 from edge_agent.scoring.drift import DriftMonitor
 from edge_agent.scoring.pipeline import ScorePipeline
@@ -54,6 +55,7 @@ from edge_agent.util.stats import percentile
 from edge_agent.util.systemd import Heartbeat, Notifier, Watchdog
 from edge_agent.wire.messages import (
     SCHEMA_VERSION,
+    Alert,
     HardCase,
     LocalDecision,
     ModelEvent,
@@ -83,6 +85,17 @@ def open_outbox(settings: Settings) -> Outbox:
     )
 
 
+def learned_policy(settings: Settings) -> LearnedPolicy | None:
+    """The learned escalation policy when ``router.policy = "learned"``, priced by ``[cloud]``."""
+    if settings.router.policy != "learned":
+        return None
+    c = settings.cloud
+    urgent = c.price_sync_per_1k_tokens * c.tokens_per_reading / 1000.0
+    return LearnedPolicy(
+        settings.router, price_urgent=urgent, price_batch=urgent * c.batch_discount
+    )
+
+
 class Agent:
     """One device's agent: a scorer, a router, an outbox, a link and telemetry."""
 
@@ -99,6 +112,7 @@ class Agent:
         self.device = settings.device_id
         self.topics = Topics(settings.mqtt.topic_prefix)
         self.counters: Counter[str] = Counter()
+        self.alerts: Counter[str] = Counter()  #: alerts by reason
         self._emit = emit
         self._emit_lock = threading.Lock()
         self._stop_requested = ""
@@ -107,8 +121,12 @@ class Agent:
         #: cases keeps counting across restarts; the cloud's all-cloud figure relies on it).
         self._readings_before = self.outbox.counter("readings_total")
         self._counts_saved_at = time.monotonic()
-        self.router = Router(settings.router)
+        self.learned = learned_policy(settings)
+        self.router = Router(settings.router, learned=self.learned)
         self.reconciler = Reconciler(settings.router)
+        if self.learned is not None:
+            self.reconciler.listeners.append(self.learned.on_verdict)
+        self._drift_flag = False
         self.rollout: Rollout | None = None
         if settings.rollout.enabled:
             self.rollout = Rollout(
@@ -158,7 +176,7 @@ class Agent:
 
     # -- routing (main thread) --------------------------------------------------------
 
-    def route(self, d: Decision) -> tuple[Tier, str] | None:
+    def route(self, d: Decision) -> tuple[str, str] | None:
         """Count, watch and route one decision; a hard case goes to the link. Returns its
         tier and idempotency key (None for a local decision). The scoring loop's callback."""
         self.counters["readings"] += 1
@@ -166,10 +184,15 @@ class Agent:
         self.drift.record(d.reading.values, d.confidence, d.route == Route.HARD)
         if self.rollout is not None:
             self.rollout.observe(d)
-        if d.route != Route.HARD:
-            return None
-        tier = self.router.tier(d)
+        plan = self.router.plan(d)
         key = f"{self.device}:{d.reading.seq}"
+        if plan.action == "alert":
+            self._alert(d, key)
+            return "alert", key
+        if plan.action == "local" or plan.tier is None:
+            d.route = Route.LOCAL
+            return None
+        d.route, d.reason, tier = Route.HARD, plan.reason, plan.tier
         urgent = tier == Tier.URGENT
         case = HardCase(
             v=SCHEMA_VERSION,
@@ -188,10 +211,33 @@ class Agent:
         topic = self.topics.hard(self.device) if urgent else self.topics.batch(self.device)
         if self.link.submit(cls, key, topic, payload):
             self.counters[f"hard_{tier}"] += 1
+            if plan.reason == "audit":
+                self.counters["hard_audit"] += 1
             self.reconciler.expect(key, d.label, tier)
+            if self.learned is not None and plan.stratum:
+                self.learned.expect(key, plan.stratum, d.label)
         else:
             self.counters[f"hard_refused_{tier}"] += 1
         return tier, key
+
+    def _alert(self, d: Decision, key: str) -> None:
+        """Report a reading no cloud model can fix on the alert topic (and in telemetry)."""
+        self.counters["alerts"] += 1
+        reason = d.reason or ""
+        self.alerts[reason] += 1
+        alert = Alert(
+            v=SCHEMA_VERSION,
+            key=key,
+            device=self.device,
+            seq=d.reading.seq,
+            reason=reason,
+            local=LocalDecision(d.label, d.confidence, d.reason, d.model),
+            id=d.reading.id,
+        )
+        if not self.link.submit(
+            Cls.TELEMETRY, key, self.topics.alert(self.device), encoder.encode(alert)
+        ):
+            self.counters["alerts_refused"] += 1
 
     def _report_model(self, event: ModelEvent) -> None:
         self.counters["model_events"] += 1
@@ -221,6 +267,11 @@ class Agent:
         self.scorer = scorer
         self.pipeline.scorer = scorer
         self.drift = DriftMonitor(scorer.pack, self.settings.drift)
+        self._drift_flag = False
+        if self.learned is not None:
+            # What the cloud thought of the old model's answers says nothing of the new one's
+            # (a promotion; a rollback swaps the model too and resets the same way).
+            self.learned.reset("promotion")
         self.link.set_model(scorer.ref)
         log.info("now serving %s", scorer.ref)
 
@@ -276,6 +327,9 @@ class Agent:
             "degraded": bool(self.outbox.write_error),
             "reconnects": self.link.counters["disconnects"],
             "router": dict(self.router.counters),
+            "routing": self.learned.snapshot() if self.learned is not None else {"policy": "fixed"},
+            "alerts": dict(self.alerts),
+            "hard_audit": self.counters["hard_audit"],
             "drift": self.drift.snapshot(),
             "rollout": self.rollout.snapshot() if self.rollout is not None else {},
         }
@@ -353,6 +407,11 @@ class Agent:
         self.heartbeat.beat()
         self.reconciler.sweep()
         self.watchdog.maybe_ping()
+        flag = self.drift.flag
+        rose = flag and not self._drift_flag
+        if rose and self.learned is not None and self.settings.router.reset_on_drift:
+            self.learned.reset("drift")
+        self._drift_flag = flag
 
     def _save_counts(self) -> None:
         self._counts_saved_at = time.monotonic()

@@ -93,6 +93,19 @@ class BatchVerdicts(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     verdicts: list[Verdict]
 
 
+class Alert(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """On ``{prefix}/{device}/alert``: a reading no cloud model can fix (a dead or saturated
+    sensor), reported instead of escalated (``router.alert_reasons``)."""
+
+    v: int
+    key: _Key  #: "<device>:<seq>", as a hard case's
+    device: _Device
+    seq: Annotated[int, msgspec.Meta(ge=0)]
+    reason: str  #: the scorer's reason (``dead_sensor``, ``saturated``)
+    local: LocalDecision
+    id: Any = None  #: the reading's own id from the input, if it had one
+
+
 class Status(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """Retained on ``{prefix}/{device}/status``; the last will says ``offline``."""
 
@@ -175,6 +188,10 @@ class Topics:
 
     def telemetry(self, device: str) -> str:
         return f"{self.prefix}/{device}/telemetry"
+
+    def alert(self, device: str) -> str:
+        """Readings the cloud cannot fix (``Alert``)."""
+        return f"{self.prefix}/{device}/alert"
 
     def model_cmd(self, device: str) -> str:
         """Model release commands to the device (``ModelCommand``)."""
