@@ -148,7 +148,7 @@ def test_agent_exposition_is_promtool_clean() -> None:
     assert 'edge_agent_info{device="dev-7",model="basicmotions-int8@1.0.0"} 1' in lines
     assert 'edge_agent_decision_latency_seconds_bucket{le="0.00025"} 1' in lines
     assert 'edge_agent_decision_latency_seconds_bucket{le="0.05"} 3' in lines
-    assert 'edge_agent_verdict_round_trip_seconds_count 1' in lines
+    assert "edge_agent_verdict_round_trip_seconds_count 1" in lines
     assert 'edge_agent_hard_cases_total{tier="urgent"} 20' in lines
     assert 'edge_agent_rollout_trial{trial="shadow",figure="p99_seconds"} 0.0004' in lines
 
