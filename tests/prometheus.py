@@ -119,7 +119,10 @@ class Prometheus(_Process):
         self, jobs: dict[str, list[str]], rule_files: list[Path], interval_s: float = 1.0
     ) -> Prometheus:
         config = {
-            "global": {"scrape_interval": f"{round(interval_s * 1000)}ms", "evaluation_interval": "1s"},
+            "global": {
+                "scrape_interval": f"{round(interval_s * 1000)}ms",
+                "evaluation_interval": "1s",
+            },
             "rule_files": [str(p) for p in rule_files],
             "scrape_configs": [
                 {"job_name": job, "static_configs": [{"targets": targets}]}

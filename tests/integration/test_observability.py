@@ -27,8 +27,10 @@ from tests.prometheus import DASHBOARDS, NodeExporter, Prometheus, check_metrics
 
 pytestmark = pytest.mark.integration
 
-#: Seconds of traffic while Prometheus scrapes every second (rates need two scrapes or more).
-TRAFFIC_S = 6.0
+#: Traffic runs until Prometheus scraped every target this often (a rate needs two scrapes
+#: inside its window; histogram_quantile needs observations between two), at most MAX_S.
+SCRAPES = 4
+MAX_S = 60.0
 
 
 def dashboard_exprs(node: Any) -> list[str]:
@@ -50,6 +52,17 @@ def value(prom: Prometheus, expr: str) -> float:
     result = prom.query(expr)
     assert len(result) == 1, (expr, result)
     return float(result[0]["value"][1])
+
+
+def wait_scraped(prom: Prometheus, targets: int) -> None:
+    """Until each of ``targets`` targets was scraped SCRAPES times (counted by Prometheus)."""
+    deadline = time.monotonic() + MAX_S
+    while time.monotonic() < deadline:
+        counts = [float(r["value"][1]) for r in prom.query("count_over_time(up[5m])")]
+        if len(counts) == targets and min(counts) >= SCRAPES:
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"Prometheus did not scrape every target {SCRAPES} times in {MAX_S} s")
 
 
 def _feed(port: int, stop: threading.Event) -> None:
@@ -132,7 +145,7 @@ def test_prometheus_scrapes_the_fleet_and_the_dashboard_queries_return_data(
     feeder = threading.Thread(target=_feed, args=(fleet["udp"], stop), daemon=True)
     try:
         feeder.start()
-        time.sleep(TRAFFIC_S)
+        wait_scraped(prom, 4)
         stop.set()
         feeder.join(5)
         # Every output the project serves is promtool-clean.
@@ -151,6 +164,13 @@ def test_prometheus_scrapes_the_fleet_and_the_dashboard_queries_return_data(
             if not result or not all(math.isfinite(v) for v in values):
                 empty[expr] = result
         assert not empty, empty
+
+        # One device, counted once though Prometheus reads it twice (/metrics and textfile).
+        devices = (
+            "edge_agent_broker_connected * on (job, instance) group_left (device) edge_agent_info"
+        )
+        assert value(prom, f"count(max by (device) ({devices}) == 1)") == 1
+        assert value(prom, "sum(edge_cloud_ready)") == 2
 
         rules = prom.api("rules")["groups"]
         loaded = {r["name"]: r["health"] for g in rules for r in g["rules"]}
