@@ -25,7 +25,7 @@ FULL_SNAPSHOT = {
     "model": "basicmotions-int8@1.0.0",
     "readings": 1200,
     "rejected": 3,
-    "rejects": {"malformed_json": 2, "not_finite": 1},
+    "rejects": {"malformed_json": 2, "non_finite": 1},
     "local": 1100,
     "hard_urgent": 20,
     "hard_batch": 80,
