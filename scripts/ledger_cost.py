@@ -104,7 +104,9 @@ def main() -> int:
                         db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
                         answers = db.execute("SELECT COUNT(*) FROM answered").fetchone()[0]
                     sizes.append(path.stat().st_size / answers)
-    print(f"cost ledger per answered case — {cpu_name()}, {args.cases} cases, {args.devices} devices")
+    print(
+        f"cost ledger per answered case — {cpu_name()}, {args.cases} cases, {args.devices} devices"
+    )
     print(f"old JSON file write: {write_us:.0f} us, every {OLD_WRITE_INTERVAL_S:.0f} s")
     print(f"{'ledger':<14} {'cases/txn':>9} {'p50 us':>8} {'p99 us':>8}  note")
     for name, chunk, p50, extra, samples in rows:
