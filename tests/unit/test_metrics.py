@@ -11,6 +11,7 @@ import pytest
 
 from edge_agent.cloud.intake import Answer
 from edge_agent.cloud.ledger import Usage
+from edge_agent.cloud.metrics import LedgerSince
 from edge_agent.cloud.worker import CloudWorker
 from edge_agent.config import load_settings
 from edge_agent.models.pack import open_pack
@@ -196,13 +197,25 @@ def test_worker_exports_only_its_own_charges(tmp_path: Path) -> None:
         assert (kind == "counter") == name.endswith("_total"), name
 
 
+class _ShrinkingLedger:
+    """Stands in for CostLedger.totals(): its figures drop, as when old days expire."""
+
+    def __init__(self) -> None:
+        self.figures = {"d1": Usage(urgent=5, tokens=7500)}
+
+    def totals(self) -> dict[str, Usage]:
+        return self.figures
+
+
 def test_worker_ledger_counters_never_go_back(tmp_path: Path) -> None:
+    ledger = _ShrinkingLedger()
+    since = LedgerSince(ledger)  # type: ignore[arg-type]
+    ledger.figures = {"d1": Usage(urgent=8, tokens=12000)}
+    assert since.usage() == Usage(urgent=3, tokens=4500)
+    ledger.figures = {"d1": Usage(urgent=1, tokens=1500)}  # days expired
+    assert since.usage() == Usage(urgent=3, tokens=4500)
     w = _worker(tmp_path, cloud_metrics_devices="false")
-    w.books.answered("d1", Tier.URGENT, [("d1:1", Answer("a", 0.9, "m@1"))])
-    assert w.metrics.since.usage().urgent == 1
-    with w.ledger._lock:  # the ledger's days expire (after LEDGER_KEEP_DAYS)
-        w.ledger._days.clear()
-    assert w.metrics.since.usage() == Usage(urgent=1, tokens=1500, spend_urgent=0.06)
+    w.books.observe("d1", 10)
     assert "edge_cloud_device_readings_total" not in w.metrics.text()
     w.stop()
 
