@@ -5,6 +5,7 @@ Subcommands::
     edge-agent run [--exit-when-drained]       the device service (config: source, mqtt, ...)
     edge-agent cloud [--ledger-summary [PATH]] the cloud fallback worker (or its ledger)
     edge-agent fleet-sim [--devices N]         simulated devices against real cloud workers
+    edge-agent fleet-bridge --site S --upstream H:P   a site broker's bridge configuration
     edge-agent demo [--json]                   broker + cloud worker + agent on real data
     edge-agent score [FILE|-] [--model PACK]   JSON lines in, decisions out
     edge-agent models list [--json]            installed model packs
@@ -31,6 +32,7 @@ from pathlib import Path
 
 from edge_agent import __version__
 from edge_agent.config import Settings, load_settings
+from edge_agent.devtools import fleetcli
 from edge_agent.errors import ConfigError, EdgeAgentError, FetchError, ModelError
 from edge_agent.ingest.sources import open_source
 from edge_agent.ingest.sources.lines import chunked_lines
@@ -186,25 +188,6 @@ def cmd_cloud(args: argparse.Namespace) -> int:
     return main_cloud(settings)
 
 
-def cmd_fleet_sim(args: argparse.Namespace) -> int:
-    from edge_agent.devtools import fleet, fleetrun  # noqa: PLC0415 - a tool, not the service
-
-    opts = fleet.FleetOptions(
-        devices=args.devices,
-        duration_s=args.duration,
-        case_rate=args.case_rate,
-        seed=args.seed,
-        windows=fleetrun.load_windows(Path(args.data)),
-    )
-    faults = fleetrun.Faults(args.kill_worker_at, args.restart_broker_at)
-    report = fleetrun.run_fleet(opts, args.workers, faults, progress=not args.quiet)
-    text = json.dumps(report, indent=1)
-    sys.stdout.write(text + "\n")
-    if args.json:
-        Path(args.json).write_text(text + "\n")
-    return EXIT_OK if report["charged_once"] else EXIT_FAILURE
-
-
 def cmd_models_list(args: argparse.Namespace) -> int:
     settings = _settings(args)
     packs = discover(settings.model.packs_dir, settings.model.store_dir)
@@ -341,20 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="print the cost ledger (PATH, default cloud.ledger_path) as JSON and exit",
     )
 
-    fsim = sub.add_parser(
-        "fleet-sim", help="simulated devices against real cloud workers (docs/fleet.md)"
-    )
-    fsim.add_argument("--devices", type=int, default=1000)
-    fsim.add_argument("--duration", type=float, default=120.0, help="seconds of new cases")
-    fsim.add_argument("--workers", type=int, default=2, help="edge-agent cloud processes")
-    fsim.add_argument("--case-rate", type=float, default=0.1, help="hard cases/s per device")
-    fsim.add_argument("--kill-worker-at", type=float, default=None, metavar="S")
-    fsim.add_argument("--restart-broker-at", type=float, default=None, metavar="S")
-    fsim.add_argument("--seed", type=int, default=1)
-    fsim.add_argument("--data", default=str(BUNDLED_TEST_DATA), help="JSON lines of real windows")
-    fsim.add_argument("--json", default="", help="also write the report to this file")
-    fsim.add_argument("--quiet", action="store_true", help="no progress line")
-    fsim.set_defaults(func=cmd_fleet_sim)
+    fleetcli.add_commands(sub, _settings)
 
     msub = _add_models_commands(sub)
     # `--config` is accepted before or after the subcommand (`edge-agent run --config F`).

@@ -192,6 +192,10 @@ class CloudSettings(_Section, frozen=True):
     worker_id: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.-]{0,64}$")] = ""
     batch_max: Annotated[int, msgspec.Meta(ge=1, le=4096)] = 256
     dedupe_keys: PositiveInt = 100_000
+    #: Hard-case messages the broker may hand this worker before it acknowledged them (MQTT v5
+    #: Receive Maximum): the rest wait at the broker, so a busy worker is not flooded and a
+    #: killed one takes at most this many unanswered messages with it.
+    receive_maximum: Annotated[int, msgspec.Meta(ge=1, le=65535)] = 32
     max_payload_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 4 * 1024 * 1024
     price_sync_per_1k_tokens: NonNegFloat = 0.04
     batch_discount: Fraction = 0.5

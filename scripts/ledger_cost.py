@@ -9,9 +9,10 @@ case (``Books.answered``: charge, remember the answer, and with a ledger file co
   cases between two writes (every 30 s at ``--rate`` cases/s), from a measured write of a
   summary with ``--devices`` devices;
 * ``sqlite normal`` / ``sqlite full``: one transaction per urgent case (the worker's
-  default, ``cloud.ledger_sync``), and per batch chunk of ``--chunk`` cases.
+  default, ``cloud.ledger_sync``), and per batch chunk of ``--chunk`` cases;
+* ``redis`` (with ``--redis URL``): one Lua script per urgent case / batch chunk.
 
-Usage: python scripts/ledger_cost.py [--cases 5000] [--devices 300] [--rate 218]
+Usage: python scripts/ledger_cost.py [--cases 5000] [--devices 300] [--rate 218] [--redis URL]
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from pathlib import Path
 from edge_agent.cloud.books import Books
 from edge_agent.cloud.intake import Answer, AnswerMemory
 from edge_agent.cloud.ledger import CostLedger
-from edge_agent.cloud.ledger_store import LedgerStore
+from edge_agent.cloud.ledger_store import LedgerStore, Store, open_store
 from edge_agent.util.files import Durability, atomic_write
 from edge_agent.wire.messages import Tier
 
@@ -79,6 +80,7 @@ def main() -> int:
     ap.add_argument("--devices", type=int, default=300)
     ap.add_argument("--rate", type=float, default=218.0, help="cases/s, to amortise old writes")
     ap.add_argument("--chunk", type=int, default=64, help="cases per batch transaction")
+    ap.add_argument("--redis", default="", help="also a Redis ledger at this URL (flushed!)")
     args = ap.parse_args()
     rows = []
     sizes: list[float] = []
@@ -86,11 +88,20 @@ def main() -> int:
         folder = Path(tmp)
         write_us = old_write_us(args.devices, folder)
         per_write = args.rate * OLD_WRITE_INTERVAL_S
-        for name, sync in (("memory", None), ("sqlite normal", "normal"), ("sqlite full", "full")):
+        kinds = [("memory", None), ("sqlite normal", "normal"), ("sqlite full", "full")]
+        if args.redis:
+            kinds.append(("redis", "redis"))
+        for name, sync in kinds:
             for chunk in (1, args.chunk):
-                store = None
-                if sync is not None:
+                store: Store | None = None
+                if sync == "redis":
+                    import redis  # noqa: PLC0415 - only with --redis
+
+                    redis.Redis.from_url(args.redis).flushall()
+                    store = open_store(args.redis, "bench", "normal", 3600.0)
+                elif sync is not None:
                     store = LedgerStore(folder / f"{sync}-{chunk}.db", "bench", sync)
+                if store is not None:
                     store.load(CostLedger(0.04, 0.5, 1500))
                 books = Books(CostLedger(0.04, 0.5, 1500), AnswerMemory(100_000), Counter(), store)
                 per_case_us(books, min(500, args.cases), args.devices, chunk, "warm")
@@ -99,6 +110,7 @@ def main() -> int:
                 rows.append((name, chunk, statistics.median(samples) + extra, extra, samples))
                 if store is not None:
                     store.close()
+                if sync in ("normal", "full"):
                     path = folder / f"{sync}-{chunk}.db"
                     with sqlite3.connect(path) as db:
                         db.execute("PRAGMA wal_checkpoint(TRUNCATE)")

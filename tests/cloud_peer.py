@@ -127,7 +127,7 @@ class WorkerProcess:
 
 
 def worker_env(
-    port: int, prefix: str, pack: Path, ledger: Path, worker: str, **extra: str
+    port: int, prefix: str, pack: Path, ledger: str | Path, worker: str, **extra: str
 ) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("EDGE_AGENT_")}
     env.update(

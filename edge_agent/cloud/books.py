@@ -17,7 +17,7 @@ from typing import NamedTuple
 
 from edge_agent.cloud.intake import Answer, AnswerMemory
 from edge_agent.cloud.ledger import CostLedger, Usage
-from edge_agent.cloud.ledger_store import Charge, LedgerStore
+from edge_agent.cloud.ledger_store import Charge, Store, open_store
 from edge_agent.config import CloudSettings
 from edge_agent.errors import LedgerError
 from edge_agent.wire.messages import Tier
@@ -46,7 +46,7 @@ class Books:
     ledger: CostLedger
     memory: AnswerMemory
     counters: Counter[str]
-    store: LedgerStore | None = None
+    store: Store | None = None
     _readings: dict[str, int] = field(default_factory=dict)
 
     @classmethod
@@ -62,7 +62,7 @@ class Books:
         figures loaded into ``ledger``; raises LedgerError when it cannot be opened."""
         if not cloud.ledger_path:
             return cls(ledger, memory, counters)
-        store = LedgerStore(cloud.ledger_path, worker_id, cloud.ledger_sync)
+        store = open_store(cloud.ledger_path, worker_id, cloud.ledger_sync, cloud.answers_keep_s)
         books = cls(ledger, memory, counters, store)
         try:
             store.load(ledger)

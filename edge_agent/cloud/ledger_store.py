@@ -40,11 +40,11 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from edge_agent.cloud.intake import Answer
 from edge_agent.cloud.ledger import LEDGER_KEEP_DAYS, CostLedger, Usage
-from edge_agent.errors import LedgerError
+from edge_agent.errors import ConfigError, LedgerError
 from edge_agent.wire.messages import Tier
 
 log = logging.getLogger(__name__)
@@ -88,7 +88,7 @@ CREATE TABLE IF NOT EXISTS devices (
 ) WITHOUT ROWID;
 """
 
-_FIELDS = (
+FIELDS = (
     "urgent",
     "batch",
     "tokens",
@@ -135,6 +135,45 @@ class Charge:
     key: str | None = None
     answer: Answer | None = None
     billed: bool = False
+
+
+class Store(Protocol):
+    """Where the ledger is kept: this SQLite file, or Redis (``ledger_redis.py``)."""
+
+    path: Any
+
+    def load(self, ledger: CostLedger) -> None: ...
+    def answer(self, device: str, key: str) -> Answer | None: ...
+    def record(
+        self, charges: list[Charge], readings: dict[str, int], at: dt.datetime | None = None
+    ) -> list[Usage]: ...
+    def prune(self, answers_keep_s: float, keep_days: int = LEDGER_KEEP_DAYS) -> int: ...
+    def close(self) -> None: ...
+
+
+def is_redis(where: str | os.PathLike[str]) -> bool:
+    """``cloud.ledger_path`` names a Redis server rather than a file."""
+    return str(where).startswith(("redis://", "rediss://", "unix://"))
+
+
+def open_store(path: str, worker: str, sync: str, answers_keep_s: float) -> Store:
+    """The ledger's store that ``cloud.ledger_path`` names (raises LedgerError/ConfigError)."""
+    if is_redis(path):
+        store: Store = _redis().RedisLedgerStore(path, worker, answers_keep_s)
+        return store
+    return LedgerStore(path, worker, sync)
+
+
+def _redis() -> Any:
+    """``ledger_redis``, imported only when the ledger is in Redis (extra ``cloud-redis``)."""
+    try:
+        from edge_agent.cloud import ledger_redis  # noqa: PLC0415 - an optional extra
+    except ImportError as exc:
+        raise ConfigError(
+            "cloud.ledger_path names Redis, but redis-py is not installed:"
+            " pip install 'edge-agent[cloud-redis]'"
+        ) from exc
+    return ledger_redis
 
 
 class LedgerStore:
@@ -260,7 +299,7 @@ class LedgerStore:
                         ),
                     )
                     fresh = cur.rowcount == 1
-                usage = c.usage if fresh else _without_cases(c.usage) if c.billed else Usage()
+                usage = c.usage if fresh else without_cases(c.usage) if c.billed else Usage()
                 if usage != Usage():
                     db.execute(_ADD_USAGE, (day, c.device, *_values(usage)))
                 added.append(usage)
@@ -305,7 +344,7 @@ class LedgerStore:
 def _load(db: sqlite3.Connection, ledger: CostLedger, path: Path) -> None:
     try:
         for day, device, *values in db.execute(_READ_USAGE).fetchall():
-            ledger.apply(device, Usage(**dict(zip(_FIELDS, values, strict=True))), day)
+            ledger.apply(device, Usage(**dict(zip(FIELDS, values, strict=True))), day)
         for device, readings in db.execute("SELECT device, readings_total FROM devices"):
             ledger.observe(device, int(readings))
     except sqlite3.Error as exc:
@@ -316,6 +355,9 @@ def summary_of(path: str | os.PathLike[str]) -> dict[str, Any]:
     """The summary (``CostLedger.summary``) of a ledger file, at the prices the worker that
     wrote it last started with; the file is only read. A JSON ledger of the earlier format is
     returned as it is. Raises LedgerError when it is neither."""
+    if is_redis(path):
+        summary: dict[str, Any] = _redis().redis_summary(str(path))
+        return summary
     where = Path(path)
     try:
         with where.open("rb") as fh:
@@ -345,10 +387,10 @@ def summary_of(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def _values(u: Usage) -> tuple[int | float, ...]:
-    return tuple(getattr(u, f) for f in _FIELDS)
+    return tuple(getattr(u, f) for f in FIELDS)
 
 
-def _without_cases(u: Usage) -> Usage:
+def without_cases(u: Usage) -> Usage:
     return Usage(
         tokens=u.tokens,
         spend_urgent=u.spend_urgent,

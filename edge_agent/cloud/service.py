@@ -18,7 +18,7 @@ from typing import Any
 
 from edge_agent.cloud.worker import CloudWorker
 from edge_agent.config import Settings
-from edge_agent.service.systemd import Notifier
+from edge_agent.util.systemd import Notifier
 
 log = logging.getLogger(__name__)
 

@@ -268,7 +268,7 @@ class CloudWorker:
 
     def _connect(self) -> None:
         try:
-            self._client = self._session.open(self._setup)
+            self._client = self._session.open(self._setup, self.cloud.receive_maximum)
         except ConfigError as exc:
             self._give_up(f"cannot connect: {exc}")
 

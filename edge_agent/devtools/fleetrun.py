@@ -33,8 +33,10 @@ WORKER_READY_S = 60.0
 class Faults:
     #: Seconds into the run at which worker ``w1`` is SIGKILLed (and started again 1 s later).
     kill_worker_at_s: float | None = None
-    #: Seconds into the run at which the broker is SIGKILLed and started again on its port.
+    #: Seconds into the run at which the broker is SIGKILLed, and started again on its port
+    #: ``broker_down_s`` later.
     restart_broker_at_s: float | None = None
+    broker_down_s: float = 0.0
 
 
 def load_windows(data: Path, limit: int = 200) -> list[list[list[float]]]:
@@ -196,11 +198,14 @@ class _Run:
         self.pool.kill("w1")
         self.events["worker_kill"] = time.monotonic() - self.t0
 
-    def restart_broker(self) -> None:
+    def kill_broker(self) -> None:
         self.broker_cpu_s += cpu_seconds(self.broker.pid)
         self.broker.kill()
-        self.events["broker_restart"] = time.monotonic() - self.t0
+        self.events["broker_killed"] = time.monotonic() - self.t0
+
+    def start_broker(self) -> None:
         self.broker.start()
+        self.events["broker_started"] = time.monotonic() - self.t0
         self.broker_cpu_s -= cpu_seconds(self.broker.pid)
 
     def drive(self, faults: Faults, progress: bool) -> dict[str, Any]:
@@ -210,7 +215,8 @@ class _Run:
             hooks[faults.kill_worker_at_s] = self.kill_worker
             hooks[faults.kill_worker_at_s + 1.0] = lambda: self.pool.start("w1")
         if faults.restart_broker_at_s is not None:
-            hooks[faults.restart_broker_at_s] = self.restart_broker
+            hooks[faults.restart_broker_at_s] = self.kill_broker
+            hooks[faults.restart_broker_at_s + faults.broker_down_s + 1e-3] = self.start_broker
         step, elapsed = 10.0, 0.0
         while elapsed < opts.duration_s:
             chunk = min(step, opts.duration_s - elapsed)
@@ -236,8 +242,11 @@ class _Run:
         fleet, c = self.fleet, self.fleet.counters
         cpu = self.pool.cpu()
         verdicts = fleet.verdicts()
+        # Time to come back: from the broker's return when it was restarted, else from the
+        # device's loss of its connection.
+        back = self.t0 + self.events.get("broker_started", -self.t0)
         reconnected = [
-            fleet.connected_at[d] - fleet.disconnected_at[d]
+            fleet.connected_at[d] - max(fleet.disconnected_at[d], back)
             for d in fleet.disconnected_at
             if fleet.connected_at.get(d, 0) > fleet.disconnected_at[d]
         ]

@@ -44,10 +44,10 @@ from edge_agent.scoring.drift import DriftMonitor
 from edge_agent.scoring.pipeline import ScorePipeline
 from edge_agent.scoring.scorer import Decision, Route, Scorer
 from edge_agent.service.metrics import agent_metrics, decision_histogram, round_trip_histogram
-from edge_agent.service.systemd import Heartbeat, Notifier, Watchdog
 from edge_agent.service.telemetry import LatencyWindow, SystemProbe, TelemetryThread
 from edge_agent.util.metrics import MetricsServer
 from edge_agent.util.stats import percentile
+from edge_agent.util.systemd import Heartbeat, Notifier, Watchdog
 from edge_agent.wire.messages import (
     SCHEMA_VERSION,
     HardCase,

@@ -11,6 +11,7 @@ import random
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from edge_agent.wire.messages import BatchVerdicts, Verdict
 from tests.broker import Mosquitto
 from tests.cloud_peer import StatusWatcher, WorkerProcess, worker_env
 from tests.integration.test_cloud import Devices, PackUnderTest, hard_case, pack  # noqa: F401
+from tests.redis_server import RedisServer
 
 pytestmark = pytest.mark.integration
 
@@ -118,14 +120,26 @@ class Fleet:
             return len(self.pending)
 
 
+@pytest.fixture(params=["sqlite", "redis"])
+def ledger_path(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """The ledger both workers share: one SQLite file (workers on one host), or Redis (a
+    fleet's workers on any host)."""
+    if request.param == "sqlite":
+        yield str(tmp_path / "ledger.db")
+        return
+    server = RedisServer(tmp_path / "redis")
+    yield server.url
+    server.stop()
+
+
 def test_every_answered_case_is_charged_once_through_repeated_sigkills(
     broker: Mosquitto,
     topic_prefix: str,
     pack: PackUnderTest,  # noqa: F811 - the fixture imported above
     tmp_path: Path,
+    ledger_path: str,
 ) -> None:
     rng = random.Random(SEED)
-    ledger_path = tmp_path / "ledger.db"  # shared by both workers (one host)
     workers = {
         name: WorkerProcess(
             worker_env(broker.port, topic_prefix, pack.path, ledger_path, name),

@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime as dt
 import sqlite3
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -13,28 +14,46 @@ import pytest
 from edge_agent.cloud.books import Billed, Books
 from edge_agent.cloud.intake import Answer, AnswerMemory
 from edge_agent.cloud.ledger import CostLedger, Usage
-from edge_agent.cloud.ledger_store import Charge, LedgerStore, summary_of
+from edge_agent.cloud.ledger_store import Charge, LedgerStore, open_store, summary_of
 from edge_agent.errors import LedgerError
 from edge_agent.wire.messages import Tier
+from tests.redis_server import RedisServer
 
 DAY = dt.datetime(2026, 11, 28, 9, 0, tzinfo=dt.UTC)
 A = Answer("walking", 0.93, "cloud@1")
+
+
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def where(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Where the ledger is kept: a SQLite file, or a (flushed) Redis server."""
+    if request.param == "sqlite":
+        return str(tmp_path / "ledger.db")
+    server: RedisServer = request.getfixturevalue("redis_server")
+    server.flush()
+    return server.url
 
 
 def ledger() -> CostLedger:
     return CostLedger(0.04, 0.5, 1500, price_prompt_per_1k=0.0025, price_completion_per_1k=0.01)
 
 
-def books(path: Path, worker: str = "w1") -> Books:
-    store = LedgerStore(path, worker)
+def books(path: Path | str, worker: str = "w1") -> Books:
+    store = open_store(str(path), worker, "normal", 3600.0)
     b = Books(ledger(), AnswerMemory(100), Counter(), store)
     store.load(b.ledger)
     return b
 
 
-def test_a_case_is_charged_once_and_its_answer_kept(tmp_path: Path) -> None:
+def test_a_case_is_charged_once_and_its_answer_kept(where: str) -> None:
     led = ledger()
-    store = LedgerStore(tmp_path / "ledger.db", "w1")
+    store = open_store(where, "w1", "normal", 3600.0)
     usage = led.case_usage(Tier.URGENT)
     first = store.record([Charge("dev-a", Tier.URGENT, usage, "k1", A)], {"dev-a": 50}, DAY)
     again = store.record([Charge("dev-a", Tier.URGENT, usage, "k1", A)], {}, DAY)
@@ -47,38 +66,36 @@ def test_a_case_is_charged_once_and_its_answer_kept(tmp_path: Path) -> None:
     store.close()
 
     reread = ledger()
-    LedgerStore(tmp_path / "ledger.db", "w2").load(reread)
+    open_store(where, "w2", "normal", 3600.0).load(reread)
     dev = reread.summary()["devices"]["dev-a"]
     assert (dev["urgent"], dev["tokens"], dev["readings_total"]) == (1, 1500, 50)
     assert dev["spend"] == pytest.approx(0.06)
 
 
-def test_a_billed_request_counts_even_when_its_case_was_answered_elsewhere(
-    tmp_path: Path,
-) -> None:
-    b1, b2 = books(tmp_path / "l.db", "w1"), books(tmp_path / "l.db", "w2")
+def test_a_billed_request_counts_even_when_its_case_was_answered_elsewhere(where: str) -> None:
+    b1, b2 = books(where, "w1"), books(where, "w2")
     b1.billed([Billed("dev-a", Tier.URGENT, 100, 5, "k1", A)])
     # A second worker asked the endpoint for the same case before it saw the first answer:
     # the endpoint billed that request too, but the case is one case.
     b2.billed([Billed("dev-a", Tier.URGENT, 120, 5, "k1", A)])
     reread = ledger()
-    LedgerStore(tmp_path / "l.db", "w3").load(reread)
+    open_store(where, "w3", "normal", 3600.0).load(reread)
     dev = reread.summary()["devices"]["dev-a"]
     assert (dev["urgent"], dev["calls"], dev["prompt_tokens"]) == (1, 2, 220)
     assert dev["spend"] == pytest.approx((220 * 0.0025 + 10 * 0.01) / 1000)
     assert b2.ledger.summary()["devices"]["dev-a"]["urgent"] == 0  # as the database added it
 
 
-def test_workers_sharing_the_file_answer_each_others_cases_without_charging(
-    tmp_path: Path,
+def test_workers_sharing_the_ledger_answer_each_others_cases_without_charging(
+    where: str,
 ) -> None:
-    b1, b2 = books(tmp_path / "l.db", "w1"), books(tmp_path / "l.db", "w2")
+    b1, b2 = books(where, "w1"), books(where, "w2")
     b1.answered("dev-a", Tier.BATCH, [("k1", A), ("k2", A)])
     assert b2.known("dev-a", "k1") == A  # the re-sent copy reached the other worker
     assert b2.counters["answered_from_ledger"] == 1
     b2.answered("dev-a", Tier.BATCH, [("k2", A)])  # scored there anyway: charged once
     assert b2.counters["charged_already"] == 1
-    total = summary_of(tmp_path / "l.db")["total"]
+    total = summary_of(where)["total"]
     assert (total["batch"], total["urgent"]) == (2, 0)
     assert total["spend"] == pytest.approx(2 * 0.03)
 
