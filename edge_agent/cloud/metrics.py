@@ -20,6 +20,7 @@ times ``edge_cloud_case_price``. docs/observability.md has the queries.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
@@ -81,15 +82,20 @@ def _sum(ledger: CostLedger) -> Usage:
 
 class LedgerSince:
     """What a ledger recorded since this object was made, never decreasing (a day of figures
-    expiring from the ledger does not make a counter go back)."""
+    expiring from the ledger does not make a counter go back). Scrapes may come at once."""
 
     def __init__(self, ledger: CostLedger) -> None:
         self.ledger = ledger
         self._base = _sum(ledger)
         self._last = Usage()
+        self._lock = threading.Lock()
 
     def usage(self) -> Usage:
-        now, base, last = _sum(self.ledger), self._base, self._last
+        with self._lock:
+            return self._advance(_sum(self.ledger))
+
+    def _advance(self, now: Usage) -> Usage:
+        base, last = self._base, self._last
         self._last = Usage(
             urgent=max(last.urgent, now.urgent - base.urgent),
             batch=max(last.batch, now.batch - base.batch),
