@@ -240,6 +240,11 @@ class CloudSettings(_Section, frozen=True):
     #: ``pack``: score with ``cloud.pack``'s own backend; ``endpoint``: ask the OpenAI-compatible
     #: endpoint of ``[endpoint]``, with ``cloud.pack`` giving the labels, input shape and prompt.
     backend: Literal["pack", "endpoint"] = "pack"
+    #: Serve the worker's Prometheus metrics on 127.0.0.1:<port> (0: off).
+    metrics_port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 0
+    #: Export the highest readings count of each device (one series per device: the all-cloud
+    #: counterfactual); turn off for fleets too large for a series per device.
+    metrics_devices: bool = True
 
 
 class EndpointSettings(_Section, frozen=True):

@@ -15,6 +15,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from edge_agent.cloud.intake import Answer, BatchCtx, Rejected, UrgentCtx
+from edge_agent.cloud.metrics import verdict_histograms
 from edge_agent.wire.messages import (
     IDEMPOTENCY_PROPERTY,
     SCHEMA_VERSION,
@@ -42,10 +43,14 @@ class Verdicts:
         self.worker_id = worker_id
         self.counters = counters
         self.unacked: set[int] = set()
+        #: Receipt to verdict, seconds, per tier (``metrics.py``); observed on this thread.
+        self.latency = verdict_histograms()
 
     def urgent(self, client: mqtt.Client, ctx: UrgentCtx, answer: Answer) -> None:
         """An urgent case's verdict to its reply topic, correlation data copied back."""
-        verdict = answer.verdict(ctx.case, Tier.URGENT, ms_since(ctx.received_ns))
+        cloud_ms = ms_since(ctx.received_ns)
+        self.latency[Tier.URGENT].observe(cloud_ms / 1000.0)
+        verdict = answer.verdict(ctx.case, Tier.URGENT, cloud_ms)
         props = self._properties(ctx.case.key)
         if ctx.correlation is not None:
             props.CorrelationData = ctx.correlation
@@ -60,6 +65,7 @@ class Verdicts:
         verdicts = [a.verdict(case, Tier.BATCH, cloud_ms) for case, a in answers if a is not None]
         if not verdicts:
             return
+        self.latency[Tier.BATCH].observe(cloud_ms / 1000.0)
         if client is None:
             self.counters["verdicts_unsent"] += len(verdicts)
             return

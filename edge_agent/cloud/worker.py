@@ -67,6 +67,7 @@ from edge_agent.cloud.intake import (
     validate,
 )
 from edge_agent.cloud.ledger import CostLedger
+from edge_agent.cloud.metrics import WorkerMetrics
 from edge_agent.cloud.prompt import Prompt
 from edge_agent.cloud.tiers import EndpointTiers, ack
 from edge_agent.cloud.verdicts import Verdicts
@@ -77,6 +78,7 @@ from edge_agent.models.pack import resolve
 from edge_agent.mqtt.session import Session, disconnect_quietly, on_disconnect
 from edge_agent.scoring.backends.base import BackendOptions
 from edge_agent.scoring.scorer import Decision, Scorer
+from edge_agent.util.metrics import MetricsServer
 from edge_agent.wire.messages import SCHEMA_VERSION, HardCase, Tier, Topics, WorkerStatus, encoder
 
 log = logging.getLogger(__name__)
@@ -127,6 +129,8 @@ class CloudWorker:
         self.verdicts = Verdicts(self.topics, self.worker_id, self.counters)
         self._stopped = False
         self._endpoint: EndpointTiers | None = None
+        self.metrics = WorkerMetrics(self, self.cloud.metrics_devices)
+        self._metrics_server: MetricsServer | None = None
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -163,6 +167,13 @@ class CloudWorker:
                 self._scorer = Scorer.open(pack, BackendOptions.of(m))
                 log.info("cloud pack %s loaded from %s", pack.ref, pack.path)
             self._readings = ReadingDecoder(self.scorer.shape)
+        if self.cloud.metrics_port:
+            try:
+                server = MetricsServer(self.cloud.metrics_port, self.metrics.text, "edge-cloud")
+            except OSError as exc:
+                raise ConfigError(f"cloud.metrics_port {self.cloud.metrics_port}: {exc}") from exc
+            self._metrics_server = server
+            server.start()
         self._thread = threading.Thread(target=self._run, name="edge-cloud-net", daemon=True)
         self._thread.start()
 
@@ -181,6 +192,8 @@ class CloudWorker:
             return
         self._stopped = True
         self._stop.set()
+        if self._metrics_server is not None:
+            self._metrics_server.stop()
         alive = False
         if self._thread is not None:
             self._thread.join(timeout)

@@ -44,13 +44,9 @@ from edge_agent.routing.router import Reconciler, Router
 from edge_agent.scoring.drift import DriftMonitor
 from edge_agent.scoring.pipeline import ScorePipeline
 from edge_agent.scoring.scorer import Decision, Route, Scorer
-from edge_agent.service.telemetry import (
-    LatencyWindow,
-    MetricsServer,
-    SystemProbe,
-    TelemetryThread,
-    prometheus_text,
-)
+from edge_agent.service.metrics import agent_metrics, decision_histogram, round_trip_histogram
+from edge_agent.service.telemetry import LatencyWindow, SystemProbe, TelemetryThread
+from edge_agent.util.metrics import MetricsServer
 from edge_agent.util.stats import percentile
 from edge_agent.util.systemd import Heartbeat, Notifier, Watchdog
 from edge_agent.wire.messages import (
@@ -155,6 +151,10 @@ class Agent:
         )
         t = settings.telemetry
         self.latency = LatencyWindow(t.latency_window)
+        self.decision_seconds = decision_histogram()
+        self.round_trip_seconds = round_trip_histogram()
+        self._round_trips_seen = 0
+        self._round_trips_lock = threading.Lock()
         self.drift = DriftMonitor(scorer.pack, settings.drift)
         self.probe = SystemProbe(settings.device.state_dir)
         self.telemetry = TelemetryThread(
@@ -162,11 +162,12 @@ class Agent:
             self.snapshot,
             self._publish_telemetry if t.publish else None,
             Path(t.textfile) if t.textfile else None,
+            self.prometheus,
         )
         self.metrics: MetricsServer | None = None
         if t.http_port:
             self.metrics = MetricsServer(
-                t.http_port, lambda: prometheus_text(self.telemetry.latest or self.snapshot())
+                t.http_port, lambda: self.prometheus(self.telemetry.latest or self.snapshot())
             )
         self.notifier = notifier or Notifier()
         self.heartbeat = Heartbeat("scoring loop")
@@ -181,6 +182,7 @@ class Agent:
         tier and idempotency key (None for a local decision). The scoring loop's callback."""
         self.counters["readings"] += 1
         self.latency.record(d.latency_ms)
+        self.decision_seconds.observe(d.latency_ms / 1000.0)
         self.drift.record(d.reading.values, d.confidence, d.route == Route.HARD)
         if self.rollout is not None:
             self.rollout.observe(d)
@@ -291,6 +293,29 @@ class Agent:
         key = f"{self.device}:t{int(snap.get('time_unix', time.time()) * 1000)}"
         payload = encoder.encode({"v": SCHEMA_VERSION, "device": self.device, **snap})
         self.link.submit(Cls.TELEMETRY, key, self.topics.telemetry(self.device), payload)
+
+    def prometheus(self, snap: dict[str, Any]) -> str:
+        """The Prometheus text of a snapshot and the latency histograms (``metrics.py``)."""
+        self._observe_round_trips()
+        return agent_metrics(
+            snap, self.device, self.decision_seconds.data(), self.round_trip_seconds.data()
+        )
+
+    def _observe_round_trips(self) -> None:
+        """Move the round trips of verdicts that came since the last call into the histogram.
+
+        The reconciler keeps the last round trips (on-time urgent verdicts, one each) in a
+        bounded deque; the count of on-time verdicts says how many of its newest are new. More
+        new ones than the deque holds (a burst past its bound between two ticks): the oldest
+        of them are not observed.
+        """
+        with self._round_trips_lock:
+            recent = list(self.reconciler.round_trips_ms)
+            seen = self.reconciler.counters["verdicts_on_time"]
+            new = min(seen - self._round_trips_seen, len(recent))
+            self._round_trips_seen = seen
+            for ms in recent[len(recent) - new :] if new > 0 else ():
+                self.round_trip_seconds.observe(ms / 1000.0)
 
     def snapshot(self) -> dict[str, Any]:
         """Everything telemetry reports, as one JSON-able dict."""

@@ -1,14 +1,16 @@
 """Telemetry: what the agent is doing and what it costs, as MQTT JSON and Prometheus text.
 
 The scoring loop only records latencies into a fixed ring buffer (a numpy
-array write); everything else — psutil calls, percentiles, encoding,
-publishing, writing the textfile — happens on the telemetry thread at
+array write) and a histogram (two additions); everything else — psutil calls,
+percentiles, encoding, publishing, rendering the Prometheus text (``metrics.py``)
+and writing the textfile — happens on the telemetry thread at
 ``telemetry.interval_s``. Publishing goes through the link's bounded queue
 into the outbox's telemetry class, which drops its oldest when full.
 
 Metrics: process CPU and RSS, system load and memory, free disk of the state
 directory, temperatures where the device has sensors; latency p50/p95/p99
-over the last ``telemetry.latency_window`` readings; counters (readings,
+over the last ``telemetry.latency_window`` readings (JSON; Prometheus gets
+histograms); counters (readings,
 rejects by reason, local, hard urgent/batch, refusals, verdicts on time /
 late / missed, local-cloud agreement, outbox depth per class, drops,
 reconnects); the ``drift`` section (drift.py: per-feature PSI against the
@@ -17,14 +19,12 @@ pack's training reference, confidence histogram, hard rate, the drift flag).
 
 from __future__ import annotations
 
-import http.server
 import logging
-import math
 import os
 import shutil
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -102,84 +102,9 @@ class SystemProbe:
         }
 
 
-def _metric_name(key: str) -> str:
-    return "".join(c if c.isalnum() else "_" for c in key)
-
-
-def prometheus_text(snapshot: Snapshot, prefix: str = "edge_agent") -> str:
-    """Flatten a snapshot into Prometheus text exposition format (gauges)."""
-    lines: list[str] = []
-
-    def emit(name: str, value: Any, labels: Mapping[str, str] | None = None) -> None:
-        if isinstance(value, bool):
-            value = int(value)
-        if not isinstance(value, (int, float)) or not math.isfinite(value):  # skip None, NaN
-            return
-        metric = f"{prefix}_{_metric_name(name)}"
-        label_text = ""
-        if labels:
-            inner = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
-            label_text = "{" + inner + "}"
-        lines.append(f"{metric}{label_text} {value}")
-
-    def labelled(key: str, value: Mapping[Any, Any]) -> None:
-        for sub, v in value.items():
-            emit(key, v, {"name": _metric_name(str(sub))})
-
-    for key, value in snapshot.items():
-        if isinstance(value, dict) and any(isinstance(v, dict) for v in value.values()):
-            # A section (e.g. "drift"): its numbers are gauges <key>_<sub>, its tables
-            # labelled series <key>_<sub>{name="..."}; strings and lists are JSON-only.
-            for sub, v in value.items():
-                if isinstance(v, dict):
-                    labelled(f"{key}_{sub}", v)
-                else:
-                    emit(f"{key}_{sub}", v)
-        elif isinstance(value, dict):
-            labelled(key, value)
-        else:
-            emit(key, value)
-    return "\n".join(lines) + "\n"
-
-
 def write_textfile(path: Path, text: str) -> None:
     """Write atomically (temp file + rename), for node_exporter's textfile collector."""
     atomic_write(path, text.encode(), Durability.RENAME)
-
-
-class MetricsServer:
-    """A loopback-only ``/metrics`` endpoint serving the latest Prometheus text."""
-
-    def __init__(self, port: int, text: Callable[[], str]) -> None:
-        get_text = text
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                if self.path.split("?")[0] != "/metrics":
-                    self.send_error(404)
-                    return
-                body = get_text().encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "text/plain; version=0.0.4")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - base signature
-                log.debug("metrics request: %s", format % args)
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler)
-        self.port = int(self.httpd.server_address[1])
-        self._thread = threading.Thread(
-            target=self.httpd.serve_forever, name="edge-agent-metrics", daemon=True
-        )
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
 
 
 class TelemetryThread:
@@ -191,11 +116,13 @@ class TelemetryThread:
         snapshot: Callable[[], Snapshot],
         publish: Callable[[Snapshot], None] | None,
         textfile: Path | None,
+        render: Callable[[Snapshot], str] | None = None,
     ) -> None:
         self.interval_s = interval_s
         self.snapshot = snapshot
         self.publish = publish
         self.textfile = textfile
+        self.render = render
         self.latest: Snapshot = {}
         self.errors = 0
         self._stop = threading.Event()
@@ -220,9 +147,9 @@ class TelemetryThread:
         self.latest = snap
         if self.publish is not None:
             self.publish(snap)
-        if self.textfile is not None:
+        if self.textfile is not None and self.render is not None:
             try:
-                write_textfile(self.textfile, prometheus_text(snap))
+                write_textfile(self.textfile, self.render(snap))
             except OSError as exc:
                 self.errors += 1
                 if self.errors == 1 or self.errors % 100 == 0:

@@ -87,7 +87,7 @@ def test_unchanged_replay_never_flags(
     with caplog.at_level(logging.WARNING, logger="edge_agent.scoring.drift"):
         snaps, text = run_agent(broker, topic_prefix, tmp_path)
     assert snaps, "no telemetry"
-    assert f"edge_agent_readings {LOOPS * 40}" in text
+    assert f"edge_agent_readings_total {LOOPS * 40}" in text
     drift = [s["drift"] for s in snaps]
     assert all(d["flag"] is False for d in drift)
     assert drift[0]["state"] in ("warming_up", "ok")
@@ -98,7 +98,7 @@ def test_unchanged_replay_never_flags(
     assert drift[-1]["hard_rate"] == 0.0
     assert "edge_agent_drift_flag 0" in text
     assert "edge_agent_drift_enabled 1" in text
-    assert 'edge_agent_drift_psi{name="acc_z_mean"}' in text
+    assert 'edge_agent_drift_psi{feature="acc_z_mean"}' in text
     assert not [r for r in caplog.records if r.name == "edge_agent.scoring.drift"]
 
 

@@ -20,6 +20,7 @@ from edge_agent.devtools.localbroker import Mosquitto, free_port
 from tests.conftest import make_fake_pack, settings_env
 from tests.integration.test_sources import Harness
 from tests.mqtt_peer import Collector
+from tests.prometheus import check_metrics
 
 pytestmark = pytest.mark.integration
 
@@ -127,7 +128,9 @@ def test_telemetry_payload_textfile_and_metrics_endpoint(
     body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
     h.thread.join(30)
     assert h.code == 0
-    assert "edge_agent_rss_bytes " in body
+    assert "edge_agent_process_resident_memory_bytes " in body
+    checked = check_metrics(body)
+    assert (checked.returncode, checked.stdout + checked.stderr) == (0, "")
     telemetry = [json.loads(p) for t, p, _ in collector.messages if t.endswith("/telemetry")]
     assert telemetry, "no telemetry published"
     last = telemetry[-1]
@@ -140,10 +143,17 @@ def test_telemetry_payload_textfile_and_metrics_endpoint(
     assert 0 < last["latency_ms_p50"] <= last["latency_ms_p99"]
     assert set(last["outbox"]) == {"urgent", "batch", "telemetry"}
     text = textfile.read_text()
-    assert "edge_agent_readings 40" in text
-    assert 'edge_agent_rejects{name="malformed_json"} 1' in text
-    assert 'edge_agent_outbox{name="urgent"}' in text
+    checked = check_metrics(text)
+    assert (checked.returncode, checked.stdout + checked.stderr) == (0, "")
+    lines = set(text.splitlines())
+    assert "edge_agent_readings_total 40" in lines
+    assert 'edge_agent_readings_rejected_total{reason="malformed_json"} 1' in lines
+    assert 'edge_agent_info{device="dev1",model="fake-pack@0.0.1"} 1' in lines
+    assert "edge_agent_decision_latency_seconds_count 40" in lines
+    assert any(x.startswith('edge_agent_outbox_messages{class="urgent"}') for x in lines)
     for line in text.splitlines():
+        if line.startswith("#"):
+            continue
         name, value = line.rsplit(" ", 1)
         float(value)
         assert name.startswith("edge_agent_")

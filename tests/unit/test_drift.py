@@ -23,7 +23,7 @@ from edge_agent.scoring.drift import (
     reference_from_windows,
     window_features,
 )
-from edge_agent.service.telemetry import prometheus_text
+from edge_agent.service.metrics import agent_metrics, decision_histogram, round_trip_histogram
 from tests.conftest import MODELS, TEST_JSONL, TRAIN_JSONL
 
 #: acc_z's standard deviation over the train split (data/basicmotions/README.md).
@@ -204,7 +204,7 @@ def test_inconsistent_reference_or_settings_are_refused(pack: ModelPack) -> None
 
 
 def test_drift_section_in_prometheus_text() -> None:
-    text = prometheus_text(
+    text = agent_metrics(
         {
             "readings": 3,
             "rejects": {"malformed_json": 1},
@@ -212,25 +212,31 @@ def test_drift_section_in_prometheus_text() -> None:
                 "enabled": True,
                 "state": "ok",
                 "flag": False,
+                "flags_raised": 2,
                 "psi_max": 0.2,
                 "psi_max_feature": "acc_x_mean",
                 "features_over": [],
                 "psi": {"acc_x_mean": 0.2},
                 "confidence": {"0.99-1.00": 1.0},
             },
-        }
+        },
+        "dev1",
+        decision_histogram().data(),
+        round_trip_histogram().data(),
     )
     lines = set(text.splitlines())
     assert {
-        "edge_agent_readings 3",
-        'edge_agent_rejects{name="malformed_json"} 1',
+        "edge_agent_readings_total 3",
+        'edge_agent_readings_rejected_total{reason="malformed_json"} 1',
+        "# TYPE edge_agent_drift_flag gauge",
         "edge_agent_drift_enabled 1",
         "edge_agent_drift_flag 0",
+        "edge_agent_drift_flags_raised_total 2",
         "edge_agent_drift_psi_max 0.2",
-        'edge_agent_drift_psi{name="acc_x_mean"} 0.2',
-        'edge_agent_drift_confidence{name="0_99_1_00"} 1.0',
+        'edge_agent_drift_psi{feature="acc_x_mean"} 0.2',
+        'edge_agent_drift_confidence_share{bucket="0.99-1.00"} 1.0',
     } <= lines
-    assert not any("state" in line or "feature" in line for line in lines)
+    assert not any("state" in line or "acc_x_mean" in line.split("{")[0] for line in lines)
 
 
 def test_drift_settings_from_file_and_environment(tmp_path: Path) -> None:
