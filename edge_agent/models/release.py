@@ -208,6 +208,8 @@ def _read_small(path: Path) -> bytes:
         raise ReleaseError(f"{path}: missing (the release is not signed)") from exc
     except OSError as exc:
         raise ReleaseError(f"{path}: cannot read: {exc.strerror}") from exc
+    except ValueError as exc:  # a NUL byte in a path from a command
+        raise ReleaseError(f"{str(path)!r:.200}: not a usable path: {exc}") from exc
 
 
 def read_statement(
