@@ -125,10 +125,12 @@ def test_datagram_sockets(broker: Mosquitto, topic_prefix: str, tmp_path: Path, 
     h = Harness(broker, topic_prefix, tmp_path, source_kind=kind, source_path=address)
     h.thread.start()
     family = socket.AF_INET if kind == "udp" else socket.AF_UNIX
-    target: object = ("127.0.0.1", int(address.rsplit(":", 1)[1])) if kind == "udp" else address
+    target: tuple[str, int] | str = (
+        ("127.0.0.1", int(address.rsplit(":", 1)[1])) if kind == "udp" else address
+    )
     with socket.socket(family, socket.SOCK_DGRAM) as s:
         for datagram in [*(good(i) for i in range(20)), *BAD]:
-            s.sendto(datagram, target)  # type: ignore[arg-type]
+            s.sendto(datagram, target)
     check(h.wait_for(23), 20)
     assert h.stop() == 0
 
