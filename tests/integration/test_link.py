@@ -129,14 +129,15 @@ def test_broker_killed_again_and_again_mid_flow_loses_nothing(
     broker: Mosquitto, topic_prefix: str, tmp_path: Path
 ) -> None:
     """The long mode of the test above: the broker is SIGKILLed ``BROKER_KILLS`` times in one
-    flow, each time after a random 0.3-2 s up and down for a random 0.1-3 s (seeded), so kills
+    flow, each time after a random 2-4 s up and down for a random 0.1-3 s (seeded), so kills
     land at every point of the device's and the worker's cycle: reconnecting, replaying its
     in-flight window, waiting for verdicts, mid-batch."""
     rng = random.Random(20261128)
     downtimes = [rng.uniform(0.1, 3.0) for _ in range(BROKER_KILLS)]
-    uptimes = [rng.uniform(0.3, 2.0) for _ in range(BROKER_KILLS)]
-    # 400 cases/s: a backlog the worker clears between kills, so the urgent class never
-    # reaches its bound (refusing cases there is the documented policy, not what is tested).
+    uptimes = [rng.uniform(2.0, 4.0) for _ in range(BROKER_KILLS)]
+    # 400 cases/s and 2-4 s up: a backlog the device clears between kills, so the urgent class
+    # never reaches its bound (refusing cases there is the documented policy, not what is
+    # tested). With ~1 s up between kills the backlog of a 2-core machine did reach it.
     broker_kill_flow(
         broker, topic_prefix, tmp_path, downtimes=downtimes, uptimes=uptimes, pace_s=0.05
     )
@@ -194,7 +195,7 @@ def broker_kill_flow(
         producer.join()
         link.flush_batches()
         assert len(submitted) > 2000
-        assert link.counters["store_failed_urgent"] == 0, "the outbox bound was reached"
+        assert link.counters["store_failed_urgent"] == 0, f"outbox bound reached: {link.counters}"
         deadline = time.monotonic() + 60
         while not link.idle() and time.monotonic() < deadline:
             time.sleep(0.1)
