@@ -3,7 +3,9 @@
 Subcommands::
 
     edge-agent run [--exit-when-drained]       the device service (config: source, mqtt, ...)
-    edge-agent cloud                           the cloud fallback worker
+    edge-agent cloud [--ledger-summary [PATH]] the cloud fallback worker (or its ledger)
+    edge-agent fleet-sim [--devices N]         simulated devices against real cloud workers
+    edge-agent fleet-bridge --site S --upstream H:P   a site broker's bridge configuration
     edge-agent demo [--json]                   broker + cloud worker + agent on real data
     edge-agent score [FILE|-] [--model PACK]   JSON lines in, decisions out
     edge-agent models list [--json]            installed model packs
@@ -30,6 +32,7 @@ from pathlib import Path
 
 from edge_agent import __version__
 from edge_agent.config import Settings, load_settings
+from edge_agent.devtools import fleetcli
 from edge_agent.errors import ConfigError, EdgeAgentError, FetchError, ModelError
 from edge_agent.ingest.sources import open_source
 from edge_agent.ingest.sources.lines import chunked_lines
@@ -173,7 +176,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_cloud(args: argparse.Namespace) -> int:
     from edge_agent.cloud.service import main_cloud  # noqa: PLC0415 - the device never needs the cloud worker
 
-    return main_cloud(_settings(args))
+    settings = _settings(args)
+    if args.ledger_summary is not None:
+        from edge_agent.cloud.ledger_store import summary_of  # noqa: PLC0415
+
+        path = args.ledger_summary or settings.cloud.ledger_path
+        if not path:
+            raise ConfigError("--ledger-summary: give a path or set cloud.ledger_path")
+        sys.stdout.write(json.dumps(summary_of(path), indent=1, sort_keys=True) + "\n")
+        return EXIT_OK
+    return main_cloud(settings)
 
 
 def cmd_models_list(args: argparse.Namespace) -> int:
@@ -303,6 +315,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_operator_tools(sub)
     cloud = sub.add_parser("cloud", help="the cloud fallback worker (urgent + batch tiers)")
     cloud.set_defaults(func=cmd_cloud)
+    cloud.add_argument(
+        "--ledger-summary",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="PATH",
+        help="print the cost ledger (PATH, default cloud.ledger_path) as JSON and exit",
+    )
+
+    fleetcli.add_commands(sub, _settings)
 
     msub = _add_models_commands(sub)
     # `--config` is accepted before or after the subcommand (`edge-agent run --config F`).

@@ -189,14 +189,24 @@ class RolloutSettings(_Section, frozen=True):
 class CloudSettings(_Section, frozen=True):
     pack: str = "basicmotions-cloud"
     group: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.-]{1,64}$")] = "cloud"
-    worker_id: str = ""
+    worker_id: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.-]{0,64}$")] = ""
     batch_max: Annotated[int, msgspec.Meta(ge=1, le=4096)] = 256
     dedupe_keys: PositiveInt = 100_000
+    #: Hard-case messages the broker may hand this worker before it acknowledged them (MQTT v5
+    #: Receive Maximum): the rest wait at the broker, so a busy worker is not flooded and a
+    #: killed one takes at most this many unanswered messages with it.
+    receive_maximum: Annotated[int, msgspec.Meta(ge=1, le=65535)] = 32
     max_payload_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 4 * 1024 * 1024
     price_sync_per_1k_tokens: NonNegFloat = 0.04
     batch_discount: Fraction = 0.5
     tokens_per_reading: PositiveInt = 1500
     ledger_path: str = ""
+    #: ``normal``: a recorded charge survives the worker's crash; ``full``: also a power cut
+    #: (one fsync per transaction).
+    ledger_sync: Literal["normal", "full"] = "normal"
+    #: How long the ledger's database remembers an answered case (longer than a device keeps
+    #: one in its outbox: ``outbox.batch_ttl_s``), so that a re-sent copy is not charged again.
+    answers_keep_s: Annotated[float, msgspec.Meta(gt=0)] = 172800.0
     #: ``pack``: score with ``cloud.pack``'s own backend; ``endpoint``: ask the OpenAI-compatible
     #: endpoint of ``[endpoint]``, with ``cloud.pack`` giving the labels, input shape and prompt.
     backend: Literal["pack", "endpoint"] = "pack"

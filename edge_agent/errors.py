@@ -18,6 +18,7 @@ boundary with ``raise ... from exc`` so the original stays in the traceback::
     ├── ReadingError            one reading was rejected (carries a stable reason code)
     ├── OutboxError             the durable queue could not take or keep a message
     │   └── OutboxFull          a class is full and its policy is to refuse
+    ├── LedgerError             the cloud's cost ledger file cannot be opened or written
     ├── LinkError               the MQTT connection failed (refused CONNACK, TLS, auth)
     ├── EndpointError           the cloud tier's HTTP endpoint gave no usable answer (reason code)
     └── BrokerError             a local mosquitto (demo, benchmark) is missing or would not start
@@ -94,6 +95,10 @@ class OutboxError(EdgeAgentError):
 
 class OutboxFull(OutboxError):
     """A message class is at its bound and its policy is to refuse new messages."""
+
+
+class LedgerError(EdgeAgentError):
+    """The cloud worker's cost ledger (``cloud.ledger_path``) cannot be opened or written."""
 
 
 class LinkError(EdgeAgentError):

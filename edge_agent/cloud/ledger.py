@@ -1,34 +1,23 @@
 """The cloud's cost ledger: what was scored, priced per device and UTC day, and what an
-all-cloud design would have cost. Pure arithmetic (thread-safe), plus its file.
+all-cloud design would have cost. Pure arithmetic (thread-safe).
 
-With ``cloud.ledger_path`` set the worker writes the ledger atomically every
-``LEDGER_WRITE_INTERVAL_S`` and at stop, and reads it back at start, so a restart keeps the
-day's figures. Give every worker its own ledger path.
+With ``cloud.ledger_path`` set, every charge is first recorded in the ledger's database
+(``ledger_store.py``) and then added here; a worker reads the database back at start.
+``restore`` reads the earlier JSON format of the ledger file (imported once by the store).
 """
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
-import json
-import logging
 import math
-import os
 import threading
-from collections import Counter
-from pathlib import Path
 from typing import Any
 
 import msgspec
 
 from edge_agent.config import CloudSettings, EndpointSettings
-from edge_agent.util.files import Durability, atomic_write
 from edge_agent.wire.messages import DECODE_ERRORS, Tier
 
-log = logging.getLogger(__name__)
-
-#: Seconds between two writes of the ledger file while running (it is also written at stop).
-LEDGER_WRITE_INTERVAL_S = 30.0
 #: UTC days of per-day figures the ledger keeps; older days are dropped (totals too).
 LEDGER_KEEP_DAYS = 400
 LEDGER_SCHEMA = 1
@@ -151,7 +140,6 @@ class CostLedger:
         self._days: dict[str, dict[str, Usage]] = {}
         self._readings_total: dict[str, int] = {}
         self._lock = threading.Lock()
-        self._changes = 0
 
     @classmethod
     def from_settings(cls, cloud: CloudSettings, endpoint: EndpointSettings) -> CostLedger:
@@ -162,6 +150,29 @@ class CostLedger:
             price_prompt_per_1k=endpoint.price_prompt_per_1k,
             price_completion_per_1k=endpoint.price_completion_per_1k,
             batch_price_factor=endpoint.batch_price_factor,
+        )
+
+    def pricing(self) -> dict[str, float | int]:
+        """The prices (the constructor's arguments), for ``from_pricing``."""
+        return {
+            "price_sync_per_1k_tokens": self.price_sync_per_1k_tokens,
+            "batch_discount": self.batch_discount,
+            "tokens_per_reading": self.tokens_per_reading,
+            "price_prompt_per_1k": self.price_prompt_per_1k,
+            "price_completion_per_1k": self.price_completion_per_1k,
+            "batch_price_factor": self.batch_price_factor,
+        }
+
+    @classmethod
+    def from_pricing(cls, p: dict[str, Any]) -> CostLedger:
+        """A ledger with the prices ``pricing()`` gave (raises ValueError/TypeError if invalid)."""
+        return cls(
+            float(p["price_sync_per_1k_tokens"]),
+            float(p["batch_discount"]),
+            int(p["tokens_per_reading"]),
+            price_prompt_per_1k=float(p["price_prompt_per_1k"]),
+            price_completion_per_1k=float(p["price_completion_per_1k"]),
+            batch_price_factor=float(p["batch_price_factor"]),
         )
 
     # -- prices -------------------------------------------------------------------------
@@ -202,26 +213,50 @@ class CostLedger:
 
     # -- recording ----------------------------------------------------------------------
 
+    def case_usage(self, tier: Tier, cases: int = 1) -> Usage:
+        """What ``cases`` cases scored by the cloud pack in ``tier`` add (the estimate)."""
+        if cases < 0:
+            raise ValueError("cases must be >= 0")
+        sync = self.tokens_per_reading / 1000.0 * self.price_sync_per_1k_tokens
+        cost = cases * (sync if tier == Tier.URGENT else sync * (1.0 - self.batch_discount))
+        tokens = cases * self.tokens_per_reading
+        if tier == Tier.URGENT:
+            return Usage(urgent=cases, tokens=tokens, spend_urgent=cost)
+        return Usage(batch=cases, tokens=tokens, spend_batch=cost)
+
+    def request_usage(
+        self, tier: Tier, prompt_tokens: int, completion_tokens: int, *, answered: bool
+    ) -> Usage:
+        """What one billed endpoint request adds (its ``usage``); ``answered``: the reply was
+        a label (a scored case); an unparseable reply is billed all the same."""
+        if prompt_tokens < 0 or completion_tokens < 0:
+            raise ValueError("token counts must be >= 0")
+        cost = self.token_price(tier, prompt_tokens, completion_tokens)
+        usage = Usage(
+            calls=1,
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            tokens=prompt_tokens + completion_tokens,
+        )
+        if tier == Tier.URGENT:
+            usage.urgent, usage.spend_urgent = int(answered), cost
+        else:
+            usage.batch, usage.spend_batch = int(answered), cost
+        return usage
+
+    def apply(self, device: str, usage: Usage, day: str | dt.datetime | None = None) -> None:
+        """Add ``usage`` to ``device``'s figures of ``day`` (a UTC date, default today)."""
+        key = day if isinstance(day, str) else self.day_of(day)
+        with self._lock:
+            self._usage_locked(key, device).add(usage)
+
     def charge(
         self, device: str, tier: Tier, cases: int = 1, at: dt.datetime | None = None
     ) -> float:
         """Record ``cases`` scored cases of ``device`` in ``tier``; returns what they cost."""
-        if cases < 0:
-            raise ValueError("cases must be >= 0")
-        day = self._day(at)
-        sync = self.tokens_per_reading / 1000.0 * self.price_sync_per_1k_tokens
-        cost = cases * (sync if tier == Tier.URGENT else sync * (1.0 - self.batch_discount))
-        with self._lock:
-            usage = self._usage_locked(day, device)
-            usage.tokens += cases * self.tokens_per_reading
-            if tier == Tier.URGENT:
-                usage.urgent += cases
-                usage.spend_urgent += cost
-            else:
-                usage.batch += cases
-                usage.spend_batch += cost
-            self._changes += 1
-        return cost
+        usage = self.case_usage(tier, cases)
+        self.apply(device, usage, at)
+        return usage.spend
 
     def charge_tokens(
         self,
@@ -233,32 +268,14 @@ class CostLedger:
         answered: bool,
         at: dt.datetime | None = None,
     ) -> float:
-        """Record one billed endpoint request (its ``usage``); returns what it cost.
-
-        ``answered``: the reply was a label (counts as a scored case); an unparseable
-        reply is billed all the same.
-        """
-        if prompt_tokens < 0 or completion_tokens < 0:
-            raise ValueError("token counts must be >= 0")
-        cost = self.token_price(tier, prompt_tokens, completion_tokens)
-        day = self._day(at)
-        with self._lock:
-            usage = self._usage_locked(day, device)
-            usage.calls += 1
-            usage.prompt_tokens += prompt_tokens
-            usage.completion_tokens += completion_tokens
-            usage.tokens += prompt_tokens + completion_tokens
-            if tier == Tier.URGENT:
-                usage.urgent += int(answered)
-                usage.spend_urgent += cost
-            else:
-                usage.batch += int(answered)
-                usage.spend_batch += cost
-            self._changes += 1
-        return cost
+        """Record one billed endpoint request (its ``usage``); returns what it cost."""
+        usage = self.request_usage(tier, prompt_tokens, completion_tokens, answered=answered)
+        self.apply(device, usage, at)
+        return usage.spend
 
     @staticmethod
-    def _day(at: dt.datetime | None) -> str:
+    def day_of(at: dt.datetime | None) -> str:
+        """The UTC date (ISO) of ``at`` (default: now)."""
         when = at if at is not None else dt.datetime.now(dt.UTC)
         if when.tzinfo is not None:
             when = when.astimezone(dt.UTC)
@@ -276,19 +293,26 @@ class CostLedger:
         with self._lock:
             if readings_total > self._readings_total.get(device, 0):
                 self._readings_total[device] = readings_total
-                self._changes += 1
 
     def _expire(self) -> None:
         days = sorted(self._days)
         for day in days[: max(0, len(days) - self.keep_days)]:
             del self._days[day]
 
-    @property
-    def changes(self) -> int:
-        """A number that grows with every recorded change (to know when to write)."""
-        return self._changes
-
     # -- reading ------------------------------------------------------------------------
+
+    def days(self) -> dict[str, dict[str, Usage]]:
+        """A copy of the figures per UTC day and device."""
+        with self._lock:
+            return {
+                day: {d: Usage(**msgspec.structs.asdict(u)) for d, u in by_device.items()}
+                for day, by_device in self._days.items()
+            }
+
+    def readings_totals(self) -> dict[str, int]:
+        """The highest ``readings_total`` each device reported."""
+        with self._lock:
+            return dict(self._readings_total)
 
     def totals(self) -> dict[str, Usage]:
         """Usage per device over every kept day."""
@@ -344,12 +368,7 @@ class CostLedger:
         return {
             "v": LEDGER_SCHEMA,
             "pricing": {
-                "price_sync_per_1k_tokens": self.price_sync_per_1k_tokens,
-                "batch_discount": self.batch_discount,
-                "tokens_per_reading": self.tokens_per_reading,
-                "price_prompt_per_1k": self.price_prompt_per_1k,
-                "price_completion_per_1k": self.price_completion_per_1k,
-                "batch_price_factor": self.batch_price_factor,
+                **self.pricing(),
                 "tokens_measured": measured is not None,
                 "mean_prompt_tokens": None if measured is None else round(measured[0], 3),
                 "mean_completion_tokens": None if measured is None else round(measured[1], 3),
@@ -361,10 +380,11 @@ class CostLedger:
             "days": days,
         }
 
-    # -- persistence --------------------------------------------------------------------
+    # -- the earlier file format ----------------------------------------------------------
 
     def restore(self, data: bytes) -> None:
-        """Add the figures of a ledger file written by ``write`` (raises ValueError if invalid)."""
+        """Add the figures of a JSON ledger file (the format before the ledger's database;
+        ``summary()`` as JSON); raises ValueError if it is not one."""
         try:
             saved = msgspec.json.decode(data, type=_SavedLedger)
         except DECODE_ERRORS as exc:
@@ -380,55 +400,3 @@ class CostLedger:
                 if sd.readings_total > self._readings_total.get(device, 0):
                     self._readings_total[device] = sd.readings_total
             self._expire()
-            self._changes += 1
-
-    def write(self, path: str | os.PathLike[str]) -> None:
-        """Write ``summary()`` to ``path`` atomically (temporary file, fsync, rename)."""
-        body = json.dumps(self.summary(), indent=1, sort_keys=True).encode() + b"\n"
-        atomic_write(path, body, Durability.DATA)
-
-
-class LedgerFile:
-    """The ledger's file: read back at start, written when the figures changed."""
-
-    def __init__(self, ledger: CostLedger, path: str, counters: Counter[str]) -> None:
-        self.ledger = ledger
-        self.path = path
-        self.counters = counters
-        self._written = -1
-
-    def load(self) -> None:
-        """Continue the figures of an earlier run; an invalid file is moved aside, not lost."""
-        path = Path(self.path)
-        if not self.path or not path.exists():
-            return
-        problem = ""
-        try:
-            self.ledger.restore(path.read_bytes())
-        except OSError as exc:
-            problem = f"cannot be read ({exc.strerror})"
-        except ValueError as exc:
-            aside = path.with_name(path.name + ".invalid")
-            with contextlib.suppress(OSError):
-                os.replace(path, aside)
-            problem = f"is invalid ({exc}); moved to {aside}"
-        if problem:
-            log.error("the cost ledger %s %s; starting a new one", path, problem)
-            return
-        self._written = self.ledger.changes
-
-    def write(self) -> None:
-        """Write the file now if the figures changed (no-op without a path)."""
-        changes = self.ledger.changes
-        if not self.path or changes == self._written:
-            return
-        error: OSError | None = None
-        try:
-            self.ledger.write(self.path)
-        except OSError as exc:
-            error = exc
-        if error is not None:
-            self.counters["ledger_write_failed"] += 1
-            log.error("cannot write the cost ledger to %s: %s", self.path, error)
-            return
-        self._written = changes

@@ -20,11 +20,12 @@ from typing import Protocol
 
 import paho.mqtt.client as mqtt
 
+from edge_agent.cloud.books import Billed, Books
 from edge_agent.cloud.endpoint import TRANSIENT, EndpointTier, Job, Reply
-from edge_agent.cloud.intake import Answer, AnswerMemory, BatchCtx, Pending, Throttle, UrgentCtx
-from edge_agent.cloud.ledger import CostLedger
+from edge_agent.cloud.intake import Answer, BatchCtx, Pending, Throttle, UrgentCtx
 from edge_agent.cloud.verdicts import Verdicts
 from edge_agent.config import EndpointSettings
+from edge_agent.errors import LedgerError
 from edge_agent.ingest.readings import Reading
 from edge_agent.wire.messages import HardCase, Tier
 
@@ -47,13 +48,13 @@ class Host(Protocol):
     """What the endpoint mode uses of its worker (all on the worker's network thread)."""
 
     counters: Counter[str]
-    ledger: CostLedger
-    memory: AnswerMemory
+    books: Books
     throttle: Throttle
     verdicts: Verdicts
 
     def stop_requested(self) -> bool: ...
     def current_client(self) -> mqtt.Client | None: ...
+    def ledger_failed(self, exc: LedgerError, cases: int) -> None: ...
 
 
 def ack(client: mqtt.Client, mid: int, qos: int, current: mqtt.Client | None) -> None:
@@ -154,26 +155,29 @@ class EndpointTiers:
             self._retries = []
             self._working.clear()
 
-    def _account(self, device: str, tier: Tier, reply: Reply) -> None:
-        """Count one finished request and bill its tokens."""
+    def _account(self, device: str, tier: Tier, key: str, reply: Reply) -> Billed:
+        """Count one finished request; what to record of it."""
         counters = self.host.counters
         counters["endpoint_requests"] += reply.attempts
         if reply.attempts > 1:
             counters["endpoint_retries"] += reply.attempts - 1
-        if reply.usage_reported:
-            self.host.ledger.charge_tokens(
-                device,
-                tier,
-                reply.prompt_tokens,
-                reply.completion_tokens,
-                answered=reply.label is not None,
-            )
-        elif reply.label is not None or reply.failure == "unparseable":
+        answer = None if reply.label is None else Answer(reply.label, 1.0, self.model_name)
+        billed = Billed(
+            device,
+            tier,
+            reply.prompt_tokens,
+            reply.completion_tokens,
+            key,
+            answer,
+            reported=reply.usage_reported,
+        )
+        if not reply.usage_reported and (answer is not None or reply.failure == "unparseable"):
             counters["endpoint_usage_missing"] += 1
         if reply.failure is not None:
             counters[f"endpoint_failed_{reply.failure}"] += 1
             if self.host.throttle.allow(f"endpoint-{reply.failure}")[0]:
                 log.warning("endpoint (%s): %s: %.300s", tier, reply.failure, reply.detail)
+        return billed
 
     def _no_verdict(self, reason: str) -> Answer:
         self.host.counters["no_verdict"] += 1
@@ -185,14 +189,20 @@ class EndpointTiers:
         reply = job.reply or Reply(failure="stopped", detail="no reply")
         case = ctx.case
         self._working.discard((case.device, case.key))
-        self._account(case.device, Tier.URGENT, reply)
+        billed = self._account(case.device, Tier.URGENT, case.key, reply)
+        client = self.host.current_client()
+        try:  # the bill is recorded before the verdict goes out
+            self.host.books.billed([billed])
+        except LedgerError as exc:
+            self.host.ledger_failed(exc, 1)
+            ack(ctx.client, ctx.mid, ctx.qos, client)
+            return
         if reply.label is not None:
             answer = Answer(reply.label, 1.0, self.model_name)
-            self.host.memory.put(case.device, case.key, answer)
+            self.host.books.memory.put(case.device, case.key, answer)
             self.host.counters["urgent_scored"] += 1
         else:
             answer = self._no_verdict(reply.failure or "bad_response")
-        client = self.host.current_client()
         if client is None:
             self.host.counters["verdicts_unsent"] += 1
         else:
@@ -200,13 +210,23 @@ class EndpointTiers:
         ack(ctx.client, ctx.mid, ctx.qos, client)
 
     def _finish_group(self, ctx: BatchCtx, jobs: list[Job]) -> None:
-        for job in jobs:
-            p: Pending = job.token
-            reply = job.reply or Reply(failure="stopped", detail="no reply")
-            self._account(ctx.device, Tier.BATCH, reply)
+        replies = [
+            (job.token, job.reply or Reply(failure="stopped", detail="no reply")) for job in jobs
+        ]
+        bills = [self._account(ctx.device, Tier.BATCH, p.case.key, r) for p, r in replies]
+        try:  # the bills are recorded (one transaction) before the verdicts go out
+            self.host.books.billed(bills)
+        except LedgerError as exc:
+            self.host.ledger_failed(exc, len(jobs))
+            for p, _ in replies:
+                self._working.discard((ctx.device, p.case.key))
+            if ctx.client is not None:
+                ack(ctx.client, ctx.mid, ctx.qos, self.host.current_client())
+            return
+        for p, reply in replies:
             if reply.label is not None:
                 answer = Answer(reply.label, 1.0, self.model_name)
-                self.host.memory.put(ctx.device, p.case.key, answer)
+                self.host.books.memory.put(ctx.device, p.case.key, answer)
                 self._working.discard((ctx.device, p.case.key))
                 ctx.answers[p.index] = (p.case, answer)
                 self.host.counters["batch_cases_scored"] += 1

@@ -18,11 +18,13 @@ The broker's PUBACK for a request is sent only after the request was handled,
 so a worker that dies mid-way leaves the message unacknowledged.
 
 What is accepted and how refusals are counted is ``intake.py``; a case seen again is
-answered from the worker's memory of its answers (``intake.AnswerMemory``, per worker: a
-redelivery that the broker routes to another worker of the group is scored there again).
+answered from the worker's memory of its answers (``intake.AnswerMemory``) or, with
+``cloud.ledger_path``, from the ledger's database, which workers on one host can share
+(``books.py``, ``ledger_store.py``).
 A batch is refused as a whole only when its envelope is bad (size, JSON, version, device);
 each case is then decoded and validated on its own, so one bad case is refused alone and
-the others are answered. The ``CostLedger`` (``ledger.py``) prices what was scored. With
+the others are answered. The ``CostLedger`` (``ledger.py``) prices what was scored; each
+charge is committed to the ledger's database before the verdict it pays for is published. With
 ``cloud.backend = "endpoint"`` an OpenAI-compatible endpoint answers instead of the cloud
 pack (``tiers.py``).
 
@@ -43,11 +45,12 @@ import socket
 import threading
 import time
 from collections import Counter
-from typing import Any
+from typing import Any, Literal
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.reasoncodes import ReasonCode
 
+from edge_agent.cloud.books import Books
 from edge_agent.cloud.endpoint import EndpointTier
 from edge_agent.cloud.intake import (
     Answer,
@@ -63,18 +66,18 @@ from edge_agent.cloud.intake import (
     reply_topic,
     validate,
 )
-from edge_agent.cloud.ledger import CostLedger, LedgerFile
+from edge_agent.cloud.ledger import CostLedger
 from edge_agent.cloud.prompt import Prompt
 from edge_agent.cloud.tiers import EndpointTiers, ack
 from edge_agent.cloud.verdicts import Verdicts
 from edge_agent.config import Settings
-from edge_agent.errors import ConfigError, EdgeAgentError
+from edge_agent.errors import ConfigError, EdgeAgentError, LedgerError
 from edge_agent.ingest.readings import Reading, ReadingDecoder
 from edge_agent.models.pack import resolve
 from edge_agent.mqtt.session import Session, disconnect_quietly, on_disconnect
 from edge_agent.scoring.backends.base import BackendOptions
 from edge_agent.scoring.scorer import Decision, Scorer
-from edge_agent.wire.messages import HardCase, Tier, Topics
+from edge_agent.wire.messages import SCHEMA_VERSION, HardCase, Tier, Topics, WorkerStatus, encoder
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +110,7 @@ class CloudWorker:
         self.counters: Counter[str] = Counter()
         self.ledger = CostLedger.from_settings(self.cloud, settings.endpoint)
         self.memory = AnswerMemory(self.cloud.dedupe_keys)
+        self.books = Books.open(self.cloud, self.worker_id, self.ledger, self.memory, self.counters)
         self.throttle = Throttle(REJECT_LOG_INTERVAL_S)
         self.connected = threading.Event()
         self.ready = threading.Event()  #: connected and both subscriptions granted
@@ -123,8 +127,6 @@ class CloudWorker:
         self.verdicts = Verdicts(self.topics, self.worker_id, self.counters)
         self._stopped = False
         self._endpoint: EndpointTiers | None = None
-        self._ledger_file = LedgerFile(self.ledger, self.cloud.ledger_path, self.counters)
-        self._ledger_file.load()
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -173,7 +175,8 @@ class CloudWorker:
         self._stop.set()
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Leave the group, let published verdicts be acknowledged, disconnect, write ledger."""
+        """Leave the group, let published verdicts be acknowledged, disconnect, close the
+        ledger's database."""
         if self._stopped:
             return
         self._stopped = True
@@ -186,15 +189,16 @@ class CloudWorker:
                 log.error("the network thread did not end within %.1f s", timeout)
         if not alive and self._endpoint is not None:
             self._endpoint.close()
-        self.write_ledger()
+        if self.books.store is not None and not alive:
+            self.books.store.close()
         if self._owns_scorer and self._scorer is not None and not alive:
             self._scorer.close()
 
-    def write_ledger(self) -> None:
-        """Write the ledger file now if it changed (no-op without ``cloud.ledger_path``)."""
-        self._ledger_file.write()
-
     # -- what the endpoint mode uses (tiers.Host) ---------------------------------------
+
+    def prune_ledger(self) -> None:
+        """Forget answers older than ``cloud.answers_keep_s`` (no-op without a ledger file)."""
+        self.books.prune(self.cloud.answers_keep_s)
 
     def stop_requested(self) -> bool:
         return self._stop.is_set()
@@ -228,7 +232,17 @@ class CloudWorker:
         finally:
             self._shutdown()
 
+    def _status(self, state: Literal["online", "offline"]) -> bytes:
+        return encoder.encode(
+            WorkerStatus(
+                v=SCHEMA_VERSION, worker=self.worker_id, group=self.cloud.group, state=state
+            )
+        )
+
     def _setup(self, client: mqtt.Client) -> None:
+        client.will_set(
+            self.topics.worker_status(self.worker_id), self._status("offline"), qos=1, retain=True
+        )
         client.max_inflight_messages_set(self.settings.link.inflight_window)
         client.on_connect = self._on_connect
         client.on_disconnect = on_disconnect(lambda: self._client, self._stop, self._lost)
@@ -241,7 +255,7 @@ class CloudWorker:
 
     def _connect(self) -> None:
         try:
-            self._client = self._session.open(self._setup)
+            self._client = self._session.open(self._setup, self.cloud.receive_maximum)
         except ConfigError as exc:
             self._give_up(f"cannot connect: {exc}")
 
@@ -307,6 +321,9 @@ class CloudWorker:
                 f" {refused[0]}"
             )
             return
+        client.publish(
+            self.topics.worker_status(self.worker_id), self._status("online"), qos=1, retain=True
+        )
         self.ready.set()
         log.info("serving %s and %s", *self._shared())
 
@@ -333,12 +350,23 @@ class CloudWorker:
                 if self._endpoint is not None:
                     self._endpoint.close()
                 self.verdicts.drain(client, DRAIN_TIMEOUT_S)
+                self._say_offline(client)
                 self._client = None
             client.disconnect()
         except (OSError, ValueError, RuntimeError) as exc:
             log.debug("clean disconnect failed: %s", exc)
         finally:
             self._client = None
+
+    def _say_offline(self, client: mqtt.Client) -> None:
+        """Replace the retained ``online`` (a clean stop sends no last will)."""
+        info = client.publish(
+            self.topics.worker_status(self.worker_id), self._status("offline"), qos=1, retain=True
+        )
+        deadline = time.monotonic() + DRAIN_TIMEOUT_S
+        while not info.is_published() and time.monotonic() < deadline:
+            if client.loop(timeout=0.05) != mqtt.MQTT_ERR_SUCCESS:
+                break
 
     # -- messages -----------------------------------------------------------------------
 
@@ -351,6 +379,8 @@ class CloudWorker:
             deferred = self._dispatch(client, msg, topic, received_ns)
         except Rejected as rej:
             self._reject(rej, topic)
+        except LedgerError as exc:
+            self.ledger_failed(exc, 1)
         except UnicodeDecodeError:
             self._reject(Rejected("invalid_utf8", "topic is not valid UTF-8"), topic)
         except Exception:
@@ -387,6 +417,16 @@ class CloudWorker:
                 "rejected a message on %.200s: %s: %.300s%s", topic, rej.reason, rej.detail, more
             )
 
+    def ledger_failed(self, exc: LedgerError, cases: int) -> None:
+        """Cases scored but not answered: their charge could not be recorded. The devices
+        send them again (``link.confirm = "verdict"``)."""
+        self.counters["ledger_write_failed"] += 1
+        self.counters["unanswered_ledger_failed"] += cases
+        allowed, held = self.throttle.allow("ledger")
+        if allowed:
+            more = f" ({held} more since the last report)" if held else ""
+            log.error("cases left unanswered: %s%s", exc, more)
+
     def _validate(self, case: HardCase) -> Reading:
         if self._readings is None:
             raise RuntimeError("the worker is not started")
@@ -404,8 +444,8 @@ class CloudWorker:
     ) -> bool:
         case = decode_case(msg.payload, device)
         reply_to = reply_topic(msg, self.topics, device)
-        self.ledger.observe(device, case.readings_total)
-        answer = self.memory.get(device, case.key)
+        self.books.observe(device, case.readings_total)
+        answer = self.books.known(device, case.key)
         correlation = getattr(msg.properties, "CorrelationData", None) if msg.properties else None
         ctx = UrgentCtx(case, reply_to, correlation, client, msg.mid, msg.qos, received_ns)
         if answer is not None:
@@ -421,8 +461,7 @@ class CloudWorker:
         else:
             decision = self._score([self._validate(case)])[0]
             answer = Answer(decision.label, decision.confidence, decision.model)
-            self.memory.put(device, case.key, answer)
-            self.ledger.charge(device, Tier.URGENT)
+            self.books.answered(device, Tier.URGENT, [(case.key, answer)])  # before the verdict
             self.counters["urgent_scored"] += 1
         self.verdicts.urgent(client, ctx, answer)
         return False
@@ -443,11 +482,18 @@ class CloudWorker:
             except Rejected as rej:
                 self._reject(rej, self.topics.batch(device))
                 continue
-            for p, decision in zip(chunk, decisions, strict=True):
-                answer = Answer(decision.label, decision.confidence, decision.model)
+            answers = [Answer(d.label, d.confidence, d.model) for d in decisions]
+            try:  # one transaction per chunk, before the verdicts go out
+                self.books.answered(
+                    device,
+                    Tier.BATCH,
+                    [(p.case.key, a) for p, a in zip(chunk, answers, strict=True)],
+                )
+            except LedgerError as exc:
+                self.ledger_failed(exc, len(chunk))
+                continue
+            for p, answer in zip(chunk, answers, strict=True):
                 ctx.answers[p.index] = (p.case, answer)
-                self.memory.put(device, p.case.key, answer)
-            self.ledger.charge(device, Tier.BATCH, len(chunk))
             self.counters["batch_cases_scored"] += len(chunk)
         self.verdicts.batch(self._client, ctx)
         return False
@@ -461,8 +507,8 @@ class CloudWorker:
         for raw in raw_cases:
             try:
                 case = decode_case(raw, device)
-                self.ledger.observe(device, case.readings_total)
-                remembered = self.memory.get(device, case.key)
+                self.books.observe(device, case.readings_total)
+                remembered = self.books.known(device, case.key)
                 if (
                     remembered is None
                     and self._endpoint

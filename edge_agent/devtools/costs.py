@@ -4,12 +4,12 @@ ledger) and the design's budgets, each checked against the measured value."""
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from edge_agent.cloud.ledger_store import summary_of
 from edge_agent.errors import EdgeAgentError
 
 if TYPE_CHECKING:
@@ -21,10 +21,10 @@ SECONDS_PER_MONTH = 30 * 86400
 def measured_tokens(ledger_file: Path) -> dict[str, Any]:
     """Mean tokens per endpoint request and the prices, from a cloud worker's ledger file."""
     try:
-        data = json.loads(ledger_file.read_text())
+        data = summary_of(ledger_file)
         pricing = data["pricing"]
         total = data["total"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except (KeyError, TypeError) as exc:
         raise EdgeAgentError(f"{ledger_file}: not a cloud ledger file: {exc}") from exc
     if not pricing.get("tokens_measured"):
         raise EdgeAgentError(f"{ledger_file}: no endpoint request was billed in this ledger")

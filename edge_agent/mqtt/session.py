@@ -23,6 +23,8 @@ from typing import Any, Protocol
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from edge_agent.config import LinkSettings, Settings, read_secret
@@ -132,8 +134,11 @@ class Session:
         """Seconds until the next attempt may be made (<= 0: now)."""
         return self.next_at - time.monotonic()
 
-    def open(self, setup: Callable[[mqtt.Client], None]) -> mqtt.Client | None:
+    def open(
+        self, setup: Callable[[mqtt.Client], None], receive_maximum: int = 0
+    ) -> mqtt.Client | None:
         """Begin a connection attempt; None when it failed at once (the next is scheduled).
+        ``receive_maximum`` (> 0): the QoS 1 messages the broker may send us unacknowledged.
 
         Raises ConfigError when the TLS files cannot be used (no retry cures that).
         """
@@ -141,8 +146,14 @@ class Session:
         client = new_client(m, self.client_id)
         setup(client)
         self.counters["connect_attempts"] += 1
+        props = None
+        if receive_maximum > 0:
+            props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+            props.ReceiveMaximum = receive_maximum
         try:
-            client.connect(m.host, m.port, keepalive=m.keepalive_s, clean_start=True)
+            client.connect(
+                m.host, m.port, keepalive=m.keepalive_s, clean_start=True, properties=props
+            )
         except (OSError, ValueError) as exc:
             self.failed(f"cannot reach {m.host}:{m.port}: {exc}")
             return None

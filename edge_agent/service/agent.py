@@ -43,7 +43,6 @@ from edge_agent.routing.router import Reconciler, Router
 from edge_agent.scoring.drift import DriftMonitor
 from edge_agent.scoring.pipeline import ScorePipeline
 from edge_agent.scoring.scorer import Decision, Route, Scorer
-from edge_agent.service.systemd import Heartbeat, Notifier, Watchdog
 from edge_agent.service.telemetry import (
     LatencyWindow,
     MetricsServer,
@@ -52,6 +51,7 @@ from edge_agent.service.telemetry import (
     prometheus_text,
 )
 from edge_agent.util.stats import percentile
+from edge_agent.util.systemd import Heartbeat, Notifier, Watchdog
 from edge_agent.wire.messages import (
     SCHEMA_VERSION,
     HardCase,

@@ -102,6 +102,16 @@ class Status(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     model: str = ""
 
 
+class WorkerStatus(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Retained on ``{prefix}/cloud/{worker}/status`` by a cloud worker: ``online`` once its
+    shared subscriptions are granted; ``offline`` at a clean stop, and as its last will."""
+
+    v: int
+    worker: str
+    group: str
+    state: Literal["online", "offline"]
+
+
 def status_payload(device: str, state: Literal["online", "offline"], model: str) -> bytes:
     """The retained status message (``offline`` is also the last will)."""
     return encoder.encode(Status(v=SCHEMA_VERSION, device=device, state=state, model=model))
@@ -177,6 +187,11 @@ class Topics:
     def model_events(self, device: str) -> str:
         """What the device did with a release (``ModelEvent``)."""
         return f"{self.prefix}/{device}/model"
+
+    def worker_status(self, worker: str) -> str:
+        """A cloud worker's retained status (``WorkerStatus``); one level deeper than a
+        device's, so ``{prefix}/+/status`` sees devices only."""
+        return f"{self.prefix}/cloud/{worker}/status"
 
     def shared(self, group: str, kind: str) -> str:
         """Shared subscription for cloud workers, e.g. ``$share/cloud/edge/+/hard``."""

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import queue
-import signal
 import subprocess
 import sys
 import threading
@@ -43,6 +42,7 @@ from edge_agent.wire.messages import (
     encoder,
 )
 from tests.broker import Mosquitto
+from tests.cloud_peer import NotifySocket, StatusWatcher, WorkerProcess, worker_env
 from tests.conftest import MODELS, TEST_JSONL
 
 pytestmark = pytest.mark.integration
@@ -622,54 +622,59 @@ def test_reconnects_and_subscribes_again_after_a_broker_crash(
     assert worker.counters["connect_attempts"] > 2
 
 
-def test_cli_cloud_runs_until_sigterm_and_writes_the_ledger(
+def test_cli_cloud_says_when_it_is_ready_and_keeps_the_ledger(
     broker: Mosquitto, topic_prefix: str, devices: Devices, pack: PackUnderTest, tmp_path: Path
 ) -> None:
-    ledger = tmp_path / "ledger.json"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("EDGE_AGENT_")}
-    env.update(
-        {
-            "EDGE_AGENT_MQTT_PORT": str(broker.port),
-            "EDGE_AGENT_MQTT_TOPIC_PREFIX": topic_prefix,
-            "EDGE_AGENT_CLOUD_PACK": str(pack.path),
-            "EDGE_AGENT_CLOUD_LEDGER_PATH": str(ledger),
-        }
-    )
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "edge_agent", "--log-level", "INFO", "cloud"],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
+    ledger = tmp_path / "ledger.db"
+    env = worker_env(broker.port, topic_prefix, pack.path, ledger, "cli-1")
+    env["NOTIFY_SOCKET"] = str(tmp_path / "notify")
+    notify = NotifySocket(tmp_path / "notify")
+    status = StatusWatcher(broker.port, topic_prefix)
+    worker = WorkerProcess(env, tmp_path / "worker.log")
+    worker.start()
     try:
-        # Until the worker has subscribed, cases have no subscriber: send until one is answered.
-        answered: set[str] = set()
-        deadline = time.monotonic() + 30
-        seq = 0
-        while not answered and time.monotonic() < deadline:
-            assert proc.poll() is None, proc.communicate()[1].decode()
-            devices.send_urgent(hard_case("dev-1", seq, pack.windows[0], readings_total=1000))
-            seq += 1
-            try:
-                answered.add(devices.receive(timeout=0.5).user[IDEMPOTENCY_PROPERTY])
-            except queue.Empty:
-                continue
-        assert answered, "the cloud worker never answered"
-        # Cases sent before the one answered may still be answered: one more case, whose
-        # answer comes after theirs (one subscription, messages in order), closes the count.
-        last = hard_case("dev-1", seq, pack.windows[0], readings_total=1000)
-        devices.send_urgent(last)
-        while last.key not in answered:
-            answered.add(devices.receive().user[IDEMPOTENCY_PROPERTY])
-        proc.send_signal(signal.SIGTERM)
-        _, stderr = proc.communicate(timeout=20)
+        # Ready means subscribed: no case sent after this can miss the worker.
+        assert notify.wait_for("READY=1"), (tmp_path / "worker.log").read_text()
+        assert status.wait_for("cli-1", "online")
+        for seq in range(5):
+            devices.send_urgent(hard_case("dev-1", seq, pack.windows[seq], readings_total=1000))
+        answered = {r.user[IDEMPOTENCY_PROPERTY] for r in devices.receive_n(5)}
+        assert worker.terminate() == 0, (tmp_path / "worker.log").read_text()
+        assert notify.wait_for("STOPPING=1")
+        assert status.wait_for("cli-1", "offline")  # said at a clean stop (no last will then)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
-    assert proc.returncode == 0, stderr.decode()
-    assert b"cloud worker stopped" in stderr
-    saved = json.loads(ledger.read_text())
-    assert saved["devices"]["dev-1"]["urgent"] == len(answered)
+        if worker.alive():
+            worker.kill()
+        status.close()
+        notify.close()
+    assert b"cloud worker stopped" in (tmp_path / "worker.log").read_bytes()
+    shown = subprocess.run(
+        [sys.executable, "-m", "edge_agent", "cloud", "--ledger-summary", str(ledger)],
+        env=env,
+        capture_output=True,
+        check=True,
+    )
+    saved = json.loads(shown.stdout)
+    assert len(answered) == 5
+    assert saved["devices"]["dev-1"]["urgent"] == 5
     assert saved["devices"]["dev-1"]["readings_total"] == 1000
-    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    assert saved["total"]["spend"] == pytest.approx(5 * saved["pricing"]["unit_price_urgent"])
+
+
+def test_a_killed_worker_is_reported_offline_by_its_last_will(
+    broker: Mosquitto, topic_prefix: str, pack: PackUnderTest, tmp_path: Path
+) -> None:
+    env = worker_env(broker.port, topic_prefix, pack.path, tmp_path / "l.db", "doomed")
+    status = StatusWatcher(broker.port, topic_prefix)
+    worker = WorkerProcess(env, tmp_path / "worker.log")
+    worker.start()
+    try:
+        assert status.wait_for("doomed", "online"), (tmp_path / "worker.log").read_text()
+        worker.kill()
+        # The broker publishes the will once it notices the connection is gone (at once for a
+        # closed socket; at the latest 1.5 keep-alives, 7.5 s here).
+        assert status.wait_for("doomed", "offline", timeout=15)
+    finally:
+        if worker.alive():
+            worker.kill()
+        status.close()

@@ -22,6 +22,7 @@ from typing import Any
 import msgspec
 import pytest
 
+from edge_agent.cloud.ledger_store import summary_of
 from edge_agent.cloud.worker import CloudWorker
 from edge_agent.config import Settings, load_settings
 from edge_agent.ingest.sources.replay import ReplaySource
@@ -144,7 +145,7 @@ def test_hard_cases_from_the_agent_get_verdicts_from_the_endpoint(
         router_urgent_below="0.9",
         router_deadline_ms="10000",
         link_batch_max_wait_s="0.2",
-        cloud_ledger_path=str(tmp_path / "ledger.json"),
+        cloud_ledger_path=str(tmp_path / "ledger.db"),
     )
     # The deadline is the behaviour under test: whatever the endpoint does, the worker answers
     # by deadline - margin, so no urgent case is missed on the device. The margin is the time
@@ -197,7 +198,8 @@ def test_hard_cases_from_the_agent_get_verdicts_from_the_endpoint(
     assert c["verdicts_on_time"] + c["no_verdict_urgent"] == len(urgent_keys)
     assert c["deadline_missed"] == 0
     # Tokens and cost, measured from the server's usage, in the ledger and its file.
-    summary = json.loads((tmp_path / "ledger.json").read_text())
+    summary = summary_of(tmp_path / "ledger.db")
+    assert summary == worker.ledger.summary()
     total = summary["total"]
     assert total["calls"] >= len(labelled)
     assert total["prompt_tokens"] > 0

@@ -1,14 +1,19 @@
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 import pytest
 
+from edge_agent.cloud.books import Billed, Books
+from edge_agent.cloud.intake import Answer, AnswerMemory
 from edge_agent.cloud.ledger import CostLedger
+from edge_agent.cloud.ledger_store import LedgerStore
 from edge_agent.devtools.bench import BenchOptions
 from edge_agent.devtools.costs import budgets, cost_section
 from edge_agent.devtools.measure import stats
 from edge_agent.errors import EdgeAgentError
+from edge_agent.wire.messages import Tier
 
 
 def test_stats_percentiles_and_throughput() -> None:
@@ -78,10 +83,11 @@ def test_budget_verdicts() -> None:
 
 def test_cost_section_prices_measured_endpoint_tokens_from_a_ledger(tmp_path: Path) -> None:
     led = CostLedger(0.04, 0.5, 1000, price_prompt_per_1k=1.0, price_completion_per_1k=2.0)
-    led.charge_tokens("d", "urgent", 300, 5, answered=True)
-    led.charge_tokens("d", "urgent", 100, 3, answered=True)
-    led.write(tmp_path / "ledger.json")
-    opts = BenchOptions(readings_per_second=1.0, ledger=tmp_path / "ledger.json")
+    books = Books(led, AnswerMemory(10), Counter(), LedgerStore(tmp_path / "ledger.db", "w1"))
+    books.store.load(led)  # type: ignore[union-attr]
+    books.billed([Billed("d", Tier.URGENT, 300, 5, "k1", Answer("a", 1.0, "m"))])
+    books.billed([Billed("d", Tier.URGENT, 100, 3, "k2", Answer("a", 1.0, "m"))])
+    opts = BenchOptions(readings_per_second=1.0, ledger=tmp_path / "ledger.db")
     cost = cost_section({"urgent_rate": 0.1, "batch_rate": 0.0}, opts)
     month = 30 * 86400
     unit = 200 / 1000 * 1.0 + 4 / 1000 * 2.0
@@ -89,9 +95,8 @@ def test_cost_section_prices_measured_endpoint_tokens_from_a_ledger(tmp_path: Pa
     assert cost["measured"]["requests"] == 2
     assert cost["scenarios"]["measured"]["all_cloud_sync"] == pytest.approx(month * unit)
     assert cost["scenarios"]["measured"]["hybrid"] == pytest.approx(month * 0.1 * unit)
-    empty = CostLedger(0.04, 0.5, 1000)
-    empty.write(tmp_path / "empty.json")
+    LedgerStore(tmp_path / "empty.db", "w1").load(CostLedger(0.04, 0.5, 1000))
     with pytest.raises(EdgeAgentError, match="no endpoint request"):
         cost_section(
-            {"urgent_rate": 0.1, "batch_rate": 0.0}, BenchOptions(ledger=tmp_path / "empty.json")
+            {"urgent_rate": 0.1, "batch_rate": 0.0}, BenchOptions(ledger=tmp_path / "empty.db")
         )

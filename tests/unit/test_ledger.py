@@ -109,18 +109,18 @@ def test_counterfactual_never_below_what_was_scored() -> None:
     assert total["spend"] == pytest.approx(5 * 0.06 + 2 * 0.03)
 
 
-def test_summary_is_json_and_round_trips_through_the_file(tmp_path: Path) -> None:
+def old_json_ledger(path: Path, led: CostLedger) -> None:
+    """A ledger file as the worker wrote it before the ledger's database (the JSON summary)."""
+    path.write_text(json.dumps(led.summary(), indent=1, sort_keys=True) + "\n")
+
+
+def test_the_old_json_format_is_read_back() -> None:
     led = ledger()
     led.observe("dev-a", 42)
     led.charge("dev-a", "urgent", at=DAY1)
     led.charge("dev-a", "batch", cases=3, at=DAY2)
-    path = tmp_path / "ledger.json"
-    led.write(path)
-    assert json.loads(path.read_text()) == json.loads(json.dumps(led.summary()))
-    assert [p.name for p in tmp_path.iterdir()] == ["ledger.json"]  # no temporary file left
-
     again = ledger()
-    again.restore(path.read_bytes())
+    again.restore(json.dumps(led.summary()).encode())
     again.charge("dev-a", "urgent", at=DAY2)
     dev = again.summary()["devices"]["dev-a"]
     assert (dev["urgent"], dev["batch"], dev["readings_total"]) == (2, 3, 42)
@@ -165,24 +165,31 @@ def test_invalid_prices_are_refused(price: float, discount: float, tokens: int) 
         CostLedger(price, discount, tokens)
 
 
-def test_worker_continues_a_saved_ledger_and_moves_an_invalid_one_aside(tmp_path: Path) -> None:
+def test_worker_migrates_an_old_json_ledger_and_continues_it(tmp_path: Path) -> None:
     path = tmp_path / "ledger.json"
     env = {"EDGE_AGENT_CLOUD_LEDGER_PATH": str(path)}
     saved = ledger()
     saved.observe("dev-a", 10)
     saved.charge("dev-a", "urgent", cases=2, at=DAY1)
-    saved.write(path)
+    old_json_ledger(path, saved)
+    before = path.read_text()
 
     worker = CloudWorker(load_settings(None, env=env))  # no broker: nothing connects yet
     assert worker.ledger.summary()["devices"]["dev-a"]["urgent"] == 2
-    worker.ledger.charge("dev-a", "batch", at=DAY1)
-    worker.write_ledger()
-    assert json.loads(path.read_text())["devices"]["dev-a"]["batch"] == 1
+    assert worker.ledger.summary()["devices"]["dev-a"]["readings_total"] == 10
+    assert (tmp_path / "ledger.json.v1.json").read_text() == before  # kept, not lost
+    assert path.read_bytes().startswith(b"SQLite format 3")
+    worker.stop()
 
+    again = CloudWorker(load_settings(None, env=env))  # imported once, not at every start
+    assert again.ledger.summary()["devices"]["dev-a"]["urgent"] == 2
+    again.stop()
+
+
+def test_worker_moves_an_unreadable_ledger_aside_and_starts_a_new_one(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.json"
     path.write_text("{ torn write")
-    fresh = CloudWorker(load_settings(None, env=env))
+    fresh = CloudWorker(load_settings(None, env={"EDGE_AGENT_CLOUD_LEDGER_PATH": str(path)}))
     assert fresh.ledger.summary()["total"]["urgent"] == 0
-    assert (tmp_path / "ledger.json.invalid").read_text() == "{ torn write"
-    assert not path.exists()
-    fresh.write_ledger()  # nothing recorded yet: still written, so the file exists again
-    assert json.loads(path.read_text())["total"]["spend"] == 0.0
+    assert (tmp_path / "ledger.json.v1.json").read_text() == "{ torn write"
+    fresh.stop()

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from edge_agent.service.systemd import Heartbeat, Notifier, Watchdog, clean_status
+from edge_agent.util.systemd import Heartbeat, Notifier, Watchdog, clean_status
 
 
 class FakeSystemd:
@@ -156,7 +156,7 @@ def test_without_notify_socket_everything_is_a_no_op() -> None:
 
 
 def test_unsupported_address_is_disabled_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.WARNING, logger="edge_agent.service.systemd"):
+    with caplog.at_level(logging.WARNING, logger="edge_agent.util.systemd"):
         n = Notifier({"NOTIFY_SOCKET": "vsock:2:1234", "WATCHDOG_USEC": "1000000"})
     assert not n.enabled
     assert n.watchdog_interval_s is None
@@ -173,7 +173,7 @@ def test_socket_removed_is_counted_and_logged_once(
     assert n.ready()
     fake.close()
     path.unlink()
-    with caplog.at_level(logging.DEBUG, logger="edge_agent.service.systemd"):
+    with caplog.at_level(logging.DEBUG, logger="edge_agent.util.systemd"):
         assert not n.watchdog()
         assert not n.status("still here")
         assert not n.stopping()
@@ -325,7 +325,7 @@ def test_a_raising_check_counts_as_unhealthy(
         raise RuntimeError("boom")
 
     wd = Watchdog(notifier(systemd.env(WATCHDOG_USEC="10000000")), [broken], clock=Clock())
-    with caplog.at_level(logging.WARNING, logger="edge_agent.service.systemd"):
+    with caplog.at_level(logging.WARNING, logger="edge_agent.util.systemd"):
         assert not wd.maybe_ping()
     assert wd.skipped == 1
     assert "boom" in caplog.text
@@ -340,7 +340,7 @@ def test_unhealthy_is_logged_once_per_episode(
     wd = Watchdog(
         notifier(systemd.env(WATCHDOG_USEC="10000000")), [lambda: healthy[0]], clock=clock
     )
-    with caplog.at_level(logging.WARNING, logger="edge_agent.service.systemd"):
+    with caplog.at_level(logging.WARNING, logger="edge_agent.util.systemd"):
         for step in range(10):
             clock.t = 500.0 + step
             wd.maybe_ping()
@@ -404,6 +404,6 @@ def test_heartbeat_check_is_named_in_the_log(
     hb = Heartbeat("link", clock)
     wd = Watchdog(notifier(systemd.env(WATCHDOG_USEC="10000000")), [hb.fresh(1.0)], clock=clock)
     clock.t = 510.0
-    with caplog.at_level(logging.WARNING, logger="edge_agent.service.systemd"):
+    with caplog.at_level(logging.WARNING, logger="edge_agent.util.systemd"):
         assert not wd.maybe_ping()
     assert "link heartbeat" in caplog.text
