@@ -87,9 +87,12 @@ def _drive(
         except (BrokenPipeError, ValueError, OSError):
             pass
 
+    started = threading.Event()  # the agent printed its first decision: it is up and scoring
+
     def read() -> None:
         assert proc.stdout is not None
         for line in proc.stdout:
+            started.set()
             if not line.endswith(b"\n"):
                 continue  # cut short by the kill
             obj = json.loads(line)
@@ -101,6 +104,9 @@ def _drive(
     feeder.start()
     reader.start()
     if kill_after is not None:
+        # The random point is counted from the first decision, not from the spawn: how long
+        # the interpreter takes to start on a loaded machine must not decide where it dies.
+        assert started.wait(60), "the agent printed no decision"
         time.sleep(kill_after)
         proc.kill()
     code = proc.wait(timeout=90)
@@ -131,8 +137,9 @@ def test_sigkill_at_random_points_long(
 def sigkill_rounds(
     broker: Mosquitto, topic_prefix: str, tmp_path: Path, kills: int, seed: int = 20261127
 ) -> None:
-    """``kills`` runs of the agent, each SIGKILLed after a random 0.4-1.5 s, then one run to
-    the end of its input: every hard case reported accepted reached the cloud worker."""
+    """``kills`` runs of the agent, each SIGKILLed a random 0.4-1.5 s after its first
+    decision, then one run to the end of its input: every hard case reported accepted
+    reached the cloud worker."""
     rng = random.Random(seed)
     pack = make_fake_pack(tmp_path / "pack")
     state = tmp_path / "state"
