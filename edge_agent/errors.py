@@ -12,6 +12,7 @@ boundary with ``raise ... from exc`` so the original stays in the traceback::
     │   ├── ModelIntegrityError a model file is missing, has the wrong size or sha256
     │   ├── BackendUnavailable  the backend's runtime is not installed / unknown name
     │   ├── ReleaseError        a signed model release was refused (signature, version, size, name)
+    │   │   └── ReleaseFilesError   the bytes on the device do not match the signed statement
     │   ├── FetchError          a pack's store file could not be fetched from its registry package
     │   └── ModelLoadError      the runtime refused the model, or warm-up failed
     ├── ReadingError            one reading was rejected (carries a stable reason code)
@@ -53,7 +54,18 @@ class BackendUnavailable(ModelError):
 class ReleaseError(ModelError):
     """A model release was refused: bad or missing signature, untrusted key, a file that
     fails its sha256 or size, a name with a path in it, or a version lower than the
-    committed one."""
+    committed one. ``release`` is the release id when the statement could be read (the
+    device's ``refused`` event carries it), else ``""``."""
+
+    def __init__(self, message: str, *, release: str = "") -> None:
+        super().__init__(message)
+        self.release = release
+
+
+class ReleaseFilesError(ReleaseError):
+    """A file of a release, as the device holds it, is missing or differs from the signed
+    statement (size or sha256). A verdict on that copy of the bytes, not on the release: the
+    device forgets it, and the intact files under the same statement are taken later."""
 
 
 class FetchError(ModelError):

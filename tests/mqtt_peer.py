@@ -64,8 +64,10 @@ class Collector:
             for c in cases:
                 self.keys[c.key] += 1
         if self.answer and msg.topic.endswith("/hard"):
+            asked = msg.properties
+            assert asked is not None, "a hard case without MQTT v5 properties"
             props = Properties(PacketTypes.PUBLISH)
-            props.CorrelationData = msg.properties.CorrelationData
+            props.CorrelationData = getattr(asked, "CorrelationData", None)
             verdict = Verdict(
                 v=SCHEMA_VERSION,
                 key=case.key,
@@ -77,7 +79,10 @@ class Collector:
                 tier="urgent",
             )
             client.publish(
-                msg.properties.ResponseTopic, msgspec.json.encode(verdict), qos=1, properties=props
+                asked.ResponseTopic,  # type: ignore[attr-defined]  # set on the wire
+                msgspec.json.encode(verdict),
+                qos=1,
+                properties=props,
             )
         elif self.answer:
             device = cases[0].device if cases else ""

@@ -12,8 +12,8 @@ A release is a model pack folder plus two files the operator's tools write:
 ``verify_release`` accepts a folder only if the signature verifies with one of the device's
 trusted public keys, the manifest and every file match the statement (size and sha256), no
 file is larger than allowed, every name is a plain file name, and the manifest says the same
-name and version. The release id is the sha256 of ``release.json``: the same release always
-has the same id, so a command repeated for it is recognised.
+name and version. The release id is the first 32 hex digits of the sha256 of ``release.json``:
+the same release always has the same id, so a command repeated for it is recognised.
 
 Keys: ``edge-agent models keygen`` writes a private key (PEM, mode 0600, keep it off devices)
 and its public key (PEM); devices trust the public keys in ``rollout.trusted_keys_dir``.
@@ -36,7 +36,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from packaging.version import InvalidVersion, Version
 
-from edge_agent.errors import ModelError, ReleaseError
+from edge_agent.errors import ModelError, ReleaseError, ReleaseFilesError
 from edge_agent.models.pack import MANIFEST, ModelPack, open_pack
 from edge_agent.util.files import file_sha256
 
@@ -208,6 +208,8 @@ def _read_small(path: Path) -> bytes:
         raise ReleaseError(f"{path}: missing (the release is not signed)") from exc
     except OSError as exc:
         raise ReleaseError(f"{path}: cannot read: {exc.strerror}") from exc
+    except ValueError as exc:  # a NUL byte in a path from a command
+        raise ReleaseError(f"{str(path)!r:.200}: not a usable path: {exc}") from exc
 
 
 def read_statement(
@@ -217,10 +219,11 @@ def read_statement(
     if not keys:
         raise ReleaseError("no trusted release key on this device (rollout.trusted_keys_dir)")
     body = _read_small(folder / RELEASE)
+    rid = release_id(body)  # of the bytes as sent: a refusal names what it refused
     try:
         signature = base64.b64decode(_read_small(folder / SIGNATURE).strip(), validate=True)
     except (binascii.Error, ValueError) as exc:
-        raise ReleaseError(f"{folder / SIGNATURE}: not base64") from exc
+        raise ReleaseError(f"{folder / SIGNATURE}: not base64", release=rid) from exc
     signer = ""
     for name, key in keys:
         try:
@@ -230,16 +233,23 @@ def read_statement(
         signer = name
         break
     if not signer:
-        raise ReleaseError("the release signature does not verify with any trusted key")
+        raise ReleaseError(
+            "the release signature does not verify with any trusted key", release=rid
+        )
     try:
         statement = msgspec.json.decode(body, type=Release)
     except msgspec.MsgspecError as exc:
-        raise ReleaseError(f"{folder / RELEASE}: {exc}") from exc
+        raise ReleaseError(f"{folder / RELEASE}: {exc}", release=rid) from exc
     if statement.v != 1:
-        raise ReleaseError(f"{folder / RELEASE}: statement version {statement.v} not supported")
+        raise ReleaseError(
+            f"{folder / RELEASE}: statement version {statement.v} not supported", release=rid
+        )
     for name in statement.names():
-        check_name(name)
-    return release_id(body), statement, signer
+        try:
+            check_name(name)
+        except ReleaseError as exc:
+            raise ReleaseError(str(exc), release=rid) from None
+    return rid, statement, signer
 
 
 def check_files(folder: Path, statement: Release, max_file_bytes: int) -> None:
@@ -253,11 +263,11 @@ def check_files(folder: Path, statement: Release, max_file_bytes: int) -> None:
         try:
             actual = path.stat().st_size
         except OSError as exc:
-            raise ReleaseError(f"{name}: missing from the release") from exc
+            raise ReleaseFilesError(f"{name}: missing from the release") from exc
         if actual != size:
-            raise ReleaseError(f"{name}: {actual} bytes, the signed statement says {size}")
+            raise ReleaseFilesError(f"{name}: {actual} bytes, the signed statement says {size}")
         if file_sha256(path) != sha:
-            raise ReleaseError(f"{name}: sha256 does not match the signed statement")
+            raise ReleaseFilesError(f"{name}: sha256 does not match the signed statement")
 
 
 def verify_release(

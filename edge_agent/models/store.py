@@ -185,6 +185,17 @@ class ModelStore:
                 if child.name not in keep:
                     shutil.rmtree(child, ignore_errors=True)
 
+    def tidy_unnamed(self) -> None:
+        """At start: remove installed packs the pointer does not name (installed, then the agent
+        died before promoting them). Nothing is removed while the pointer cannot be read."""
+        try:
+            msgspec.json.decode(self.pointer_path.read_bytes(), type=Pointer)
+        except FileNotFoundError:
+            pass  # never promoted: no installed pack is named
+        except (OSError, msgspec.MsgspecError):
+            return
+        self.tidy(self.named())
+
     def check_upgrade(self, verified: VerifiedRelease, live: ModelPack) -> None:
         """A release may replace ``live`` only with the same input shape and, unless signed
         as a rollback, no lower version than the committed one (nor the live one again)."""

@@ -12,7 +12,9 @@ The steps of one release, each reported on ``<prefix>/<device>/model`` (``ModelE
    the device, or sends the signed statement followed by the files in chunks on
    ``<prefix>/<device>/cmd/model/chunk``. Commands are idempotent by release id.
 2. ``refused`` — signature, trusted key, sha256, size, file name, version (no downgrade below the
-   committed version without a release signed as ``rollback``), input shape.
+   committed version without a release signed as ``rollback``), input shape. A refusal of the
+   release (signature, version, shape, signed sizes) is remembered by release id; one of the
+   bytes received (a file whose size or sha256 differs from the statement) is not.
 3. ``selftest_failed`` — the candidate, loaded beside the live model, must reproduce the
    golden inputs of its own manifest (``[selftest]``).
 4. ``shadow`` → ``rejected`` or ``promoted`` — the candidate scores live readings on a thread of
@@ -40,7 +42,7 @@ from typing import Any
 import msgspec
 
 from edge_agent.config import Settings
-from edge_agent.errors import EdgeAgentError, ReleaseError
+from edge_agent.errors import EdgeAgentError, ReleaseError, ReleaseFilesError
 from edge_agent.models.release import (
     RELEASE,
     SIGNATURE,
@@ -259,6 +261,7 @@ class Rollout:
 
     def _run(self) -> None:
         try:
+            self.store.tidy_unnamed()
             self._resume_incoming()
         except (EdgeAgentError, OSError):
             self._count("errors")
@@ -324,7 +327,7 @@ class Rollout:
         try:
             rid, statement, _ = read_statement(source, keys)
         except ReleaseError as exc:
-            self.event("refused", request_id=request_id, reason=str(exc))
+            self.event("refused", exc.release, request_id=request_id, reason=str(exc))
             return
         if self._known(rid, request_id):
             return
@@ -336,7 +339,8 @@ class Rollout:
             copy_release(source, staging, statement, self.settings.rollout.max_file_bytes)
         except (ReleaseError, OSError) as exc:
             shutil.rmtree(staging, ignore_errors=True)
-            self._finish(rid, "refused", request_id, f"cannot copy the release: {exc}")
+            # The folder's bytes, not the release: not remembered, a later copy is taken.
+            self.event("refused", rid, request_id=request_id, reason=f"cannot copy: {exc}")
             return
         self._candidate(rid, staging, request_id)
 
@@ -344,7 +348,7 @@ class Rollout:
         try:
             rid, statement, probe = stage_statement(self.store, cmd, trusted_keys(self._keys_dir()))
         except ReleaseError as exc:
-            self.event("refused", request_id=cmd.request_id, reason=str(exc))
+            self.event("refused", exc.release, request_id=cmd.request_id, reason=str(exc))
             return
         if self._known(rid, cmd.request_id):
             shutil.rmtree(probe, ignore_errors=True)
@@ -455,7 +459,13 @@ class Rollout:
             folder, moved = self.store.install(verified)
         except ReleaseError as exc:
             shutil.rmtree(staging, ignore_errors=True)
-            self._finish(rid, "refused", request_id, str(exc))
+            if isinstance(exc, ReleaseFilesError):
+                # Bytes that do not match the signed statement (a chunk tampered with or cut
+                # on the way) say nothing about the release: refused but not remembered, so
+                # the intact files under the same statement are taken without a restart.
+                self.event("refused", rid, request_id=request_id, reason=str(exc))
+            else:
+                self._finish(rid, "refused", request_id, str(exc))
             return
         self.event("staged", rid, request_id=request_id, folder=folder)
         try:

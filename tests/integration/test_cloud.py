@@ -553,7 +553,10 @@ def measure_round_trips(
 def test_round_trip_latency_of_sequential_urgent_cases(
     tmp_path: Path, topic_prefix: str, pack: PackUnderTest
 ) -> None:
-    """Printed with -s, not asserted: timings belong to the benchmark.
+    """The figures are printed with -s, not bounded: speed belongs to the benchmark. What is
+    asserted is that they measure what they say: every case gets its own verdict, and the
+    worker's ``cloud_ms`` (receipt to answer, in the worker) is a positive part of the round
+    trip the device sees for that same case, never more than it (a wrong unit or clock fails).
 
     Measured twice: on a broker with ``set_tcp_nodelay true`` (how a latency-sensitive
     deployment runs mosquitto) and, for fewer cases, on mosquitto's default, where Nagle's
@@ -566,8 +569,10 @@ def test_round_trip_latency_of_sequential_urgent_cases(
             rts, cloud = measure_round_trips(b.port, topic_prefix, pack, n)
         finally:
             b.stop()
-        assert len(rts) == n
-        assert 0 < percentile(rts, 50) <= percentile(rts, 99)
+        assert len(rts) == len(cloud) == n
+        for rt, in_worker in zip(rts, cloud, strict=True):
+            # cloud_ms is rounded to the microsecond; the round trip holds it whole.
+            assert 0 < in_worker <= rt + 0.001, (in_worker, rt)
         lines.append(
             f"  mosquitto {extra or 'defaults'}: {n} cases, round trip"
             f" p50 {percentile(rts, 50):.3f} ms, p99 {percentile(rts, 99):.3f} ms,"
@@ -601,7 +606,9 @@ def test_reconnects_and_subscribes_again_after_a_broker_crash(
     with running(worker):
         broker.kill()
         assert wait_until(lambda: worker.counters["disconnects"] == 1)
-        time.sleep(0.5)  # a few failed attempts while the broker is down
+        attempts = worker.counters["connect_attempts"]
+        # a few failed attempts while the broker is down
+        assert wait_until(lambda: worker.counters["connect_attempts"] >= attempts + 2)
         broker.start()
         assert worker.ready.wait(TIMEOUT)
         devices = Devices(broker.port, topic_prefix)

@@ -147,7 +147,14 @@ def test_hard_cases_from_the_agent_get_verdicts_from_the_endpoint(
         link_batch_max_wait_s="0.2",
         cloud_ledger_path=str(tmp_path / "ledger.db"),
     )
-    env.update(endpoint_env(llama.base_url, echo_pack, key_file))
+    # The deadline is the behaviour under test: whatever the endpoint does, the worker answers
+    # by deadline - margin, so no urgent case is missed on the device. The margin is the time
+    # left for the answer's way back through the broker; on a 2-core machine that also runs
+    # the LLM server (2 threads) that can take far more than the 50 ms default, so it is a
+    # tenth of the 10 s deadline here: a miss then means the worker ignored the deadline.
+    env.update(
+        endpoint_env(llama.base_url, echo_pack, key_file, endpoint_deadline_margin_ms="1000")
+    )
     settings = load_settings(None, env=env)
     worker = CloudWorker(settings)
     worker.start()

@@ -71,11 +71,20 @@ def run_agent(
     thread.start()
     thread.join(60)
     assert codes == [0]
-    # The drain waited for the outbox; give the last telemetry messages a moment to arrive.
+    # Every telemetry message the broker acknowledged reaches the collector; wait for them.
     # (The very last tick, taken while the agent closes, may not be published: the final
     # numbers are checked in the textfile, which that tick writes.)
-    time.sleep(0.3)
-    snaps = [json.loads(p) for t, p, _ in list(collector.messages) if t.endswith("/telemetry")]
+    published = agent.link.counters["published_telemetry"]
+    assert published > 0
+
+    def telemetry() -> list[dict[str, Any]]:
+        return [json.loads(p) for t, p, _ in list(collector.messages) if t.endswith("/telemetry")]
+
+    deadline = time.monotonic() + 10
+    while len(telemetry()) < published and time.monotonic() < deadline:
+        time.sleep(0.01)
+    snaps = telemetry()
+    assert len(snaps) >= published
     collector.close()
     snaps.sort(key=lambda s: s["time_unix"])
     return snaps, textfile.read_text()

@@ -181,7 +181,12 @@ def test_half_open_broker_is_detected_within_1_5x_keepalive_and_scoring_is_unaff
             f" {p99(before):.3f} ms, while stuck {p99(during):.3f} ms (x{ratio:.2f});"
             f" {hard_during} hard cases, {link.counters['inflight_replayed']} replayed"
         )
-        assert ratio <= 3.0, f"scoring p99 grew x{ratio:.2f} while the broker was stuck"
+        # Scoring must not wait on the stuck broker. A scoring loop that did would wait for
+        # the link to give up on it (up to 1.5 x keepalive, seconds); scheduling noise on a
+        # loaded machine stays far below that, so the bound is generous and derived from the
+        # keepalive, not from this machine's speed (the ratio above is printed, not bounded).
+        bound_ms = KEEPALIVE_S * 1000 / 20
+        assert p99(during) < bound_ms, f"scoring p99 {p99(during):.1f} ms while the broker hung"
         assert link.counters["published_urgent"] + link.counters["published_batch"] > 0
     finally:
         stop.set()

@@ -34,6 +34,7 @@ from edge_agent.models.release import (
     SIGNATURE,
     keygen,
     load_private_key,
+    release_id,
     sign_pack,
 )
 from edge_agent.models.store import ModelStore
@@ -208,6 +209,8 @@ def test_bad_releases_are_refused_and_the_live_model_keeps_serving(
             ev = push(settings, folder)
             results[name] = ev.get("reason", "")
             assert ev["state"] == "refused", (name, ev)
+            # Every refusal names the release it refused, the wrong key's included.
+            assert ev["release"] == release_id((folder / RELEASE).read_bytes()), (name, ev)
             assert agent.scorer.ref == "basicmotions-int8@1.0.0"
             assert wait_until(
                 lambda b=before: (
@@ -227,6 +230,49 @@ def test_bad_releases_are_refused_and_the_live_model_keeps_serving(
         assert ModelStore(state).read_pointer().live is None
         assert agent.rollout is not None
         assert agent.rollout.counters["refused"] == 6
+
+
+def test_bad_bytes_sent_first_do_not_block_the_release_they_claim_to_be(
+    broker: Mosquitto, topic_prefix: str, tmp_path: Path, keys: dict[str, Path]
+) -> None:
+    """Whoever can publish on cmd/model/chunk sends a release's signed statement with tampered
+    bytes before the operator does: refused (sha256) but not remembered, so the intact pack
+    under the very same signed statement is promoted right after, with no restart. A refusal
+    of the release itself (a downgrade) is remembered and answered again without a transfer."""
+    state = tmp_path / "state"
+    trust(state, keys["pub"])
+    settings = load_settings(None, env=rollout_env(broker, topic_prefix, state))
+    good = make_release(FP32, tmp_path / "good", keys["key"], version="2.0.0")
+    tampered = tmp_path / "tampered"
+    shutil.copytree(good, tampered)
+    with open(tampered / "model.onnx", "r+b") as fh:  # one byte changed after signing
+        fh.seek(100)
+        b = fh.read(1)
+        fh.seek(100)
+        fh.write(bytes([b[0] ^ 1]))
+    assert (tampered / RELEASE).read_bytes() == (good / RELEASE).read_bytes()
+    rid = release_id((good / RELEASE).read_bytes())
+    lower = make_release(LIVE, tmp_path / "lower", keys["key"], version="0.9.0")
+    with running_agent(settings) as agent:
+        assert agent.rollout is not None
+        ev = push(settings, lower)
+        assert (ev["state"], ev.get("details", {}).get("repeated")) == ("refused", None), ev
+        assert "lower than the committed" in ev["reason"]
+        again = push(settings, lower)
+        assert (again["state"], again.get("details", {}).get("repeated")) == ("refused", True), (
+            again
+        )
+        assert again["reason"] == ev["reason"]
+
+        ev = push(settings, tampered)
+        assert (ev["state"], ev["release"]) == ("refused", rid), ev
+        assert "sha256" in ev["reason"]
+        assert not (state / "models" / "incoming" / rid).exists()
+        ev = push(settings, good)
+        assert ev["state"] == "promoted", ev
+        assert not ev.get("details", {}).get("repeated")
+        assert wait_until(lambda: agent.scorer.ref == "basicmotions-fp32@2.0.0", 5)
+        assert agent.rollout.counters["refused"] == 3
 
 
 def test_candidates_failing_selftest_or_shadow_never_serve_and_a_good_one_is_promoted(
@@ -288,36 +334,45 @@ def test_candidates_failing_selftest_or_shadow_never_serve_and_a_good_one_is_pro
         assert pointer.committed["basicmotions-fp32"] == "2.0.0"
         assert not pointer.probation
         assert agent.pipeline.counts["rejected"] == counts_before.get("rejected", 0)
-        # Every reading of the rollout (shadow, promotion, probation) answered, none late.
+        # Every reading of the rollout (shadow, promotion, probation) answered, none dropped:
+        # the decisions follow the replayed file line after line, loop after loop. (How fast
+        # they come is the benchmark's business; the rollout's own p99 bound is enforced by
+        # the device on probation, and a model over it would not have been committed.)
         before, during = [], []
         models = set()
+        ids: list[Any] = []
         for t, chunk in out:
             for line in chunk.splitlines():
                 d = msgspec.json.decode(line)
                 if "latency_ms" not in d:
                     continue
+                ids.append(d.get("id"))
                 if t < t_push:
                     before.append(d["latency_ms"])
                 elif t <= t_done:
                     during.append(d["latency_ms"])
                     models.add(d["model"])
         assert models == {"basicmotions-int8@1.0.0", "basicmotions-fp32@2.0.0"}
-        rate = float(settings.source.rate_hz)
-        assert len(during) >= 0.8 * rate * (t_done - t_push)  # no stall, nothing dropped
-        p99_before, p99_during = np.percentile(before, 99), np.percentile(during, 99)
+        file_ids = [json.loads(x)["id"] for x in BUNDLED_TEST_DATA.read_text().splitlines() if x]
+        replayed = [
+            i if loop == 0 else f"{i}#{loop}"
+            for loop in range(len(ids) // len(file_ids) + 1)
+            for i in file_ids
+        ]
+        assert ids == replayed[: len(ids)], "a reading was dropped or reordered"
+        assert len(during) > 0
         print(
             f"\nshadow figures: {ev.get('details', {})}"
             f"\nlocal decision latency p50/p99 before the rollout"
-            f" {np.percentile(before, 50):.3f}/{p99_before:.3f} ms ({len(before)} readings);"
-            f" during push, shadow, promotion and probation"
-            f" {np.percentile(during, 50):.3f}/{p99_during:.3f} ms ({len(during)} readings,"
-            f" {t_done - t_push:.1f} s)"
+            f" {np.percentile(before, 50):.3f}/{np.percentile(before, 99):.3f} ms"
+            f" ({len(before)} readings); during push, shadow, promotion and probation"
+            f" {np.percentile(during, 50):.3f}/{np.percentile(during, 99):.3f} ms"
+            f" ({len(during)} readings, {t_done - t_push:.1f} s)"
         )
-        assert p99_during < settings.rollout.max_p99_ms
         # The same release again: answered from memory, nothing redone.
         again = push(settings, good)
         assert again["state"] in ("promoted", "committed")
-        assert again["details"].get("repeated")
+        assert again.get("details", {}).get("repeated")
 
 
 def _relist(folder: Path) -> None:
@@ -375,12 +430,32 @@ def _first_model(proc: subprocess.Popen[bytes], timeout: float = 20) -> str:
     raise AssertionError("the agent printed no decision")
 
 
-@pytest.mark.parametrize("step", ["received", "staged", "shadow", "promoted", "committed"])
+#: What serves after a kill at each step, from the steps' definitions (docs/models.md), not
+#: from the code under test: before promotion the configured pack, from promotion on the new one.
+SERVES_AFTER = {
+    "received": ("basicmotions-int8@1.0.0", None),
+    "staged": ("basicmotions-int8@1.0.0", None),
+    "shadow": ("basicmotions-int8@1.0.0", None),
+    "promoted": ("basicmotions-fp32@2.0.0", True),  # (model, still on probation)
+    "committed": ("basicmotions-fp32@2.0.0", False),
+}
+
+
+@pytest.mark.parametrize("later_s", [0.0, 0.1], ids=["at-once", "a-moment-later"])
+@pytest.mark.parametrize("step", list(SERVES_AFTER))
 def test_sigkill_at_each_step_leaves_exactly_one_whole_model(
-    broker: Mosquitto, topic_prefix: str, tmp_path: Path, keys: dict[str, Path], step: str
+    broker: Mosquitto,
+    topic_prefix: str,
+    tmp_path: Path,
+    keys: dict[str, Path],
+    step: str,
+    later_s: float,
 ) -> None:
-    """The agent is SIGKILLed right after it reports ``step`` (and, for the steps that
-    write, a moment later); on restart one whole, verified model serves."""
+    """The agent is SIGKILLed right after it reports ``step``, or a moment later (while it
+    writes the next files, loads the candidate or scores on probation); the operator's push is
+    killed too. On restart one whole model serves — the one the step implies — its files are
+    byte for byte those signed, and nothing else is left in the store: no installed pack the
+    pointer does not name, no half-received release except one whose transfer resumes."""
     state = tmp_path / "state"
     trust(state, keys["pub"])
     env = dict(os.environ)
@@ -389,34 +464,58 @@ def test_sigkill_at_each_step_leaves_exactly_one_whole_model(
     env.update(rollout_env(broker, topic_prefix, state, rollout_max_p99_ms="1000"))
     settings = load_settings(None, env={k: v for k, v in env.items() if k.startswith("EDGE_")})
     good = make_release(FP32, tmp_path / "good", keys["key"], version="2.0.0")
+    rid = release_id((good / RELEASE).read_bytes())
     args = [sys.executable, "-m", "edge_agent", "run", "--decisions"]
-    events: list[dict[str, Any]] = []
+    pusher_args = [sys.executable, "-m", "edge_agent", "models", "push", str(good), "-q"]
+    pusher_args += ["--device", settings.device_id, "--timeout", "60"]
     with subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL) as p:
         try:
             assert _first_model(p) == "basicmotions-int8@1.0.0"
             threading.Thread(target=_drain, args=(p,), daemon=True).start()
             watcher = _Watcher(settings, step)
-            push_in_background(settings, good, events, timeout=30)
-            assert watcher.seen.wait(60), f"the agent never reported {step}: {watcher.events}"
-            p.send_signal(signal.SIGKILL)
+            with subprocess.Popen(pusher_args, env=env, stdout=subprocess.DEVNULL) as pusher:
+                try:
+                    assert watcher.seen.wait(60), f"never reported {step}: {watcher.events}"
+                    time.sleep(later_s)
+                    p.send_signal(signal.SIGKILL)
+                finally:
+                    pusher.kill()
         finally:
             p.kill()
         watcher.close()
-    pack, pointer = ModelStore(state).live_pack()
+    models = state / "models"
     with subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL) as p:
         try:
             serving = _first_model(p)
+            threading.Thread(target=_drain, args=(p,), daemon=True).start()
+            current = models / "current.json"
+            pointer = json.loads(current.read_bytes()) if current.exists() else {}
+            named = {pointer.get("live"), pointer.get("previous")} - {None}
+            # Installed packs the pointer does not name are removed at start.
+            assert wait_until(lambda: _listing(models / "packs") <= named, 10), (
+                f"left in packs/: {_listing(models / 'packs') - named}"
+            )
         finally:
             p.send_signal(signal.SIGTERM)
             p.wait(20)
-    expected = "basicmotions-int8@1.0.0" if pack is None else pack.ref
+    expected, probation = SERVES_AFTER[step]
     assert serving == expected
-    if step in ("promoted", "committed"):
-        assert serving == "basicmotions-fp32@2.0.0"
-        assert pointer.probation == (step == "promoted")
+    if probation is None:  # the configured pack serves; nothing installed is named
+        assert pointer.get("live") is None
     else:
-        assert serving == "basicmotions-int8@1.0.0"
-    print(f"\nkilled after {step}: serves {serving}; pointer {pointer}")
+        assert pointer["probation"] is probation
+        live = models / "packs" / pointer["live"]
+        assert _listing(models / "packs") == {pointer["live"]}
+        for f in good.iterdir():  # the whole release, as signed (the signature re-encoded)
+            assert (live / f.name).read_bytes().strip() == f.read_bytes().strip(), f.name
+    # Incoming: only this release, only while it was still being received (it resumes).
+    left = _listing(models / "incoming")
+    assert left <= ({rid} if step == "received" else set()), left
+    print(f"\nkilled {later_s} s after {step}: serves {serving}; pointer {pointer}")
+
+
+def _listing(folder: Path) -> set[str]:
+    return {c.name for c in folder.iterdir()} if folder.is_dir() else set()
 
 
 def _drain(p: subprocess.Popen[bytes]) -> None:

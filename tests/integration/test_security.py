@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
-import json
 import logging
 import subprocess
 import threading
@@ -463,23 +462,40 @@ def test_password_from_a_credentials_file_never_appears_in_logs_or_telemetry(
     }
     pack = make_fake_pack(tmp_path / "pack")
     caplog.set_level(logging.DEBUG)
-    published: list[bytes] = []
+    published: list[tuple[str, bytes]] = []  # what the broker delivered under the device's topics
     try:
         # Right password (systemd's LoadCredential= puts it in $CREDENTIALS_DIRECTORY).
         monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(creds))
         settings = load_settings(
             None, env={**env, "EDGE_AGENT_DEVICE_STATE_DIR": str(tmp_path / "s1")}
         )
+        # A client built by new_client from the same settings (the password only inside paho)
+        # gets in, and reads what the device really publishes: status and telemetry.
+        probe = new_client(settings, "probe")
+        granted = threading.Event()
+        probe.on_subscribe = lambda *_a: granted.set()
+        probe.on_message = lambda _c, _u, m: published.append((m.topic, bytes(m.payload)))
+        probe.connect("127.0.0.1", b.port)
+        probe.loop_start()
+        probe.subscribe(f"{topic_prefix}/dev-a/#", qos=1)
+        assert granted.wait(TIMEOUT), "the probe with the password file's password was refused"
         agent = Agent(settings, Scorer.open(open_pack(pack)))
         agent.link.start()
+        agent.telemetry.start()
         try:
             assert agent.link.connected.wait(TIMEOUT), agent.link.last_error
-            snap = agent.snapshot()
-            published.append(json.dumps(snap, default=str).encode())
-            published.append(agent.status_line().encode())
-            published.append(repr(settings).encode())
+            topics = Topics(topic_prefix)
+            assert wait_until(
+                lambda: (
+                    {topics.telemetry("dev-a"), topics.status("dev-a")} <= {t for t, _ in published}
+                )
+            ), f"no telemetry and status published: {[t for t, _ in published]}"
         finally:
             agent.close()
+            probe.loop_stop()
+            probe.disconnect()
+        blobs = [p for _, p in published]
+        blobs += [agent.status_line().encode(), repr(settings).encode()]
         # Wrong password: refused, logged as refused, the secret still never shown.
         monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(wrong))
         settings = load_settings(
@@ -492,14 +508,11 @@ def test_password_from_a_credentials_file_never_appears_in_logs_or_telemetry(
             assert link.counters["connects"] == 0
         finally:
             link.stop()
-        # A TLS-less client built by new_client carries the password only inside paho.
-        client = new_client(settings, "probe")
-        assert client is not None
     finally:
         b.stop()
     text = caplog.text + "\n".join(r.getMessage() for r in caplog.records)
     assert "refused" in text
     for secret in (PASSWORD, PASSWORD[::-1]):
         assert secret not in text, "the MQTT password appeared in the logs"
-        for blob in published:
+        for blob in blobs:
             assert secret.encode() not in blob, "the MQTT password appeared in telemetry/status"

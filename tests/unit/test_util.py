@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 
-from edge_agent.util import files
 from edge_agent.util.backoff import full_jitter
 from edge_agent.util.files import Durability, UnreadableFile, atomic_write, file_sha256, read_toml
 from edge_agent.util.progress import Progress
@@ -24,7 +23,12 @@ def test_atomic_write_replaces_the_file_and_syncs_as_asked(
     target.write_bytes(b"old")
     synced: list[int] = []
     real_fsync = os.fsync
-    monkeypatch.setattr(files.os, "fsync", lambda fd: synced.append(fd) or real_fsync(fd))
+
+    def counting_fsync(fd: int) -> None:
+        synced.append(fd)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", counting_fsync)  # the module files.py calls
     atomic_write(target, b"new", durability)
     assert target.read_bytes() == b"new"
     assert [p.name for p in tmp_path.iterdir()] == ["state.json"]  # no temporary file left
@@ -41,7 +45,7 @@ def test_a_failed_atomic_write_keeps_the_old_file_and_leaves_no_temporary(
     def broken_replace(_src: object, _dst: object) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(files.os, "replace", broken_replace)
+    monkeypatch.setattr(os, "replace", broken_replace)  # the module files.py calls
     with pytest.raises(OSError, match="No space"):
         atomic_write(target, b"new")
     assert target.read_bytes() == b"old"

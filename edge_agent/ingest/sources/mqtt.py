@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -41,8 +42,13 @@ class MqttTopicSource:
         self.batch = batch
         self.dropped = 0
         self._queue: queue.Queue[Item] = queue.Queue(maxsize=10 * batch)
+        #: Set once the broker has granted the subscription (readings published from then on
+        #: reach the agent); cleared while disconnected.
+        self.subscribed = threading.Event()
         self.client = new_client(s, f"edge-agent-source-{settings.device_id}")
         self.client.on_connect = self._on_connect
+        self.client.on_disconnect = lambda *_a: self.subscribed.clear()
+        self.client.on_subscribe = self._on_subscribe
         self.client.on_message = self._on_message
         self.client.reconnect_delay_set(1, 10)
         try:
@@ -56,6 +62,12 @@ class MqttTopicSource:
             log.error("mqtt source: broker refused the connection: %s", rc)
             return
         client.subscribe(self.topic, qos=1)
+
+    def _on_subscribe(self, _c: mqtt.Client, _ud: Any, _mid: int, codes: Any, _p: Any) -> None:
+        if all(not rc.is_failure for rc in codes):
+            self.subscribed.set()
+        else:
+            log.error("mqtt source: broker refused the subscription to %s: %s", self.topic, codes)
 
     def _on_message(self, _c: mqtt.Client, _ud: Any, msg: mqtt.MQTTMessage) -> None:
         payload = bytes(msg.payload)
