@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import paho.mqtt.client as mqtt
@@ -137,7 +138,7 @@ def test_a_promotion_resets_the_learned_estimates(
         assert learned.generation == 1
 
 
-def _demo(noise: float) -> dict:
+def _demo(noise: float) -> dict[str, Any]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("EDGE_AGENT_")}
     proc = subprocess.run(
         [sys.executable, "-m", "edge_agent", "demo", "--json", "-q", "--noise", str(noise)],
@@ -147,7 +148,8 @@ def _demo(noise: float) -> dict:
         check=False,
     )
     assert proc.returncode == 0, proc.stderr.decode()[-2000:]
-    return json.loads(proc.stdout)
+    summary: dict[str, Any] = json.loads(proc.stdout)
+    return summary
 
 
 @pytest.mark.parametrize("noise", [1.5, 2.0, 3.0])
