@@ -150,7 +150,11 @@ def run_fleet(
         try:
             for name in pool.names:
                 pool.start(name)
-            wait_online(broker.port, opts.prefix, pool.names)
+            try:
+                wait_online(broker.port, opts.prefix, pool.names)
+            except EdgeAgentError as exc:
+                logs = {n: (folder / f"{n}.log").read_text()[-1500:] for n in pool.names}
+                raise EdgeAgentError(f"{exc}; worker logs: {logs}") from None
             fleet.start()
             report = _Run(fleet, pool, broker, opts).drive(faults, progress)
             report["worker_exit_codes"] = pool.stop()
