@@ -99,7 +99,7 @@ class Books:
     def observe(self, device: str, readings_total: int) -> None:
         """A device's readings count, recorded with its next charge."""
         self.ledger.observe(device, readings_total)
-        if readings_total > self._readings.get(device, -1):
+        if self.store is not None and readings_total > self._readings.get(device, -1):
             self._readings[device] = readings_total
 
     def answered(self, device: str, tier: Tier, answers: list[tuple[str, Answer]]) -> None:

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from edge_agent.config import Settings
+from edge_agent.errors import ConfigError
 from edge_agent.models.pack import BUNDLED_TEST_DATA
 
 EXIT_OK, EXIT_FAILURE = 0, 1
@@ -18,6 +19,10 @@ EXIT_OK, EXIT_FAILURE = 0, 1
 def cmd_fleet_sim(args: argparse.Namespace) -> int:
     from edge_agent.devtools import fleet, fleetrun  # noqa: PLC0415 - a tool, not the service
 
+    if args.devices < 1 or args.workers < 1 or args.duration <= 0:
+        raise ConfigError("fleet-sim: --devices, --workers and --duration must be positive")
+    if args.case_rate < 0 or not 0.0 <= args.batch_share <= 1.0 or args.resend <= 0:
+        raise ConfigError("fleet-sim: --case-rate >= 0, --batch-share within [0, 1], --resend > 0")
     opts = fleet.FleetOptions(
         devices=args.devices,
         duration_s=args.duration,
