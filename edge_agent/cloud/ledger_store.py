@@ -183,7 +183,6 @@ class LedgerStore:
         self.path = Path(path)
         self.worker = worker
         self._lock = threading.Lock()
-        self._migrate_from: bytes | None = None
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._move_old_format()
@@ -213,7 +212,6 @@ class LedgerStore:
         aside = self.path.with_name(self.path.name + ".v1.json")
         if aside.exists():
             aside = self.path.with_name(f"{self.path.name}.v1.{int(time.time())}.json")
-        self._migrate_from = self.path.read_bytes()
         os.replace(self.path, aside)
         log.warning("the cost ledger %s was in the old JSON format: moved to %s", self.path, aside)
 
@@ -222,9 +220,8 @@ class LedgerStore:
     def load(self, ledger: CostLedger) -> None:
         """Add the stored figures to ``ledger`` (after importing an old JSON ledger, if any)
         and store its prices (those in force, for ``summary_of``)."""
-        if self._migrate_from is not None:
-            self._import_v1(self._migrate_from)
-            self._migrate_from = None
+        for old in sorted(self.path.parent.glob(self.path.name + ".v1*.json")):
+            self._import_v1(old)  # once per file (a crash between moving and importing: now)
         with self._lock:
             _load(self._db, ledger, self.path)
         with self._transaction() as db:
@@ -233,23 +230,28 @@ class LedgerStore:
                 (json.dumps(ledger.pricing(), sort_keys=True),),
             )
 
-    def _import_v1(self, data: bytes) -> None:
-        """Store the figures of a JSON ledger in the database, once."""
+    def _import_v1(self, old: Path) -> None:
+        """Store the figures of a JSON ledger moved aside in the database, once: a marker in
+        the same transaction says it was imported."""
+        marker = f"imported:{old.name}"
+        with self._lock:
+            done = self._db.execute("SELECT 1 FROM meta WHERE k = ?", (marker,)).fetchone()
+        if done:
+            return
         scratch = CostLedger(1.0, 0.5, 1)
         try:
-            scratch.restore(data)
-        except ValueError as exc:
-            log.error(
-                "the old cost ledger of %s is not readable (%s); not imported", self.path, exc
-            )
+            scratch.restore(old.read_bytes())
+        except (OSError, ValueError) as exc:
+            log.error("the old cost ledger %s is not readable (%s); not imported", old, exc)
             return
         with self._transaction() as db:
+            db.execute("INSERT INTO meta (k, v) VALUES (?, ?)", (marker, str(time.time())))
             for day, by_device in scratch.days().items():
                 for device, usage in by_device.items():
                     db.execute(_ADD_USAGE, (day, device, *_values(usage)))
             for device, readings in scratch.readings_totals().items():
                 _observe(db, device, readings)
-        log.info("imported the old JSON cost ledger into %s", self.path)
+        log.info("imported the old JSON cost ledger %s into %s", old, self.path)
 
     # -- the hot path -----------------------------------------------------------------------
 

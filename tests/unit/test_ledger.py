@@ -193,3 +193,18 @@ def test_worker_moves_an_unreadable_ledger_aside_and_starts_a_new_one(tmp_path: 
     assert fresh.ledger.summary()["total"]["urgent"] == 0
     assert (tmp_path / "ledger.json.v1.json").read_text() == "{ torn write"
     fresh.stop()
+
+
+def test_an_old_ledger_moved_aside_before_a_crash_is_imported_at_the_next_start(
+    tmp_path: Path,
+) -> None:
+    """The worker died between moving the JSON ledger aside and importing it: the next start
+    imports it, and only once."""
+    saved = ledger()
+    saved.charge("dev-a", "urgent", cases=3, at=DAY1)
+    old_json_ledger(tmp_path / "ledger.db.v1.json", saved)
+    env = {"EDGE_AGENT_CLOUD_LEDGER_PATH": str(tmp_path / "ledger.db")}
+    for _ in range(2):
+        worker = CloudWorker(load_settings(None, env=env))
+        assert worker.ledger.summary()["devices"]["dev-a"]["urgent"] == 3
+        worker.stop()
