@@ -144,7 +144,11 @@ def sigkill_rounds(
     pack = make_fake_pack(tmp_path / "pack")
     state = tmp_path / "state"
     env = agent_env(broker, topic_prefix, state, pack)
-    worker = CloudWorker(load_settings(None, env=env))  # answers; its verdicts settle cases
+    # The worker answers; its verdicts settle cases. Its answer memory (the check below reads it)
+    # holds every key of the run: the default 100,000 is less than the long mode accepts on a
+    # quiet machine (60 rounds of up to ~2,000 cases), and the LRU would forget the first ones.
+    worker_env = {**env, "EDGE_AGENT_CLOUD_DEDUPE_KEYS": "2000000"}
+    worker = CloudWorker(load_settings(None, env=worker_env))
     worker.start()
     assert worker.ready.wait(10), worker.last_error
     collector = Collector(broker.port, topic_prefix)  # sees every send, duplicates included
@@ -155,6 +159,7 @@ def sigkill_rounds(
             assert code == -9
         assert run_once(env, kills, None, accepted, tmp_path / "agent.log") == 0
         assert len(accepted) > 50 * kills
+        assert len(accepted) < worker.memory.size, "the check below needs every key remembered"
         missing = collector.wait_for(accepted, 30)
         assert missing == set(), f"{len(missing)} of {len(accepted)} accepted hard cases lost"
         unanswered = [k for k in accepted if worker.memory.get("dev1", k) is None]
