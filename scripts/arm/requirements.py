@@ -39,6 +39,9 @@ def requirements(pyproject: Path) -> list[str]:
     wanted += [r for r in dev if _name(r) in TEST_TOOLS]
     have = {_name(r) for r in wanted}
     wanted += [t for t in (*RUNTIME_TOOLS, *TEST_TOOLS) if t not in have]
+    # redis-py needs async-timeout below Python 3.11.3: the aarch64 root's Python (Debian 12's
+    # 3.11.2) does, the native one may not, so it is named here rather than found by the pins.
+    wanted.append("async-timeout>=4.0.3")
     return wanted
 
 
