@@ -61,6 +61,12 @@ class FrameDecoder:
         self.max_frame_bytes = max_frame_bytes
         self._count = self.shape[0] * self.shape[1]
         self._nbytes = 4 * self._count
+        smallest = HEADER_SIZE + self._nbytes
+        if max_frame_bytes < smallest:
+            raise ConfigError(
+                f"input.max_frame_bytes = {max_frame_bytes} is below the {smallest} bytes"
+                f" of a frame of the pack's shape {list(self.shape)}"
+            )
         # finite x 0 is 0 and NaN/Inf x 0 is NaN: the dot with zeros is NaN exactly when a
         # value is not finite (float32 in, so nothing can overflow); ~4x cheaper than a sum.
         self._zeros = np.zeros(self._count, dtype=np.float32)
@@ -91,9 +97,8 @@ class FrameDecoder:
         if n < HEADER_SIZE:
             raise ReadingError("bad_frame", f"{n} bytes is shorter than the 16-byte frame header")
         magic, version, dtype, flags, id_len, channels, samples, reserved = _unpack_header(buf)
-        if (
-            magic != MAGIC or version != VERSION or dtype != DTYPE_FLOAT32 or flags > KNOWN_FLAGS
-        ):  # (KNOWN_FLAGS is bit 0)
+        # flags > KNOWN_FLAGS: a bit other than bit 0, the one flag version 1 knows.
+        if magic != MAGIC or version != VERSION or dtype != DTYPE_FLOAT32 or flags > KNOWN_FLAGS:
             raise _header_error(magic, version, dtype, flags)
         if reserved:
             raise ReadingError("bad_frame", f"reserved header field is {reserved:#x}, not 0")
@@ -132,6 +137,13 @@ class FrameDecoder:
         if ts is not None:
             reading.timestamp_ns = ts
         return reading
+
+    def decode_item(self, buf: Buffer) -> Reading | ReadingError:
+        """``decode`` for sources: the rejection is returned (to be counted), not raised."""
+        try:
+            return self.decode(buf)
+        except ReadingError as err:
+            return err
 
     def _length_error(self, n: int, start: int) -> ReadingError:
         return ReadingError(
