@@ -172,12 +172,19 @@ class Outbox:
 
     def next_seq(self) -> int:
         """A sequence number never used before on this state directory."""
+        return self.next_seqs(1)[0]
+
+    def next_seqs(self, n: int) -> list[int]:
+        """``n`` sequence numbers never used before on this state directory, in order."""
+        out = []
         with self._lock:
-            self._seq += 1
-            if self._seq >= SEQ_PER_RUN:
-                self.run = self._next_run()
-                self._seq = 1
-            return self.run * SEQ_PER_RUN + self._seq
+            for _ in range(n):
+                self._seq += 1
+                if self._seq >= SEQ_PER_RUN:
+                    self.run = self._next_run()
+                    self._seq = 1
+                out.append(self.run * SEQ_PER_RUN + self._seq)
+        return out
 
     # -- writing ----------------------------------------------------------------------
 

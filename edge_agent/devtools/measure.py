@@ -181,9 +181,11 @@ def agent_paths(
     readings = [Reading(values=w) for w in x]
     route = agent.route_many  # the routing the pipeline calls
     itr = iter(readings * passes)
-    out["from_array"] = timed(lambda: route(scorer.score([next(itr)])), n)
+    out["from_array"] = timed(lambda: route(*scorer.score_with_input([next(itr)])), n)
     group_r = (readings * (64 // len(readings) + 1))[:64]
-    out["from_array_batched"] = _batched(lambda: route(scorer.score(group_r)), n_groups, 64)
+    out["from_array_batched"] = _batched(
+        lambda: route(*scorer.score_with_input(group_r)), n_groups, 64
+    )
     agent.close()
     hard_rate = agent.pipeline.counts["hard"] / max(
         1, agent.pipeline.counts["hard"] + agent.pipeline.counts["local"]

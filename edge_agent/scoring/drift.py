@@ -176,6 +176,31 @@ class DriftMonitor:
         self._hard[i] = hard
         self._n += 1
 
+    def record_many(
+        self, values: npt.NDArray[np.float32], confidence: list[float], hard: list[bool]
+    ) -> None:
+        """``record`` for a scored group: ``values`` is its stacked input [N, *shape]."""
+        buf = self._values
+        if buf is None:
+            return
+        n = len(confidence)
+        if n > self.window:  # only the last ``window`` readings are kept anyway
+            self._n += n - self.window
+            values, confidence, hard = (
+                values[-self.window :],
+                confidence[-self.window :],
+                hard[-self.window :],
+            )
+            n = self.window
+        i = self._n % self.window
+        first = min(n, self.window - i)  # up to the end of the ring, then from its start
+        for lo, hi, at in ((0, first, i), (first, n, 0)):
+            if hi > lo:
+                buf[at : at + hi - lo] = values[lo:hi]
+                self._conf[at : at + hi - lo] = confidence[lo:hi]
+                self._hard[at : at + hi - lo] = hard[lo:hi]
+        self._n += n
+
     def snapshot(self) -> dict[str, Any]:
         """The ``drift`` block of telemetry (telemetry thread)."""
         with self._lock:

@@ -17,6 +17,7 @@ import msgspec
 
 from edge_agent.errors import ReadingError
 from edge_agent.ingest.readings import Item, Oversize, Reading, ReadingDecoder
+from edge_agent.scoring.backends.base import FloatArray
 from edge_agent.scoring.scorer import Decision, Route, Scorer
 
 
@@ -44,9 +45,10 @@ class DecisionOut(msgspec.Struct, omit_defaults=True):
 
 #: Called for each decision in input order; may return (tier, key) for the output line.
 DecisionHook = Callable[[Decision], "tuple[str, str] | None"]
-#: Called once per scored group with its decisions in input order; returns, per decision,
-#: (tier, key) for the output line or None. The agent's routing (``Agent.route_many``).
-DecisionsHook = Callable[[list[Decision]], "list[tuple[str, str] | None]"]
+#: Called once per scored group with its decisions in input order and the stacked input
+#: ([N, *shape], valid during the call); returns, per decision, (tier, key) for the output
+#: line or None. The agent's routing (``Agent.route_many``).
+DecisionsHook = Callable[[list[Decision], FloatArray], "list[tuple[str, str] | None]"]
 
 
 _encoder = msgspec.json.Encoder()
@@ -81,12 +83,18 @@ class ScorePipeline:
         *,
         on_decision: DecisionHook | None = None,
         on_decisions: DecisionsHook | None = None,
-        next_seq: Callable[[], int] | None = None,
+        next_seqs: Callable[[int], list[int]] | None = None,
+        output: bool = True,
     ) -> None:
         self.scorer = scorer
         self.on_decision = on_decision
         self.on_decisions = on_decisions
-        self.next_seq = next_seq
+        #: Sequence numbers for n readings (the outbox's, unique across runs); default: the
+        #: reading's position among all lines.
+        self.next_seqs = next_seqs
+        #: False: nobody reads the output (``edge-agent run`` without ``--decisions``), so
+        #: ``process`` returns nothing and encodes nothing; every outcome is still counted.
+        self.output = output
         self.decoder = ReadingDecoder(scorer.shape, max_line_bytes)
         self.max_batch = max_batch
         self.counts: Counter[str] = Counter()
@@ -103,8 +111,6 @@ class ScorePipeline:
         # group had no rejection (the common case).
         out: list[bytes | DecisionOut] = [b""] * len(lines)
         pending: list[tuple[int, Reading]] = []
-        next_seq = self.next_seq
-        base = self.counts["lines"]
         for pos, line in enumerate(lines):
             if isinstance(line, Reading):
                 reading = line
@@ -130,7 +136,6 @@ class ScorePipeline:
                     out[pos] = self._reject(err, msgspec.UNSET if rid is None else rid)
                     continue
                 reading.t_mono_ns = t0
-            reading.seq = next_seq() if next_seq else base + pos
             pending.append((pos, reading))
             if len(pending) >= self.max_batch:
                 self._score(pending, out)
@@ -138,23 +143,32 @@ class ScorePipeline:
         if pending:
             self._score(pending, out)
         self.counts["lines"] += len(lines)
+        if not self.output:
+            return b""
         if not any(isinstance(o, bytes) for o in out):
             return _encoder.encode_lines(out)
         return b"".join(o if isinstance(o, bytes) else _encoder.encode(o) + b"\n" for o in out)
 
     def _score(self, pending: list[tuple[int, Reading]], out: list[bytes | DecisionOut]) -> None:
-        decisions = self.scorer.score([r for _, r in pending])
+        if self.next_seqs is not None:
+            for (_, r), seq in zip(pending, self.next_seqs(len(pending)), strict=True):
+                r.seq = seq
+        else:
+            base = self.counts["lines"]
+            for pos, r in pending:
+                r.seq = base + pos
+        decisions, x = self.scorer.score_with_input([r for _, r in pending])
         # The hook may re-route (the learned policy): count the routes it leaves.
         if self.on_decisions is not None:
-            routed = self.on_decisions(decisions)
+            routed = self.on_decisions(decisions, x)
         elif self.on_decision is not None:
             routed = [self.on_decision(d) for d in decisions]
         else:
             routed = [None] * len(decisions)
-        hard = 0
-        for (pos, _), decision, r in zip(pending, decisions, routed, strict=True):
-            hard += decision.route == Route.HARD
-            out[pos] = decision_out(decision, r)
+        hard = sum(d.route == Route.HARD for d in decisions)
+        if self.output:
+            for (pos, _), decision, how in zip(pending, decisions, routed, strict=True):
+                out[pos] = decision_out(decision, how)
         self.counts["hard"] += hard
         self.counts["local"] += len(decisions) - hard
 

@@ -110,16 +110,21 @@ class Scorer:
 
     def score(self, readings: list[Reading]) -> list[Decision]:
         """Score readings in one backend call; decisions in the same order."""
+        return self.score_with_input(readings)[0]
+
+    def score_with_input(self, readings: list[Reading]) -> tuple[list[Decision], FloatArray]:
+        """``score``, and the stacked input it scored ([N, *shape]; for more than one reading
+        a view of the reused buffer: read it before this scorer scores again)."""
         n = len(readings)
         if n == 0:
-            return []
+            return [], np.empty((0, *self.shape), dtype=np.float32)
         if n == 1:
             x = readings[0].values[np.newaxis]
-            return self._decide(readings, x, self.backend.score_batch(x))
+            return self._decide(readings, x, self.backend.score_batch(x)), x
         # One thread fills the reused buffer at a time; another meanwhile stacks its own.
         if not self._buffer_lock.acquire(blocking=False):
             x = np.stack([r.values for r in readings])
-            return self._decide(readings, x, self.backend.score_batch(x))
+            return self._decide(readings, x, self.backend.score_batch(x)), x
         try:
             buf = self._buffer
             if buf.shape[0] < n:
@@ -127,7 +132,7 @@ class Scorer:
             for i, r in enumerate(readings):
                 buf[i] = r.values
             x = buf[:n]
-            return self._decide(readings, x, self.backend.score_batch(x))
+            return self._decide(readings, x, self.backend.score_batch(x)), x
         finally:
             self._buffer_lock.release()
 

@@ -32,6 +32,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+import numpy as np
+
 from edge_agent.config import Settings
 from edge_agent.delivery.link import Link
 from edge_agent.delivery.outbox import ClassLimits, Cls, Outbox
@@ -41,6 +43,7 @@ from edge_agent.models.store import ModelStore
 from edge_agent.rollout.machine import Rollout
 from edge_agent.routing.learned import LearnedPolicy
 from edge_agent.routing.router import Reconciler, Router
+from edge_agent.scoring.backends.base import FloatArray
 from edge_agent.scoring.drift import DriftMonitor
 from edge_agent.scoring.pipeline import ScorePipeline
 from edge_agent.scoring.scorer import Decision, Route, Scorer
@@ -147,7 +150,7 @@ class Agent:
             settings.input.max_line_bytes,
             settings.model.max_batch,
             on_decisions=self.route_many,
-            next_seq=self.outbox.next_seq,
+            next_seqs=self.outbox.next_seqs,
         )
         t = settings.telemetry
         self.latency = LatencyWindow(t.latency_window)
@@ -180,29 +183,31 @@ class Agent:
     def route(self, d: Decision) -> tuple[str, str] | None:
         """Count, watch and route one decision; a hard case goes to the link. Returns its
         tier and idempotency key (None for a local decision)."""
-        return self.route_many([d])[0]
+        return self.route_many([d], d.reading.values[np.newaxis])[0]
 
-    def route_many(self, decisions: list[Decision]) -> list[tuple[str, str] | None]:
-        """``route`` for a scored group, in order; the scoring loop's callback. The latency
-        bookkeeping is done once per group, and under the fixed policy a local decision
-        needs nothing more than its counters (the router would keep it local)."""
+    def route_many(self, decisions: list[Decision], x: FloatArray) -> list[tuple[str, str] | None]:
+        """``route`` for a scored group, in order, whose stacked input is ``x``; the scoring
+        loop's callback. The bookkeeping is done once per group, and under the fixed policy a
+        local decision needs nothing more (the router would keep it local)."""
         latencies = [d.latency_ms for d in decisions]
         self.latency.record_many(latencies)
         self.decision_seconds.observe_many(latencies, 1e-3)
-        counters, drift, rollout = self.counters, self.drift.record, self.rollout
+        local = [d.route == Route.LOCAL for d in decisions]
+        self.drift.record_many(x, [d.confidence for d in decisions], [not v for v in local])
+        before = self.counters["readings"]
+        self.counters["readings"] += len(decisions)
+        if self.rollout is not None:
+            for d in decisions:
+                self.rollout.observe(d)
         plain = self.learned is None
-        out: list[tuple[str, str] | None] = []
-        for d in decisions:
-            counters["readings"] += 1
-            local = d.route == Route.LOCAL
-            drift(d.reading.values, d.confidence, not local)
-            if rollout is not None:
-                rollout.observe(d)
-            out.append(None if plain and local else self._dispatch(d))
-        return out
+        return [
+            None if plain and is_local else self._dispatch(d, before + i + 1)
+            for i, (d, is_local) in enumerate(zip(decisions, local, strict=True))
+        ]
 
-    def _dispatch(self, d: Decision) -> tuple[str, str] | None:
-        """The router's plan for one decision: local, an alert, or a hard case to the link."""
+    def _dispatch(self, d: Decision, readings: int) -> tuple[str, str] | None:
+        """The router's plan for one decision, the ``readings``-th of this run: local, an
+        alert, or a hard case to the link."""
         plan = self.router.plan(d)
         key = f"{self.device}:{d.reading.seq}"
         if plan.action == "alert":
@@ -223,7 +228,7 @@ class Agent:
             tier=tier,
             id=d.reading.id,
             deadline_ms=self.settings.router.deadline_ms if urgent else None,
-            readings_total=self._readings_before + self.counters["readings"],
+            readings_total=self._readings_before + readings,
         )
         payload = encoder.encode(case)  # ids came from JSON, values are finite: always encodable
         cls = Cls.URGENT if urgent else Cls.BATCH
@@ -402,6 +407,8 @@ class Agent:
             previous = {
                 sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)
             }
+        # Decision lines are encoded only for someone to read them (``run --decisions``).
+        self.pipeline.output = self._emit is not None
         self.link.start()
         if self.rollout is not None:
             self.rollout.start()

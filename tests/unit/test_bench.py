@@ -82,9 +82,7 @@ def test_budget_verdicts() -> None:
     verdicts = {b["budget"]: b["pass"] for b in budgets(results)}
     assert verdicts["m@1: agent p99 per frame / raw run p99"] is True
     assert verdicts["m@1: raw batched throughput / agent micro-batched from frames"] is False
-    assert (
-        verdicts["m@1: agent p99 per JSON line / (JSON floor p99 + 0.5 raw run p99)"] is False
-    )
+    assert verdicts["m@1: agent p99 per JSON line / (JSON floor p99 + 0.5 raw run p99)"] is False
     assert verdicts["m@1: agent x64 from JSON lines / (JSON floor x64 + raw run x64)"] is True
     assert verdicts["m@1: agent p99 / naive p99"] is True
     assert verdicts["ONNX agent peak RSS"] is True

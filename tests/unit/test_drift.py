@@ -266,3 +266,26 @@ def test_replay_shift_applies_to_one_channel_from_the_onset(tmp_path: Path) -> N
         [[1.0, 2.0], [6.5, 8.5]],
         [[1.0, 2.0], [6.5, 8.5]],
     ]
+
+
+@pytest.mark.parametrize("sizes", [[1] * 7, [3, 64, 5], [250], [199, 1, 1, 2], [64, 64, 64, 64]])
+def test_recording_a_group_keeps_what_recording_one_at_a_time_keeps(
+    pack: ModelPack, sizes: list[int]
+) -> None:
+    """``record_many`` (the agent's path, one call per scored group) and ``record`` fill the
+    ring the same way, across its wrap and for groups larger than the window."""
+    x = np.random.default_rng(3).normal(0, 5, (sum(sizes), 6, 100)).astype(np.float32)
+    conf = [float(i % 97) / 97 for i in range(len(x))]
+    hard = [i % 5 == 0 for i in range(len(x))]
+    one, many = _monitor(pack, window=200), _monitor(pack, window=200)
+    for i in range(len(x)):
+        one.record(x[i], conf[i], hard[i])
+    at = 0
+    for n in sizes:
+        many.record_many(x[at : at + n], conf[at : at + n], hard[at : at + n])
+        at += n
+    assert many._n == one._n == len(x)
+    assert one._values is not None and many._values is not None
+    assert np.array_equal(one._values, many._values)
+    assert np.array_equal(one._conf, many._conf)
+    assert np.array_equal(one._hard, many._hard)
