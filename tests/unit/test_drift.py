@@ -285,7 +285,8 @@ def test_recording_a_group_keeps_what_recording_one_at_a_time_keeps(
         many.record_many(x[at : at + n], conf[at : at + n], hard[at : at + n])
         at += n
     assert many._n == one._n == len(x)
-    assert one._values is not None and many._values is not None
+    assert one._values is not None
+    assert many._values is not None
     assert np.array_equal(one._values, many._values)
     assert np.array_equal(one._conf, many._conf)
     assert np.array_equal(one._hard, many._hard)
