@@ -15,7 +15,13 @@ REPORTED = (50, 95, 99)
 def percentiles(values: Iterable[float], qs: Sequence[float] = REPORTED) -> dict[str, float | None]:
     """``{"p50": ..., "p95": ..., "p99": ...}`` of ``values`` (linear interpolation, numpy's
     default); every value None when there are no samples."""
-    arr = np.fromiter(values, dtype=np.float64)
+    # An array is taken as it is: iterating one element by element (np.fromiter) would hold
+    # the GIL for the whole window, stalling the scoring thread while telemetry runs.
+    arr = (
+        np.asarray(values, dtype=np.float64)
+        if isinstance(values, np.ndarray)
+        else np.fromiter(values, dtype=np.float64)
+    )
     if arr.size == 0:
         return {f"p{q:g}": None for q in qs}
     return {f"p{q:g}": float(v) for q, v in zip(qs, np.percentile(arr, qs), strict=True)}
