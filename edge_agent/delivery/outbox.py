@@ -176,15 +176,19 @@ class Outbox:
 
     def next_seqs(self, n: int) -> list[int]:
         """``n`` sequence numbers never used before on this state directory, in order."""
-        out = []
         with self._lock:
+            if self._seq + n < SEQ_PER_RUN:  # the common case: no new run within the n
+                first = self.run * SEQ_PER_RUN + self._seq + 1
+                self._seq += n
+                return list(range(first, first + n))
+            out = []
             for _ in range(n):
                 self._seq += 1
                 if self._seq >= SEQ_PER_RUN:
                     self.run = self._next_run()
                     self._seq = 1
                 out.append(self.run * SEQ_PER_RUN + self._seq)
-        return out
+            return out
 
     # -- writing ----------------------------------------------------------------------
 

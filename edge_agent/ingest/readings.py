@@ -13,8 +13,11 @@ them; telemetry counts them) and do not change between releases.
 
 from __future__ import annotations
 
+import importlib
 import json
+import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -68,6 +71,15 @@ class _IdOnly(msgspec.Struct):
 
 
 _line_decoder = msgspec.json.Decoder(_Line)
+
+try:  # optional (the fast-json extra): the common case of a JSON line, decoded sooner
+    _orjson_loads: Callable[[bytes], Any] | None = importlib.import_module("orjson").loads
+except ImportError:
+    _orjson_loads = None
+#: What numpy infers for nested lists of JSON numbers (floats; ints only).
+_NUMBER_DTYPES = (np.dtype(np.float64), np.dtype(np.int64))
+_isnan = math.isnan
+_vdot = np.vdot
 _id_decoder = msgspec.json.Decoder(_IdOnly)
 
 
@@ -81,6 +93,10 @@ class Reading:
     t_mono_ns: int = field(default_factory=time.monotonic_ns)
     #: The producer's own time (ns since the Unix epoch), when a binary frame carried one.
     timestamp_ns: int | None = None
+    #: For readings decoded together (``FrameDecoder.decode_many``): the block [n, *shape]
+    #: whose row ``row`` ``values`` is, so a batch of them is scored without a copy.
+    block: FloatArray | None = None
+    row: int = 0
 
 
 #: What a source yields: raw lines, or readings it decoded (and rejections) itself.
@@ -114,10 +130,13 @@ class ReadingDecoder:
     """
 
     _struct_decoder: msgspec.json.Decoder[Any] = _line_decoder
+    #: Windows take the orjson path first when orjson is installed (``_decode_fast``).
+    _fast = True
 
     def __init__(self, shape: tuple[int, ...], max_line_bytes: int = 1024 * 1024) -> None:
         self.shape = tuple(shape)
         self.max_line_bytes = max_line_bytes
+        self._zeros = np.zeros(self.shape, dtype=np.float32)
 
     def decode(self, line: bytes) -> Reading:
         """Validate one line (without its newline); raise ReadingError on any defect."""
@@ -126,6 +145,10 @@ class ReadingDecoder:
                 "too_large",
                 f"line of {len(line)} bytes is over the {self.max_line_bytes}-byte limit",
             )
+        if self._fast and _orjson_loads is not None:
+            reading = self._decode_fast(line)
+            if reading is not None:
+                return reading
         if not line.isascii():  # a fast scan; only non-ASCII lines pay for a full UTF-8 check
             try:
                 line.decode("utf-8")
@@ -136,6 +159,38 @@ class ReadingDecoder:
         except DECODE_ERRORS as exc:
             raise self._classify(exc, line) from None
         return self.from_values(parsed.values, parsed.id)
+
+    def _decode_fast(self, line: bytes) -> Reading | None:
+        """A well-formed window line, decoded with orjson (~10 us less than the typed decode
+        on a 6 x 100 window, AMD EPYC); None for anything else, which the strict path then
+        decodes or rejects with its exact reason. numpy infers float64 (int64) for numbers
+        only: strings, null and objects give another dtype. It would read JSON booleans as
+        numbers, so a line holding the tokens ``true`` or ``false`` takes the strict path; so
+        does one with ``"values"`` twice (the strict path checks every occurrence, orjson keeps
+        the last), and one with a ``\\u`` escape (a key may be spelt with one)."""
+        if (
+            b"true" in line
+            or b"false" in line
+            or b"\\u" in line
+            or line.count(b'"values"') != 1
+        ):
+            return None
+        try:
+            obj = _orjson_loads(line)  # type: ignore[misc]  # checked for None by the caller
+            arr = np.asarray(obj["values"])
+        except (ValueError, TypeError, KeyError, IndexError):  # orjson's error is a ValueError
+            return None
+        if arr.dtype not in _NUMBER_DTYPES or arr.shape != self.shape:
+            return None
+        with np.errstate(over="ignore"):  # beyond float32: inf, caught just below
+            values = arr.astype(np.float32)
+        if _isnan(_vdot(values, self._zeros)):  # NaN exactly when a value is not finite
+            return None
+        rid = obj.get("id")
+        # orjson reads an integer beyond 64 bits as a float: other ids take the strict path.
+        if rid is not None and type(rid) is not str and type(rid) is not int:
+            return None
+        return Reading(values, rid)
 
     def from_values(self, values: Any, reading_id: Any = None) -> Reading:
         """Validate already-decoded values (a nested list or an array)."""
@@ -205,6 +260,7 @@ class SampleDecoder(ReadingDecoder):
     """
 
     _struct_decoder = msgspec.json.Decoder(_SampleLine)
+    _fast = False
 
     def __init__(self, channels: int, max_line_bytes: int = 1024 * 1024) -> None:
         super().__init__((channels,), max_line_bytes)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import enum
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,8 +26,14 @@ from edge_agent.errors import ModelLoadError, ModelPackError
 from edge_agent.ingest.readings import Reading
 from edge_agent.models.pack import ModelPack
 from edge_agent.scoring import backends, golden
-from edge_agent.scoring.backends.base import Backend, BackendOptions, BackendOutput, FloatArray
-from edge_agent.scoring.guard import OodCheck, graph_reasons, probe_windows
+from edge_agent.scoring.backends.base import (
+    Backend,
+    BackendOptions,
+    BackendOutput,
+    FloatArray,
+    OneOutput,
+)
+from edge_agent.scoring.guard import GRAPH_CODES, OodCheck, graph_reasons, probe_windows
 
 __all__ = ["ROUTE_REASONS", "Decision", "OodCheck", "Route", "Scorer"]
 
@@ -46,6 +53,19 @@ ROUTE_REASONS: dict[str, str] = {
     "feature_outlier": "the model's own out-of-distribution score is over the pack's limit",
     "low_confidence": "the calibrated confidence is below the pack's threshold",
 }
+
+
+#: Reason codes of ``Scorer._decide``: 0 none, 1-3 the guard's (guard.GRAPH_CODES), 4 and 5.
+_REASON_OF: list[str | None] = [
+    None,
+    GRAPH_CODES[1],
+    GRAPH_CODES[2],
+    GRAPH_CODES[3],
+    "feature_outlier",
+    "low_confidence",
+]
+_GUARD_CODE = {reason: code for code, reason in enumerate(_REASON_OF) if code <= 3}
+_ROUTE_OF = [Route.LOCAL] + [Route.HARD] * 5
 
 
 @dataclass(slots=True)
@@ -76,6 +96,10 @@ class Scorer:
         self.z_max = m.routing.feature_z_max
         self.ref = pack.ref
         self._buffer = np.empty((0, *self.shape), dtype=np.float32)
+        #: The backend's single-window path (``score_one``), where it has one.
+        self._score_one: Callable[[FloatArray], OneOutput | None] | None = getattr(
+            backend, "score_one", None
+        )
         self._buffer_lock = threading.Lock()
 
     @classmethod
@@ -119,8 +143,20 @@ class Scorer:
         if n == 0:
             return [], np.empty((0, *self.shape), dtype=np.float32)
         if n == 1:
-            x = readings[0].values[np.newaxis]
+            reading = readings[0]
+            x = reading.values[np.newaxis]
+            got = self._score_one(reading.values) if self._score_one is not None else None
+            if got is not None:
+                return [self._decide_one(reading, x, *got)], x
             return self._decide(readings, x, self.backend.score_batch(x)), x
+        block = readings[0].block
+        if (
+            block is not None
+            and block.shape[0] == n
+            and all(r.block is block and r.row == i for i, r in enumerate(readings))
+        ):
+            # Frames decoded together, all valid: their block is the input as it is.
+            return self._decide(readings, block, self.backend.score_batch(block)), block
         # One thread fills the reused buffer at a time; another meanwhile stacks its own.
         if not self._buffer_lock.acquire(blocking=False):
             x = np.stack([r.values for r in readings])
@@ -136,44 +172,61 @@ class Scorer:
         finally:
             self._buffer_lock.release()
 
+    def _decide_one(
+        self, reading: Reading, x: FloatArray, probs: list[float], z: float | None, g: float | None
+    ) -> Decision:
+        """``_decide`` for one reading scored by the backend's ``score_one``."""
+        c = max(probs)
+        reason = GRAPH_CODES.get(int(g)) if g is not None else self.guard.reasons(x)[0]
+        if reason is None and z is not None and self.z_max is not None and z > self.z_max:
+            reason = "feature_outlier"
+        if reason is None and c < self.threshold:
+            reason = "low_confidence"
+        return Decision(
+            self.labels[probs.index(c)],
+            c,
+            Route.LOCAL if reason is None else Route.HARD,
+            reason,
+            self.ref,
+            (time.monotonic_ns() - reading.t_mono_ns) / 1e6,
+            reading,
+            z,
+        )
+
     def _decide(self, readings: list[Reading], x: FloatArray, out: BackendOutput) -> list[Decision]:
+        """Decisions for a scored group: the reasons worked out with numpy for the whole
+        group, then one ``Decision`` per reading."""
+        n = len(readings)
         probs = out.probs
-        if len(readings) == 1:
-            k = int(probs[0].argmax())
-            idx, conf = [k], [float(probs[0, k])]
+        best = probs.argmax(axis=1)
+        conf = probs[np.arange(n), best].astype(np.float64)  # limits compare as Python floats
+        # Reason codes: the guard's (3 dead, 2 out of range, 1 saturated), else 4 for the
+        # model's own OOD score over its limit, else 5 below the confidence threshold.
+        if out.guard is not None:
+            code = out.guard.astype(np.int8)
         else:
-            best = probs.argmax(axis=1)
-            idx, conf = best.tolist(), probs[np.arange(len(readings)), best].tolist()
-        if out.guard is None:
-            guard = self.guard.reasons(x)
-        else:
-            codes = out.guard.tolist()
-            guard = graph_reasons(codes) if any(codes) else [None] * len(codes)
-        z = out.ood_score.tolist() if out.ood_score is not None else None
-        z_max, threshold, labels, ref = self.z_max, self.threshold, self.labels, self.ref
-        now = time.monotonic_ns()
-        decisions = []
-        for i, reading in enumerate(readings):
-            c = conf[i]
-            zi = z[i] if z is not None else None
-            reason = guard[i]
-            if reason is None and zi is not None and z_max is not None and zi > z_max:
-                reason = "feature_outlier"
-            if reason is None and c < threshold:
-                reason = "low_confidence"
-            decisions.append(
-                Decision(
-                    label=labels[idx[i]],
-                    confidence=c,
-                    route=Route.LOCAL if reason is None else Route.HARD,
-                    reason=reason,
-                    model=ref,
-                    latency_ms=(now - reading.t_mono_ns) / 1e6,
-                    reading=reading,
-                    ood_score=zi,
-                )
+            code = np.array([_GUARD_CODE[r] for r in self.guard.reasons(x)], dtype=np.int8)
+        if out.ood_score is not None and self.z_max is not None:
+            z_over = out.ood_score.astype(np.float64) > self.z_max
+            code = np.where(code > 0, code, np.where(z_over, 4, 0))
+        code = np.where(code > 0, code, np.where(conf < self.threshold, 5, 0))
+        z = out.ood_score.tolist() if out.ood_score is not None else [None] * n
+        labels, ref, now = self.labels, self.ref, time.monotonic_ns()
+        return [
+            Decision(
+                labels[k],
+                c,
+                _ROUTE_OF[r],
+                _REASON_OF[r],
+                ref,
+                (now - reading.t_mono_ns) / 1e6,
+                reading,
+                zi,
             )
-        return decisions
+            for k, c, r, reading, zi in zip(
+                best.tolist(), conf.tolist(), code.tolist(), readings, z, strict=True
+            )
+        ]
 
     def check_graph_guard(self) -> str:
         """ "" when the backend's own guard decides like the ``[ood]`` table on the probe

@@ -189,6 +189,18 @@ class Agent:
         """``route`` for a scored group, in order, whose stacked input is ``x``; the scoring
         loop's callback. The bookkeeping is done once per group, and under the fixed policy a
         local decision needs nothing more (the router would keep it local)."""
+        if len(decisions) == 1:  # the latency path: the same, without the lists
+            d = decisions[0]
+            self.latency.record(d.latency_ms)
+            self.decision_seconds.observe(d.latency_ms * 1e-3)
+            is_local = d.route == Route.LOCAL
+            self.drift.record(d.reading.values, d.confidence, not is_local)
+            self.counters["readings"] += 1
+            if self.rollout is not None:
+                self.rollout.observe(d)
+            if is_local and self.learned is None:
+                return [None]
+            return [self._dispatch(d, self.counters["readings"])]
         latencies = [d.latency_ms for d in decisions]
         self.latency.record_many(latencies)
         self.decision_seconds.observe_many(latencies, 1e-3)

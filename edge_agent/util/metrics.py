@@ -23,6 +23,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import numpy as np
+
 log = logging.getLogger(__name__)
 
 Kind = Literal["counter", "gauge", "histogram", "untyped"]
@@ -91,6 +93,7 @@ class Histogram:
         if not b or any(not math.isfinite(x) for x in b) or list(b) != sorted(set(b)):
             raise ValueError("histogram bounds must be finite and strictly increasing")
         self.bounds = b
+        self._bounds = np.asarray(b, dtype=np.float64)
         self._counts = [0] * (len(b) + 1)
         self._sum = 0.0
 
@@ -100,12 +103,19 @@ class Histogram:
 
     def observe_many(self, values: Sequence[float], scale: float = 1.0) -> None:
         """``observe(v * scale)`` for each value (a scored group's latencies, ms to s)."""
-        counts, bounds, total = self._counts, self.bounds, 0.0
-        for value in values:
-            v = value * scale
-            counts[bisect.bisect_left(bounds, v)] += 1
-            total += v
-        self._sum += total
+        if len(values) < 8:
+            for value in values:
+                self.observe(value * scale)
+            return
+        v = np.asarray(values, dtype=np.float64) * scale
+        # bisect_left: the first bound >= v, as ``observe`` counts it.
+        per_bucket = np.bincount(
+            np.searchsorted(self._bounds, v, side="left"), minlength=len(self._counts)
+        )
+        counts = self._counts
+        for i in np.flatnonzero(per_bucket).tolist():
+            counts[i] += int(per_bucket[i])
+        self._sum += float(v.sum())
 
     def data(self) -> HistogramData:
         counts = list(self._counts)

@@ -30,7 +30,8 @@ from edge_agent.cloud.intake import decode_batch
 from edge_agent.cloud.worker import CloudWorker
 from edge_agent.config import Settings, load_settings
 from edge_agent.errors import ConfigError, ReadingError
-from edge_agent.ingest.readings import REASONS, ReadingDecoder
+from edge_agent.ingest import readings
+from edge_agent.ingest.readings import REASONS, Reading, ReadingDecoder
 from edge_agent.models.pack import open_pack
 from edge_agent.routing.router import Reconciler
 from edge_agent.scoring.pipeline import ScorePipeline
@@ -124,20 +125,41 @@ def decoder() -> ReadingDecoder:
 VALID_LINE = dumps({"id": "r1", "values": [[1.0, 0.5, 0, 0], [0, 0, 0, 0]]})
 
 
-def check_reading(decoder: ReadingDecoder, line: bytes) -> None:
-    error: ReadingError | None = None
+def _strict() -> ReadingDecoder:
+    """The decoder without its orjson path (msgspec, typed)."""
+    strict = ReadingDecoder(SHAPE, max_line_bytes=MAX_LINE)
+    strict._fast = False
+    return strict
+
+
+STRICT = _strict()
+
+
+def _outcome(decoder: ReadingDecoder, line: bytes) -> Any:
     try:
-        reading = decoder.decode(line)
+        return decoder.decode(line)
     except ReadingError as exc:
-        error = exc
-    if error is not None:
-        assert error.code in REASONS, error.code
-        assert error.message
+        return exc
+
+
+def check_reading(decoder: ReadingDecoder, line: bytes) -> None:
+    """No crash, a stable code or a valid reading; and the same outcome, to the bit, as the
+    strict path alone (the orjson path may only take lines the strict path takes)."""
+    got, want = _outcome(decoder, line), _outcome(STRICT, line)
+    if isinstance(got, ReadingError):
+        assert got.code in REASONS, got.code
+        assert got.message
         decoder.reject_id(line)  # echoing the id of a rejected line never raises either
+        assert isinstance(want, ReadingError)
+        assert got.code == want.code
         return
-    assert reading.values.shape == SHAPE
-    assert reading.values.dtype == np.float32
-    assert np.isfinite(reading.values).all()
+    assert isinstance(want, Reading), (line[:80], want)
+    assert got.values.shape == SHAPE
+    assert got.values.dtype == np.float32
+    assert np.isfinite(got.values).all()
+    assert got.values.tobytes() == want.values.tobytes()
+    assert got.id == want.id
+    assert type(got.id) is type(want.id)
 
 
 @FAST
@@ -587,3 +609,24 @@ def test_load_settings_fixed_hostile_cases(tmp_path: Path, doc: bytes) -> None:
 def test_non_finite_environment_values_are_refused() -> None:
     with pytest.raises(ConfigError, match="EDGE_AGENT_"):
         load_settings(None, env={"EDGE_AGENT_LINK_RECONNECT_MAX_S": "inf"})
+
+
+def test_the_orjson_path_takes_only_what_the_strict_path_takes() -> None:
+    """Lines numpy alone would turn into numbers, or that orjson reads otherwise than the
+    strict path: each gets the strict path's answer (``check_reading`` compares)."""
+    decoder = ReadingDecoder(SHAPE, max_line_bytes=MAX_LINE)
+    for line in (
+        b'{"values": [[true, 0.5, 0, 0], [0, 0, 0, 0]]}',
+        b'{"values": [["1.5", 0.5, 0, 0], [0, 0, 0, 0]]}',
+        b'{"values": [[null, 0.5, 0, 0], [0, 0, 0, 0]]}',
+        b'{"values": 7, "values": [[2, 1, 2, 3], [0, 0, 0, 0]]}',
+        b'{"values": 7, "\\u0076alues": [[2, 1, 2, 3], [0, 0, 0, 0]]}',
+        b'{"values": [[1e39, 1, 2, 3], [0, 0, 0, 0]]}',
+        b'{"values": [[1, 2, 3, 4], [5, 6, 7, 8]], "id": 18446744073709551616}',
+        b'{"values": [[1, 2, 3, 4], [5, 6, 7, 8]], "id": {"a": [1, 2.5, "x"]}}',
+        b'{"values": [[1, 2, 3, 4], [5, 6, 7, 8]], "id": "r"}',
+    ):
+        check_reading(decoder, line)
+    # The common case does take the orjson path when orjson is installed.
+    line = b'{"values": [[1, 2, 3, 4], [5, 6, 7, 8.5]], "id": "r"}'
+    assert (decoder._decode_fast(line) is not None) == (readings._orjson_loads is not None)

@@ -17,7 +17,7 @@ from edge_agent.config import ModelSettings
 from edge_agent.ingest.readings import FloatArray
 from edge_agent.models.pack import ModelPack
 
-__all__ = ["Backend", "BackendOptions", "BackendOutput", "FloatArray"]
+__all__ = ["Backend", "BackendOptions", "BackendOutput", "FloatArray", "OneOutput"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +42,11 @@ class BackendOutput:
     #: [N] the raw-value guard computed by the model itself (0 nothing wrong, 1 saturated,
     #: 2 out_of_range, 3 dead_sensor); None: the scorer checks the pack's ``[ood]`` table.
     guard: FloatArray | None = None
+
+
+#: One window's outputs as Python numbers: probabilities, OOD score, guard value (the latter
+#: two None when the model has none). What ``score_one`` returns, where a backend has it.
+OneOutput = tuple[list[float], float | None, float | None]
 
 
 @runtime_checkable

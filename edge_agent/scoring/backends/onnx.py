@@ -6,10 +6,12 @@ window and returns calibrated probabilities (and, when the pack provides them,
 an out-of-distribution score and the raw-value guard); names come from the
 manifest.
 
-One reading at a time is the latency path: its outputs go into buffers bound
-once (ONNX Runtime's I/O binding), which saves the ~8 us per call that
-``InferenceSession.run`` spends building its input and output lists (AMD EPYC,
-docs/BENCHMARKS.md). Batches go through ``run``; their cost is in the model.
+One reading at a time is the latency path (``score_one``): the window is copied
+into an input buffer bound once with the output buffers (ONNX Runtime's I/O
+binding), which saves the ~8 us per call that ``InferenceSession.run`` spends
+building its input and output lists (AMD EPYC, docs/BENCHMARKS.md), and the
+outputs come back as Python numbers. Batches go through ``run``; their cost is
+in the model.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import onnxruntime as ort
 
 from edge_agent.errors import ModelLoadError
 from edge_agent.models.pack import ModelPack
-from edge_agent.scoring.backends.base import BackendOptions, BackendOutput, FloatArray
+from edge_agent.scoring.backends.base import BackendOptions, BackendOutput, FloatArray, OneOutput
 
 log = logging.getLogger(__name__)
 
@@ -55,9 +57,11 @@ class OnnxBackend:
         self._outputs: list[str] = []
         self._has_ood = False
         self._has_guard = False
-        # The single-reading path: an I/O binding with output buffers bound once. One thread
-        # at a time uses it (the lock is only tried); another thread meanwhile takes ``run``.
+        # The single-reading path: an I/O binding with its input and output buffers bound
+        # once. One thread at a time uses it (the lock is only tried); another thread
+        # meanwhile takes ``run``.
         self._binding: ort.IOBinding | None = None
+        self._one_in: FloatArray = np.zeros((0,), dtype=np.float32)
         self._single: list[FloatArray] = []
         self._single_lock = threading.Lock()
 
@@ -88,7 +92,7 @@ class OnnxBackend:
         self._outputs = wanted
         self._has_ood = bool(m.outputs.feature_z)
         self._has_guard = bool(m.outputs.guard)
-        self._bind_single(session, len(m.labels))
+        self._bind_single(session, len(m.labels), m.input.shape)
         # Warm-up: one dummy run, checked, so the first real reading pays no first-run cost.
         out = self.score(np.zeros(tuple(m.input.shape), dtype=np.float32))
         if out.probs.shape != (1, len(m.labels)):
@@ -101,39 +105,48 @@ class OnnxBackend:
     def score(self, window: FloatArray) -> BackendOutput:
         return self.score_batch(window[np.newaxis])
 
-    def _bind_single(self, session: ort.InferenceSession, labels: int) -> None:
-        """Output buffers for one window, bound once; the input is bound per call."""
+    def _bind_single(self, session: ort.InferenceSession, labels: int, shape: list[int]) -> None:
+        """Input and output buffers for one window, bound once."""
+        self._one_in = np.zeros((1, *shape), dtype=np.float32)
         shapes = [(1, labels)] + [(1,)] * (len(self._outputs) - 1)
         self._single = [np.zeros(shape, dtype=np.float32) for shape in shapes]
         binding = session.io_binding()
+        binding.bind_ortvalue_input(self._input, ort.OrtValue.ortvalue_from_numpy(self._one_in))
         for name, buf in zip(self._outputs, self._single, strict=True):
             binding.bind_ortvalue_output(name, ort.OrtValue.ortvalue_from_numpy(buf))
         self._binding = binding
+
+    def score_one(self, window: FloatArray) -> OneOutput | None:
+        """One window through the bound buffers, the outputs as Python numbers: the latency
+        path. None when another thread is using the buffers (the caller takes
+        ``score_batch``)."""
+        binding = self._binding
+        if binding is None or self._session is None:
+            raise ModelLoadError("the ONNX backend was used before load() or after close()")
+        if not self._single_lock.acquire(blocking=False):
+            return None
+        try:
+            self._one_in[0] = window
+            self._session.run_with_iobinding(binding)
+            out = self._single
+            return (
+                out[0][0].tolist(),
+                out[1][0].item() if self._has_ood else None,
+                out[-1][0].item() if self._has_guard else None,
+            )
+        except Exception as exc:  # ORT raises its own untyped errors
+            raise ModelLoadError(f"ONNX Runtime failed to score: {exc}") from exc
+        finally:
+            self._single_lock.release()
 
     def score_batch(self, windows: FloatArray) -> BackendOutput:
         session = self._session
         if session is None:
             raise ModelLoadError("the ONNX backend was used before load() or after close()")
-        binding = self._binding
-        single = (
-            binding is not None
-            and windows.shape[0] == 1
-            and windows.flags.c_contiguous
-            and self._single_lock.acquire(blocking=False)
-        )
         try:
-            if single and binding is not None:
-                binding.bind_cpu_input(self._input, windows)
-                session.run_with_iobinding(binding)
-                # Copies (three tiny arrays): the buffers are reused by the next call.
-                results = [buf.copy() for buf in self._single]
-            else:
-                results = session.run(self._outputs, {self._input: windows})
+            results = session.run(self._outputs, {self._input: windows})
         except Exception as exc:  # ORT raises its own untyped errors
             raise ModelLoadError(f"ONNX Runtime failed to score: {exc}") from exc
-        finally:
-            if single:
-                self._single_lock.release()
         return BackendOutput(
             probs=results[0],
             ood_score=results[1] if self._has_ood else None,
