@@ -168,12 +168,7 @@ class ReadingDecoder:
         numbers, so a line holding the tokens ``true`` or ``false`` takes the strict path; so
         does one with ``"values"`` twice (the strict path checks every occurrence, orjson keeps
         the last), and one with a ``\\u`` escape (a key may be spelt with one)."""
-        if (
-            b"true" in line
-            or b"false" in line
-            or b"\\u" in line
-            or line.count(b'"values"') != 1
-        ):
+        if b"true" in line or b"false" in line or b"\\u" in line or line.count(b'"values"') != 1:
             return None
         try:
             obj = _orjson_loads(line)  # type: ignore[misc]  # checked for None by the caller
