@@ -3,9 +3,10 @@
 * ``floor_onnx`` — the raw runtime: ``InferenceSession.run`` of the pack's graph on
   prepared arrays, one window and 64 at a time (what any integration pays at least).
 * ``json_floor`` — what any integration that takes JSON lines pays at least: each JSON
-  parser available here timed alone on the same lines (to Python objects, and on to the
-  model's float32 input array), and the fastest of them followed by the raw run, one line
-  and 64 lines at a time.
+  parser available here timed alone on the same lines (to Python objects; on to the model's
+  float32 input array; and with the checks of the reading contract, which a parser alone
+  does not make: numbers only, the shape, finite values), and the fastest validating one
+  followed by the raw run, one line and 64 lines at a time.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ import msgspec
 import numpy as np
 
 from edge_agent.devtools.measure import raw_session, timed
+from edge_agent.ingest import readings as readings_module
+from edge_agent.ingest.readings import ReadingDecoder
 from edge_agent.models.pack import ModelPack
 
 Parser = Callable[[bytes], Any]
@@ -64,28 +67,45 @@ def _to_array(name: str, parse: Parser) -> Callable[[bytes], np.ndarray]:
     return lambda line: np.asarray(parse(line)["values"], dtype=np.float32)
 
 
+def _validating(shape: tuple[int, ...]) -> dict[str, Callable[[bytes], np.ndarray]]:
+    """The reading decoder (every check of the reading contract: types, shape, finite),
+    with the orjson path where orjson is installed and without it."""
+    strict = ReadingDecoder(shape)
+    strict._fast = False
+    out = {"msgspec, validated": lambda line: strict.decode(line).values}
+    if readings_module._orjson_loads is not None:
+        fast = ReadingDecoder(shape)
+        out["orjson, validated"] = lambda line: fast.decode(line).values
+    return out
+
+
 def json_floor(pack: ModelPack, lines: list[bytes], passes: int) -> dict[str, Any]:
-    """Each parser alone and into the input array; the fastest into the array + the raw
-    run, per line and 64 lines at a time."""
+    """Each parser alone; each into the model's input array, without and with the checks of
+    the reading contract; the fastest validating one + the raw run, per line and 64 lines at
+    a time (the JSON floor)."""
     n = len(lines) * passes
-    out: dict[str, Any] = {"parse": {}, "to_array": {}}
-    convert: dict[str, Callable[[bytes], np.ndarray]] = {}
+    out: dict[str, Any] = {"parse": {}, "to_array": {}, "validated": {}}
+
+    def each(fn: Callable[[bytes], Any]) -> dict[str, Any]:
+        it = iter(lines * passes)
+        return timed(lambda: fn(next(it)), n)
+
     for name, parse in parsers().items():
-        it = iter(lines * passes)
-        out["parse"][name] = timed(lambda p=parse, i=it: p(next(i)), n)  # type: ignore[misc]
-        convert[name] = _to_array(name, parse)
-        it = iter(lines * passes)
-        out["to_array"][name] = timed(lambda c=convert[name], i=it: c(next(i)), n)  # type: ignore[misc]
+        out["parse"][name] = each(parse)
+        out["to_array"][name] = each(_to_array(name, parse))
+    validating = _validating(tuple(pack.manifest.input.shape))
+    for name, fn in validating.items():
+        out["validated"][name] = each(fn)
     out["fastest_parse"] = min(out["parse"], key=lambda k: out["parse"][k]["p50_ms"])
-    best = min(out["to_array"], key=lambda k: out["to_array"][k]["p50_ms"])
-    out["fastest_to_array"] = best
-    to_array = convert[best]
+    out["fastest_to_array"] = min(out["to_array"], key=lambda k: out["to_array"][k]["p50_ms"])
+    best = min(out["validated"], key=lambda k: out["validated"][k]["p50_ms"])
+    out["fastest_validated"] = best
+    to_array = validating[best]
     sess = raw_session(pack)
     m = pack.manifest
     outs = [m.outputs.probs] if m.outputs is not None else None
     name = m.input.name
-    it = iter(lines * passes)
-    out["single"] = timed(lambda: sess.run(outs, {name: to_array(next(it))[np.newaxis]}), n)
+    out["single"] = each(lambda line: sess.run(outs, {name: to_array(line)[np.newaxis]}))
     group = (lines * (64 // len(lines) + 1))[:64]
     n_groups = max(10 if passes > 3 else 1, n // 64)
     batched = timed(

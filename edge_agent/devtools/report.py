@@ -29,8 +29,9 @@ def _latency_rows(results: dict[str, Any]) -> list[tuple[str, ...]]:
         if jf:
             named += [(f"{ref} JSON parse alone: {k}", v) for k, v in jf["parse"].items()]
             named += [(f"{ref} JSON into the array: {k}", v) for k, v in jf["to_array"].items()]
+            named += [(f"{ref} JSON into the array: {k}", v) for k, v in jf["validated"].items()]
             named += [
-                (f"{ref} JSON floor: {jf['fastest_to_array']} + raw run", jf["single"]),
+                (f"{ref} JSON floor: {jf['fastest_validated']} + raw run", jf["single"]),
                 (f"{ref} JSON floor x64", jf["batched"]),
             ]
         if "naive" in p:

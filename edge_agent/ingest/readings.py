@@ -80,6 +80,8 @@ except ImportError:
 _NUMBER_DTYPES = (np.dtype(np.float64), np.dtype(np.int64))
 _isnan = math.isnan
 _vdot = np.vdot
+#: The bytes of JSON numbers, commas, brackets and blanks (``_decode_fast`` deletes them).
+_NUMBER_BYTES = b"0123456789.,-+eE[] \t\r\n"
 _id_decoder = msgspec.json.Decoder(_IdOnly)
 
 
@@ -168,7 +170,10 @@ class ReadingDecoder:
         numbers, so a line holding the tokens ``true`` or ``false`` takes the strict path; so
         does one with ``"values"`` twice (the strict path checks every occurrence, orjson keeps
         the last), and one with a ``\\u`` escape (a key may be spelt with one)."""
-        if b"true" in line or b"false" in line or b"\\u" in line or line.count(b'"values"') != 1:
+        # The line without its numbers and structure: what is left is short (keys, strings) and
+        # holds "tru" for a true, "fals" for a false, a backslash for an escape.
+        rest = line.translate(None, _NUMBER_BYTES)
+        if b"tru" in rest or b"fals" in rest or b"\\" in rest or rest.count(b'"valus"') != 1:
             return None
         try:
             obj = _orjson_loads(line)  # type: ignore[misc]  # checked for None by the caller

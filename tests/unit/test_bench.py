@@ -60,7 +60,7 @@ def test_budget_verdicts() -> None:
         "json_floor": {
             "single": s(0.06),
             "batched": s(2.0, 32_000, mean=2.0),
-            "fastest_to_array": "orjson",
+            "fastest_validated": "orjson, validated",
         },
         "naive": s(0.2),
         "agent": {
