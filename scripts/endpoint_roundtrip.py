@@ -9,6 +9,9 @@ tokens per request, the ledger's spend, and how many answers parsed. Needs the d
 llm and llm-server extras (``bash scripts/setup --dev --llm``).
 
     .venv/bin/python scripts/endpoint_roundtrip.py [-n 50] [--ledger out.json] [--json]
+
+``--json > endpoint.json`` then ``edge-agent bench --endpoint-latency endpoint.json`` adds the
+endpoint tier to the benchmark's network section (its worker time per case, p50 and p99).
 """
 
 from __future__ import annotations
@@ -163,6 +166,9 @@ def main() -> int:
         "round_trip_ms_p50": percentile(rtt, 50),
         "round_trip_ms_p99": percentile(rtt, 99),
         "worker_ms_per_case_mean": float(np.mean(cloud_ms)),
+        # The endpoint worker's own time per case, for ``edge-agent bench --endpoint-latency``.
+        "worker_ms_p50": percentile(cloud_ms, 50),
+        "worker_ms_p99": percentile(cloud_ms, 99),
         "mean_prompt_tokens": p["mean_prompt_tokens"],
         "mean_completion_tokens": p["mean_completion_tokens"],
         "spend": summary["total"]["spend"],

@@ -37,6 +37,7 @@ listener and every connection and joins the threads.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import random
@@ -129,9 +130,7 @@ def profile(name: str) -> NetworkProfile:
 class _Direction:
     """Bytes from ``src`` to ``dst``, each chunk held until its due time, in order."""
 
-    def __init__(
-        self, proxy: NetProxy, src: socket.socket, dst: socket.socket, name: str
-    ) -> None:
+    def __init__(self, proxy: NetProxy, src: socket.socket, dst: socket.socket, name: str) -> None:
         self.proxy, self.src, self.dst, self.name = proxy, src, dst, name
         self.queue: deque[tuple[float, bytes]] = deque()  # (due, data); b"" is end of stream
         self.cond = threading.Condition()
@@ -199,7 +198,7 @@ class NetProxy:
     ) -> None:
         self.upstream = (host, upstream_port)
         self.profile = net
-        self._rng = random.Random(seed)
+        self._rng = random.Random(seed)  # noqa: S311 - a network model, not a secret
         self._rng_lock = threading.Lock()
         self._listener = socket.create_server((host, 0))
         self.port: int = self._listener.getsockname()[1]
@@ -308,10 +307,8 @@ class NetProxy:
             for way in ways:
                 way.close()
             for s in (client, upstream):
-                try:
+                with contextlib.suppress(OSError):  # already closed by the other side
                     s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass  # already closed by the other side
         for _client, _upstream, ways in conns:
             for way in ways:
                 for t in way.threads:
