@@ -48,6 +48,12 @@ def render(summary: dict[str, Any]) -> str:
         f" in the cloud, sensor noise {s['noise']} x channel std,"
         f" {s['readings']} readings in {s['elapsed_s']} s",
     ]
+    net = s.get("network")
+    if net and net["profile"] != "loopback":
+        lines.append(
+            f"  network between device and broker: {net['profile']} ({net['describe']},"
+            " through the demo's delay proxy; the cloud worker sits next to the broker)"
+        )
     for r in runs:
         w = r["warmup"]
         if w["readings"]:
@@ -83,6 +89,19 @@ def render(summary: dict[str, Any]) -> str:
                 for q in ("p50", "p99")
             )
             + " ms"
+        ),
+    )
+    where = (net or {}).get("profile", "loopback")
+    each(
+        "cloud RTT p50/p99",
+        lambda r: (
+            "/".join(
+                f"{r['cloud_round_trip_ms'][q]:.1f}"
+                if r["cloud_round_trip_ms"][q] is not None
+                else "-"
+                for q in ("p50", "p99")
+            )
+            + f" ms (n {r['cloud_round_trip_ms']['n']}, {where})"
         ),
     )
     cost = runs[0]["monthly_cost_usd"]
