@@ -192,7 +192,13 @@ def run_demo(args: Any, base: Settings | None) -> dict[str, Any]:
             "elapsed_s": round(elapsed, 2),
             "drained": drained,
             "models": {"edge": edge.ref, "cloud": cloud.ref},
-            "network": {"profile": net.name, "describe": net.describe()},
+            "network": {
+                "profile": net.name,
+                "describe": net.describe(),
+                # Connections the proxy carried (the agents'), its simulated segment losses.
+                "proxy_connections": proxy.connections if proxy is not None else 0,
+                "proxy_losses": proxy.losses if proxy is not None else 0,
+            },
         }
         if args.plot:
             write_risk_coverage(Path(args.plot), runs, args.noise)

@@ -296,7 +296,7 @@ def network_section(
                 sync = _sync(device, net, _samples(net, quick), windows)
                 paced = _compressed(device, work / f"net-{name}-h", proxy.port, name)
                 hyb = _hybrid(scorer, paced, data, 4 if quick else 10)
-                losses = proxy.losses
+                losses, connections = proxy.losses, proxy.connections
             entry: dict[str, Any] = {
                 "rtt_ms": net.rtt_ms,
                 "jitter_ms": net.jitter_ms,
@@ -305,6 +305,7 @@ def network_section(
                 "sync": sync,
                 "hybrid": hyb,
                 "proxy_losses": losses,
+                "proxy_connections": connections,
                 "honoured_ms": honoured(sync.get("p99_ms"), deadlines),
                 "seconds": round(time.monotonic() - t0, 2),
             }

@@ -37,6 +37,8 @@ def test_the_bench_reports_edge_cloud_and_hybrid_latency_per_profile(
         progress=progress,
     )
     loop, wired = net["profiles"]["loopback"], net["profiles"]["wired"]
+    for e in (loop, wired):
+        assert e["proxy_connections"] >= 2  # the all-cloud client and the agent's link
     # All-cloud pays the network: at least wired's RTT less its jitter, far more than loopback.
     assert wired["sync"]["p50_ms"] >= 20.0 - 1.0
     assert wired["sync"]["p50_ms"] > loop["sync"]["p50_ms"] + 15.0
@@ -85,6 +87,7 @@ def test_the_demo_runs_its_loop_over_a_network_profile() -> None:
     with tempfile.TemporaryDirectory():
         summary = run_demo(args, None)
     assert summary["network"]["profile"] == "wired"
+    assert summary["network"]["proxy_connections"] >= 1  # the agent's link went through it
     rtt = summary["policies"]["fixed"]["cloud_round_trip_ms"]
     assert rtt["n"] >= 1
     assert rtt["p50"] >= 19.0  # 20 ms RTT less 1 ms of jitter at most
