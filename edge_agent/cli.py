@@ -143,7 +143,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from edge_agent.devtools import bench  # noqa: PLC0415 - the service never needs the benchmark
-    from edge_agent.devtools.network import DEFAULT_PROFILES, parse_profiles  # noqa: PLC0415
 
     prices = {
         "price_sync_per_1k_tokens": args.price_sync,
@@ -160,8 +159,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         readings_per_second=args.readings_per_second,
         progress=not args.quiet,
         ledger=Path(args.ledger) if args.ledger else None,
-        network=parse_profiles(args.network) if args.network else list(DEFAULT_PROFILES),
         endpoint_latency=Path(args.endpoint_latency) if args.endpoint_latency else None,
+        **({"network": args.network} if args.network else {}),
         **{k: v for k, v in prices.items() if v is not None},
     )
     results = bench.run_bench(opts)
@@ -429,11 +428,7 @@ def _add_operator_tools(sub: argparse._SubParsersAction[argparse.ArgumentParser]
         default=str(BUNDLED_TEST_DATA.parent / "train.jsonl"),
         help="windows of the warm-up (default: the bundled train split)",
     )
-    demo.add_argument(
-        "--network",
-        default="loopback",
-        help="network between device and broker: loopback (default), wired, lte, satellite",
-    )
+    demo.add_argument("--network", default="loopback", help="loopback|wired|lte|satellite")
     demo.add_argument("--plot", help="write a risk-coverage plot (SVG) to this file")
     demo.add_argument("--json", action="store_true", help="print the summary as JSON")
     demo.add_argument("--keep", action="store_true", help="keep the temporary state folder")
@@ -469,15 +464,8 @@ def _add_operator_tools(sub: argparse._SubParsersAction[argparse.ArgumentParser]
         "--ledger",
         help="a cloud worker's ledger file with endpoint requests: also price measured tokens",
     )
-    bench_p.add_argument(
-        "--network",
-        help="network profiles of the network section, comma-separated (default:"
-        " loopback,wired,lte,satellite; 'none' skips it)",
-    )
-    bench_p.add_argument(
-        "--endpoint-latency",
-        help="JSON of scripts/endpoint_roundtrip.py --json: add the LLM endpoint tier per profile",
-    )
+    bench_p.add_argument("--network", help="profiles, e.g. wired,lte (default: all; none)")
+    bench_p.add_argument("--endpoint-latency", help="a scripts/endpoint_roundtrip.py --json")
     bench_p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     bench_p.set_defaults(func=cmd_bench)
 

@@ -37,6 +37,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from edge_agent.cloud.worker import CloudWorker
 from edge_agent.config import Settings
 from edge_agent.devtools.measure import _CloudClient, agent_settings, stats
@@ -259,17 +261,14 @@ def honoured(p99_ms: float | None, deadlines: list[float]) -> list[float]:
 
 
 def network_section(
-    *,
-    names: list[str],
-    quick: bool,
-    data: Path,
-    windows: list[list[list[float]]],
-    broker_port: int,
-    work: Path,
-    progress: Any,
-    endpoint_file: Path | None = None,
+    opts: Any, x: np.ndarray, broker_port: int, work: Path, progress: Any
 ) -> dict[str, Any]:
-    """Every selected profile, one after the other, with one cloud worker next to the broker."""
+    """Every profile of ``opts.network``, one after the other, with one cloud worker next to
+    the broker. ``opts`` is the bench's options (``network``, ``quick``, ``data``,
+    ``endpoint_latency``); ``x`` the test windows."""
+    names = parse_profiles(opts.network)
+    quick, data, endpoint_file = opts.quick, Path(opts.data), opts.endpoint_latency
+    windows: list[list[list[float]]] = x.tolist()
     cloud = agent_settings(work / "net-cloud", broker_port, "bench/net")
     deadlines = sorted({*DEADLINES_MS, cloud.router.deadline_ms})
     endpoint = endpoint_latency(endpoint_file) if endpoint_file is not None else None

@@ -9,6 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from edge_agent.devtools.bench import BenchOptions
 from edge_agent.devtools.demo import run_demo
 from edge_agent.devtools.demo_report import render
 from edge_agent.devtools.localbroker import Mosquitto
@@ -24,18 +25,10 @@ pytestmark = pytest.mark.integration
 def test_the_bench_reports_edge_cloud_and_hybrid_latency_per_profile(
     broker: Mosquitto, tmp_path: Path
 ) -> None:
-    names = parse_profiles("loopback,wired")
-    progress = Progress(len(names), None)
+    progress = Progress(2, None)
     x = windows_of(load_lines(BUNDLED_TEST_DATA))
-    net = network_section(
-        names=names,
-        quick=True,
-        data=BUNDLED_TEST_DATA,
-        windows=x.tolist(),
-        broker_port=broker.port,
-        work=tmp_path,
-        progress=progress,
-    )
+    opts = BenchOptions(quick=True, network="loopback,wired")
+    net = network_section(opts, x, broker.port, tmp_path, progress)
     loop, wired = net["profiles"]["loopback"], net["profiles"]["wired"]
     for e in (loop, wired):
         assert e["proxy_connections"] >= 2  # the all-cloud client and the agent's link
