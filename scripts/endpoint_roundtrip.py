@@ -34,6 +34,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from edge_agent.cloud.ledger_store import summary_of
 from edge_agent.cloud.worker import CloudWorker
 from edge_agent.config import load_settings
 from edge_agent.devtools.localbroker import Mosquitto, free_port
@@ -121,7 +122,7 @@ def main() -> int:
     labels = resolve("basicmotions-cloud-endpoint").manifest.labels
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
-        ledger = Path(args.ledger) if args.ledger else tmp / "ledger.json"
+        ledger = Path(args.ledger) if args.ledger else tmp / "ledger.db"
         broker = Mosquitto(tmp / "broker").start()
         port = free_port()
         server = start_server(port, gguf, tmp / "llama.log")
@@ -159,7 +160,7 @@ def main() -> int:
             server.terminate()
             server.wait(10)
             broker.stop()
-        summary = json.loads(ledger.read_text())
+        summary = summary_of(ledger)  # the ledger is an SQLite file (or an old JSON one)
     p = summary["pricing"]
     out = {
         "cases": len(rtt),

@@ -22,7 +22,7 @@ The model, per direction of each proxied connection (``NetworkProfile``):
   probability ``loss``; a chunk with a lost segment is delayed by one retransmission timeout,
   RTO = max(200 ms, rtt + 4 x jitter): RFC 6298's SRTT + 4·RTTVAR with Linux's floor
   ``TCP_RTO_MIN`` of 200 ms. The resent copy can be lost again (same probability); each further
-  loss doubles the RTO (RFC 6298's back-off). Timeout recovery, not fast retransmit, is the
+  loss doubles the RTO (RFC 6298's back-off) up to Linux's ``TCP_RTO_MAX`` of 120 s. Timeout recovery, not fast retransmit, is the
   right model here: fast retransmit needs three duplicate ACKs, i.e. three later segments in
   flight, and MQTT's request/answer traffic rarely has them (Linux's tail-loss probe would
   recover a little sooner, after about two round trips: the model errs on the slow side).
@@ -58,6 +58,8 @@ log = logging.getLogger(__name__)
 MSS = 1448
 #: Linux's smallest retransmission timeout (``TCP_RTO_MIN``, HZ/5 in include/net/tcp.h).
 RTO_MIN_MS = 200.0
+#: Linux's largest retransmission timeout (``TCP_RTO_MAX``, 120 s): the back-off stops there.
+RTO_MAX_MS = 120_000.0
 #: Bytes read from a socket at a time.
 CHUNK = 65536
 
@@ -228,7 +230,7 @@ class NetProxy:
                 while self._rng.random() < lost:
                     self.losses += 1
                     ms += rto
-                    rto *= 2.0
+                    rto = min(2.0 * rto, RTO_MAX_MS)
                     lost = p.loss  # the resent segment alone can be lost again
         return ms / 1000.0
 

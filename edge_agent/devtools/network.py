@@ -334,7 +334,7 @@ def _pair(s: dict[str, Any] | None) -> str:
 
 
 def _deadlines(ms: list[float]) -> str:
-    return ", ".join(f"{d:g}" for d in ms) + " ms" if ms else "none listed"
+    return ", ".join(f"{d:g}" for d in ms) + " ms" if ms else "none of those listed"
 
 
 def network_lines(results: dict[str, Any]) -> list[str]:
@@ -342,20 +342,21 @@ def network_lines(results: dict[str, Any]) -> list[str]:
     net = results.get("network")
     if not net or not net["profiles"]:
         return []
-    rows = [("profile", "edge p50/p99", "all-cloud p50/p99 (n)", "hybrid p50/p99", "waited",
-             "urgent RTT p50/p99 (n)")]  # fmt: skip
+    ep = net.get("endpoint")
+    head = ["profile", "edge p50/p99", "all-cloud p50/p99 (n)", "hybrid p50/p99", "waited"]
+    head += ["urgent RTT p50/p99 (n)"] + (["via LLM endpoint p50/p99"] if ep else [])
+    rows = [tuple(head)]
     for name, e in net["profiles"].items():
         h = e["hybrid"]
-        rows.append(
-            (
-                f"{name} ({e['describe']})",
-                _pair(h["edge"]),
-                f"{_pair(e['sync'])} ({e['sync']['n']})",
-                _pair(h["latency"]),
-                f"{100 * h['waited_share']:.1f}%",
-                f"{_pair(h['round_trip'])} ({h['round_trip']['n']})",
-            )
-        )
+        row = [
+            f"{name} ({e['describe']})",
+            _pair(h["edge"]),
+            f"{_pair(e['sync'])} ({e['sync']['n']})",
+            _pair(h["latency"]),
+            f"{100 * h['waited_share']:.1f}%",
+            f"{_pair(h['round_trip'])} ({h['round_trip']['n']})",
+        ]
+        rows.append(tuple(row + ([_pair(e.get("endpoint"))] if ep else [])))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = [
         "",
@@ -371,7 +372,6 @@ def network_lines(results: dict[str, Any]) -> list[str]:
         "  hybrid = time to each reading's final answer (urgent cases: local decision + verdict"
         " round trip, or the deadline); waited = share of readings that waited on the network"
     )
-    ep = net.get("endpoint")
     for name, e in net["profiles"].items():
         missed = e["hybrid"]["deadline_missed"]
         text = (
@@ -381,10 +381,7 @@ def network_lines(results: dict[str, Any]) -> list[str]:
         if missed:
             text += f"; {missed} urgent missed router.deadline_ms in the hybrid run"
         if "endpoint" in e:
-            text += (
-                f"; via the LLM endpoint {_pair(e['endpoint'])} ms, honours"
-                f" {_deadlines(e['endpoint']['honoured_ms'])}"
-            )
+            text += f"; via the LLM endpoint: {_deadlines(e['endpoint']['honoured_ms'])}"
         lines.append(text)
     if ep is not None:
         lines.append(
