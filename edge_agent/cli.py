@@ -7,7 +7,7 @@ Subcommands::
     edge-agent fleet-sim [--devices N]         simulated devices against real cloud workers
     edge-agent fleet-bridge --site S --upstream H:P   a site broker's bridge configuration
     edge-agent demo [--json]                   broker + cloud worker + agent on real data
-    edge-agent score [FILE|-] [--model PACK]   JSON lines in, decisions out
+    edge-agent score [FILE|-] [--format frames]  JSON lines (or frames) in, decisions out
     edge-agent models list [--json]            installed model packs
     edge-agent models verify [PACK ...]        check every file's size and sha256
     edge-agent models fetch PACK [PACK ...]    put a pack's large file into the model store
@@ -34,8 +34,9 @@ from edge_agent import __version__
 from edge_agent.config import Settings, load_settings
 from edge_agent.devtools import fleetcli
 from edge_agent.errors import ConfigError, EdgeAgentError, FetchError, ModelError
+from edge_agent.ingest.frames import FrameDecoder
 from edge_agent.ingest.sources import open_source
-from edge_agent.ingest.sources.lines import chunked_lines
+from edge_agent.ingest.sources.jsonl import fd_groups
 from edge_agent.models.pack import BUNDLED_TEST_DATA, ModelPack, discover, resolve
 from edge_agent.scoring.backends.base import BackendOptions
 from edge_agent.scoring.pipeline import ScorePipeline
@@ -65,6 +66,9 @@ def cmd_score(args: argparse.Namespace) -> int:
     scorer = _open_scorer(settings, args.model)
     max_batch = args.batch or settings.model.max_batch
     pipeline = ScorePipeline(scorer, settings.input.max_line_bytes, max_batch)
+    frames = (
+        FrameDecoder(scorer.shape, settings.input.max_frame_bytes) if args.fmt == "frames" else None
+    )
     if args.example:
         args.file = str(BUNDLED_TEST_DATA)
     if args.file == "-":
@@ -76,7 +80,7 @@ def cmd_score(args: argparse.Namespace) -> int:
             raise ConfigError(f"{args.file}: cannot open input: {exc.strerror}") from exc
     out = sys.stdout.buffer
     try:
-        for group in chunked_lines(fd, settings.input.max_line_bytes):
+        for group in fd_groups(fd, settings.input.max_line_bytes, frames):
             out.write(pipeline.process(group))
             out.flush()
     except BrokenPipeError:
@@ -373,6 +377,8 @@ def _add_device_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser
     )
     score.add_argument("--model", help="model pack name or folder (default: the default pack)")
     score.add_argument("--batch", type=int, help="largest internal batch (default model.max_batch)")
+    fmt = score.add_argument("--format", choices=["jsonl", "frames"], default="jsonl", dest="fmt")
+    fmt.help = "input: JSON lines, or binary frames back to back (docs/frames.md)"
     score.add_argument("-q", "--quiet", action="store_true", help="no summary on stderr")
     score.set_defaults(func=cmd_score)
 

@@ -58,6 +58,7 @@ class ModelSettings(_Section, frozen=True):
 
 class InputSettings(_Section, frozen=True):
     max_line_bytes: Annotated[int, msgspec.Meta(ge=64, le=64 * 1024 * 1024)] = 1024 * 1024
+    max_frame_bytes: Annotated[int, msgspec.Meta(ge=16, le=64 * 1024 * 1024)] = 64 * 1024
 
 
 class _BrokerSecurity(_Section, frozen=True):
@@ -76,6 +77,7 @@ class SourceSettings(_BrokerSecurity, frozen=True):
 
     kind: Literal["jsonl", "replay", "udp", "unix", "mqtt"] = "jsonl"
     path: str = "-"
+    format: Literal["jsonl", "frames"] = "jsonl"  #: frames: binary frames (docs/frames.md)
     samples: bool = False
     rate_hz: NonNegFloat = 0.0
     loops: Annotated[int, msgspec.Meta(ge=0)] = 1

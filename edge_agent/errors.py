@@ -16,6 +16,7 @@ boundary with ``raise ... from exc`` so the original stays in the traceback::
     │   ├── FetchError          a pack's store file could not be fetched from its registry package
     │   └── ModelLoadError      the runtime refused the model, or warm-up failed
     ├── ReadingError            one reading was rejected (carries a stable reason code)
+    ├── FrameError              a binary reading frame could not be built (``encode_frame``)
     ├── OutboxError             the durable queue could not take or keep a message
     │   └── OutboxFull          a class is full and its policy is to refuse
     ├── LedgerError             the cloud's cost ledger file cannot be opened or written
@@ -87,6 +88,11 @@ class ReadingError(EdgeAgentError):
         super().__init__(message)
         self.code = code
         self.message = message
+
+
+class FrameError(EdgeAgentError, ValueError):
+    """``wire.frames.encode_frame`` was given values, an id or a timestamp that a frame
+    cannot carry (not 2-D, a dimension over 65535, an id over 255 bytes, ...)."""
 
 
 class OutboxError(EdgeAgentError):

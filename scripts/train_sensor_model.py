@@ -24,7 +24,9 @@ What it does
    variant that matches the fp32 test accuracy and is batch-invariant (dynamic quantization
    scales activations per call, so a window's confidence depends on what it is batched with),
    then the faster one at batch 1; both accuracies and the choice go into the manifest.
-6. Writes ``models/basicmotions-int8`` (default), ``models/basicmotions-fp32``,
+6. Adds the out-of-distribution guard to the edge packs' graphs (``scripts/graph_guard.py``;
+   they are then version 1.1.0, the cloud pack 1.0.0).
+7. Writes ``models/basicmotions-int8`` (default), ``models/basicmotions-fp32``,
    ``models/basicmotions-cloud`` (each ``model.onnx`` + ``manifest.toml``) and
    ``data/basicmotions/{train,test}.jsonl`` + ``README.md``, then prints a summary: accuracies,
    ECE, thresholds, ``session.run`` latency at batch 1 on one thread and the noisy-window check.
@@ -45,6 +47,7 @@ import logging
 import math
 import shutil
 import statistics
+import sys
 import tempfile
 import time
 import tomllib
@@ -74,6 +77,9 @@ from sklearn.neural_network import MLPClassifier
 from edge_agent.scoring.backends.onnx import open_session
 from edge_agent.util.files import file_sha256
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from graph_guard import upgrade_pack  # the sibling script, importable as a module
+
 log = logging.getLogger("train_sensor_model")
 
 F64 = npt.NDArray[np.float64]
@@ -86,6 +92,8 @@ N_CHANNELS = 6
 N_SAMPLES = 100
 OPSET = 17
 IR_VERSION = 8
+#: The edge packs' version: 1.1.0 since their graphs compute the guard (scripts/graph_guard.py).
+EDGE_GUARD_VERSION = "1.1.0"
 SIG_DIGITS = 7
 
 # Augmentation: every training window gets AUG_COPIES transformed copies. Copy k gets Gaussian
@@ -830,6 +838,10 @@ def write_pack(
     ]
     text = toml_doc(top, tables)
     (folder / "manifest.toml").write_text(text, encoding="utf-8")
+    if fam.spec is EDGE:
+        # The edge packs carry their out-of-distribution guard inside the graph (issue 17);
+        # the graph changed, so they are 1.1.0.
+        upgrade_pack(folder, EDGE_GUARD_VERSION)
     check_manifest(folder)
 
 

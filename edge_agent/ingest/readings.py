@@ -27,8 +27,9 @@ from edge_agent.wire.messages import DECODE_ERRORS, decode_failure
 
 #: Stable rejection reason codes and what each means.
 REASONS: dict[str, str] = {
-    "too_large": "the line is longer than input.max_line_bytes; it was not parsed",
-    "invalid_utf8": "the line is not valid UTF-8",
+    "too_large": "the line (frame) is longer than input.max_line_bytes (max_frame_bytes);"
+    " it was not parsed",
+    "invalid_utf8": "the line (a frame's id) is not valid UTF-8",
     "malformed_json": "the line is not valid JSON",
     "too_deep": "the JSON nests deeper than the decoder allows",
     "not_an_object": "the line is valid JSON but not an object",
@@ -36,6 +37,10 @@ REASONS: dict[str, str] = {
     "wrong_type": "'values' holds something other than numbers in nested lists",
     "wrong_shape": "'values' does not have the shape the model pack expects",
     "non_finite": "'values' holds NaN, Infinity or a number outside float32 range",
+    # Binary frames (docs/frames.md); the codes above apply to frames too.
+    "bad_frame": "not a frame: bad magic, reserved bits set, nonzero padding, or a length"
+    " other than its header implies (truncated, trailing bytes)",
+    "unsupported_frame": "a frame of a version, dtype or flag this decoder does not know",
 }
 
 #: A window of sensor values as every module passes it (float32, [channels, samples]).
@@ -74,6 +79,8 @@ class Reading:
     id: Any = None
     seq: int = 0
     t_mono_ns: int = field(default_factory=time.monotonic_ns)
+    #: The producer's own time (ns since the Unix epoch), when a binary frame carried one.
+    timestamp_ns: int | None = None
 
 
 #: What a source yields: raw lines, or readings it decoded (and rejections) itself.

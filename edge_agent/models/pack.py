@@ -82,6 +82,13 @@ class OnnxOutputs(_Table, frozen=True):
     probs: str
     logits: str = ""
     feature_z: str = ""
+    #: The out-of-distribution guard computed inside the graph ([N] float32: 0 nothing wrong,
+    #: 1 saturated, 2 out_of_range, 3 dead_sensor; see scripts/graph_guard.py). Without it
+    #: the scorer checks the ``[ood]`` table with numpy.
+    guard: str = ""
+    #: The statistics the guard is computed from (min, max, spread, samples at the extreme;
+    #: [N, channels, 1] each), for diagnostics; not read when scoring.
+    guard_stats: list[str] = []
 
 
 class Calibration(_Table, frozen=True):

@@ -17,7 +17,7 @@ import msgspec
 
 from edge_agent.errors import ReadingError
 from edge_agent.ingest.readings import Item, Oversize, Reading, ReadingDecoder
-from edge_agent.scoring.scorer import Decision, Scorer
+from edge_agent.scoring.scorer import Decision, Route, Scorer
 
 
 class ErrorBody(msgspec.Struct):
@@ -44,21 +44,27 @@ class DecisionOut(msgspec.Struct, omit_defaults=True):
 
 #: Called for each decision in input order; may return (tier, key) for the output line.
 DecisionHook = Callable[[Decision], "tuple[str, str] | None"]
+#: Called once per scored group with its decisions in input order; returns, per decision,
+#: (tier, key) for the output line or None. The agent's routing (``Agent.route_many``).
+DecisionsHook = Callable[[list[Decision]], "list[tuple[str, str] | None]"]
 
 
 _encoder = msgspec.json.Encoder()
 
 
 def decision_out(d: Decision, routed: tuple[str, str] | None = None) -> DecisionOut:
+    """The output line's fields. Confidence is given to 6 decimals and latency to 4, rounded
+    half up (both are non-negative): ``int(v * 10^k + 0.5) / 10^k`` is the double nearest to
+    that decimal, so it prints as it; a fifth of what ``round`` costs per call."""
     tier, key = routed if routed is not None else (msgspec.UNSET, msgspec.UNSET)
     return DecisionOut(
         id=d.reading.id,
         label=d.label,
-        confidence=round(d.confidence, 6),
+        confidence=int(d.confidence * 1e6 + 0.5) / 1e6,
         route=d.route,
         reason=d.reason,
         model=d.model,
-        latency_ms=round(d.latency_ms, 4),
+        latency_ms=int(d.latency_ms * 1e4 + 0.5) / 1e4,
         tier=tier,
         key=key,
     )
@@ -74,10 +80,12 @@ class ScorePipeline:
         max_batch: int = 64,
         *,
         on_decision: DecisionHook | None = None,
+        on_decisions: DecisionsHook | None = None,
         next_seq: Callable[[], int] | None = None,
     ) -> None:
         self.scorer = scorer
         self.on_decision = on_decision
+        self.on_decisions = on_decisions
         self.next_seq = next_seq
         self.decoder = ReadingDecoder(scorer.shape, max_line_bytes)
         self.max_batch = max_batch
@@ -88,18 +96,21 @@ class ScorePipeline:
         """Return the output lines (newline-terminated) for ``lines``, in order.
 
         An item is a raw line, an ``Oversize`` marker, or — from sources that
-        decode themselves (sample windowing) — a ready ``Reading`` or the
-        ``ReadingError`` that rejected its input.
+        decode themselves (sample windowing, binary frames) — a ready ``Reading`` or
+        the ``ReadingError`` that rejected its input.
         """
-        out: list[bytes] = [b""] * len(lines)
+        # Rejections are encoded at once; decisions at the end, all in one call when the
+        # group had no rejection (the common case).
+        out: list[bytes | DecisionOut] = [b""] * len(lines)
         pending: list[tuple[int, Reading]] = []
+        next_seq = self.next_seq
+        base = self.counts["lines"]
         for pos, line in enumerate(lines):
-            t0 = time.monotonic_ns()
-            if isinstance(line, ReadingError):
-                out[pos] = self._reject(line, msgspec.UNSET)
-                continue
             if isinstance(line, Reading):
                 reading = line
+            elif isinstance(line, ReadingError):
+                out[pos] = self._reject(line, msgspec.UNSET)
+                continue
             elif isinstance(line, Oversize):
                 out[pos] = self._reject(
                     ReadingError(
@@ -111,6 +122,7 @@ class ScorePipeline:
                 )
                 continue
             else:
+                t0 = time.monotonic_ns()
                 try:
                     reading = self.decoder.decode(line)
                 except ReadingError as err:
@@ -118,7 +130,7 @@ class ScorePipeline:
                     out[pos] = self._reject(err, msgspec.UNSET if rid is None else rid)
                     continue
                 reading.t_mono_ns = t0
-            reading.seq = self.next_seq() if self.next_seq else self.counts["lines"] + pos
+            reading.seq = next_seq() if next_seq else base + pos
             pending.append((pos, reading))
             if len(pending) >= self.max_batch:
                 self._score(pending, out)
@@ -126,15 +138,25 @@ class ScorePipeline:
         if pending:
             self._score(pending, out)
         self.counts["lines"] += len(lines)
-        return b"".join(out)
+        if not any(isinstance(o, bytes) for o in out):
+            return _encoder.encode_lines(out)
+        return b"".join(o if isinstance(o, bytes) else _encoder.encode(o) + b"\n" for o in out)
 
-    def _score(self, pending: list[tuple[int, Reading]], out: list[bytes]) -> None:
+    def _score(self, pending: list[tuple[int, Reading]], out: list[bytes | DecisionOut]) -> None:
         decisions = self.scorer.score([r for _, r in pending])
-        for (pos, _), decision in zip(pending, decisions, strict=True):
-            # The hook may re-route (the learned policy): count the route it leaves.
-            routed = self.on_decision(decision) if self.on_decision is not None else None
-            self.counts[decision.route] += 1
-            out[pos] = _encoder.encode(decision_out(decision, routed)) + b"\n"
+        # The hook may re-route (the learned policy): count the routes it leaves.
+        if self.on_decisions is not None:
+            routed = self.on_decisions(decisions)
+        elif self.on_decision is not None:
+            routed = [self.on_decision(d) for d in decisions]
+        else:
+            routed = [None] * len(decisions)
+        hard = 0
+        for (pos, _), decision, r in zip(pending, decisions, routed, strict=True):
+            hard += decision.route == Route.HARD
+            out[pos] = decision_out(decision, r)
+        self.counts["hard"] += hard
+        self.counts["local"] += len(decisions) - hard
 
     def _reject(self, err: ReadingError, rid: Any) -> bytes:
         self.counts["rejected"] += 1

@@ -1,28 +1,34 @@
 """Scorer: one backend plus one verified model pack, turning readings into Decisions.
 
 Besides running the model, the scorer applies the pack's out-of-distribution
-guard. A window unlike anything the model was trained on is never trusted
-locally, whatever the classifier says: a dead (constant) channel, values far
-outside the training range, a clipped (saturated) channel, or a model-side OOD
-score over the manifest's limit sends it to ``hard`` with the reason. Below
+guard (guard.py). A window unlike anything the model was trained on is never
+trusted locally, whatever the classifier says: a dead (constant) channel, values
+far outside the training range, a clipped (saturated) channel, or a model-side
+OOD score over the manifest's limit sends it to ``hard`` with the reason. Below
 the manifest's confidence threshold a reading is ``hard`` too. The router
 (router.py) later decides which cloud tier a hard case goes to.
+
+Readings scored together are copied into one input buffer, allocated once and
+reused; the work per reading after the model is a few list lookups.
 """
 
 from __future__ import annotations
 
 import enum
+import threading
 import time
 from dataclasses import dataclass
 
 import numpy as np
-import numpy.typing as npt
 
 from edge_agent.errors import ModelLoadError, ModelPackError
 from edge_agent.ingest.readings import Reading
 from edge_agent.models.pack import ModelPack
 from edge_agent.scoring import backends, golden
-from edge_agent.scoring.backends.base import Backend, BackendOptions, FloatArray
+from edge_agent.scoring.backends.base import Backend, BackendOptions, BackendOutput, FloatArray
+from edge_agent.scoring.guard import OodCheck, graph_reasons, probe_windows
+
+__all__ = ["ROUTE_REASONS", "Decision", "OodCheck", "Route", "Scorer"]
 
 
 class Route(enum.StrEnum):
@@ -56,60 +62,6 @@ class Decision:
     ood_score: float | None = None
 
 
-class OodCheck:
-    """Vectorised checks of raw windows against the pack's training statistics."""
-
-    def __init__(self, pack: ModelPack) -> None:
-        ood = pack.manifest.ood
-        self.enabled = ood is not None
-        if ood is None:
-            return
-        lo = np.asarray(ood.channel_min, dtype=np.float32)
-        hi = np.asarray(ood.channel_max, dtype=np.float32)
-        span = hi - lo
-        self.lower = lo - ood.range_margin * span
-        self.upper = hi + ood.range_margin * span
-        self.dead_std = ood.dead_channel_std
-        self.saturation = ood.saturation_fraction
-
-    def reasons(self, x: FloatArray) -> list[str | None]:
-        """One reason (or None) per window of ``x`` shaped [N, channels, samples].
-
-        Written for the common case (nothing wrong) to cost a handful of numpy calls:
-        the standard deviation is computed only for channels whose range is small
-        enough that it could be below the dead-sensor limit (a window of T samples with
-        range r has a standard deviation of at least r / sqrt(2T)).
-        """
-        n = x.shape[0]
-        out: list[str | None] = [None] * n
-        if not self.enabled:
-            return out
-        xmin = x.min(axis=2)
-        xmax = x.max(axis=2)
-        span = xmax - xmin
-        maybe_dead = span < self.dead_std * np.sqrt(2.0 * x.shape[2])
-        if maybe_dead.any():
-            dead = (maybe_dead & (x.std(axis=2) < self.dead_std)).any(axis=1)
-        else:
-            dead = maybe_dead.any(axis=1)
-        out_of_range = ((xmin < self.lower) | (xmax > self.upper)).any(axis=1)
-        limit = self.saturation * x.shape[2]
-        at_max = (x == xmax[:, :, None]).sum(axis=2)
-        at_min = (x == xmin[:, :, None]).sum(axis=2)
-        saturated = ((span > 0) & ((at_max > limit) | (at_min > limit))).any(axis=1)
-        flagged = dead | out_of_range | saturated
-        if not flagged.any():
-            return out
-        for i in np.flatnonzero(flagged):
-            if dead[i]:
-                out[i] = "dead_sensor"
-            elif out_of_range[i]:
-                out[i] = "out_of_range"
-            else:
-                out[i] = "saturated"
-        return out
-
-
 class Scorer:
     """Loads a verified pack into its backend and scores readings."""
 
@@ -123,6 +75,8 @@ class Scorer:
         self.threshold = m.routing.confidence_threshold
         self.z_max = m.routing.feature_z_max
         self.ref = pack.ref
+        self._buffer = np.empty((0, *self.shape), dtype=np.float32)
+        self._buffer_lock = threading.Lock()
 
     @classmethod
     def open(cls, pack: ModelPack, options: BackendOptions | None = None) -> Scorer:
@@ -134,6 +88,13 @@ class Scorer:
         backend = backends.create(pack.manifest.backend)
         backend.load(pack, options or BackendOptions())
         scorer = cls(pack, backend, OodCheck(pack))
+        why = scorer.check_graph_guard()
+        if why:
+            scorer.close()
+            raise ModelLoadError(
+                f"{pack.path}: the guard inside the model's graph does not decide like the"
+                f" manifest's [ood] table: {why}; the pack is refused"
+            )
         st = pack.manifest.selftest
         if st is not None and st.on_load:
             why = golden.self_test(scorer)
@@ -149,42 +110,86 @@ class Scorer:
 
     def score(self, readings: list[Reading]) -> list[Decision]:
         """Score readings in one backend call; decisions in the same order."""
-        if not readings:
+        n = len(readings)
+        if n == 0:
             return []
-        x = (
-            np.stack([r.values for r in readings])
-            if len(readings) > 1
-            else (readings[0].values[np.newaxis])
-        )
-        out = self.backend.score_batch(x)
-        guard = self.guard.reasons(x)
+        if n == 1:
+            x = readings[0].values[np.newaxis]
+            return self._decide(readings, x, self.backend.score_batch(x))
+        # One thread fills the reused buffer at a time; another meanwhile stacks its own.
+        if not self._buffer_lock.acquire(blocking=False):
+            x = np.stack([r.values for r in readings])
+            return self._decide(readings, x, self.backend.score_batch(x))
+        try:
+            buf = self._buffer
+            if buf.shape[0] < n:
+                buf = self._buffer = np.empty((n, *self.shape), dtype=np.float32)
+            for i, r in enumerate(readings):
+                buf[i] = r.values
+            x = buf[:n]
+            return self._decide(readings, x, self.backend.score_batch(x))
+        finally:
+            self._buffer_lock.release()
+
+    def _decide(self, readings: list[Reading], x: FloatArray, out: BackendOutput) -> list[Decision]:
         probs = out.probs
-        idx = probs.argmax(axis=1)
-        conf = probs[np.arange(len(readings)), idx]
-        z: npt.NDArray[np.float32] | None = out.ood_score
+        if len(readings) == 1:
+            k = int(probs[0].argmax())
+            idx, conf = [k], [float(probs[0, k])]
+        else:
+            best = probs.argmax(axis=1)
+            idx, conf = best.tolist(), probs[np.arange(len(readings)), best].tolist()
+        if out.guard is None:
+            guard = self.guard.reasons(x)
+        else:
+            codes = out.guard.tolist()
+            guard = graph_reasons(codes) if any(codes) else [None] * len(codes)
+        z = out.ood_score.tolist() if out.ood_score is not None else None
+        z_max, threshold, labels, ref = self.z_max, self.threshold, self.labels, self.ref
         now = time.monotonic_ns()
         decisions = []
         for i, reading in enumerate(readings):
-            c = float(conf[i])
-            zi = float(z[i]) if z is not None else None
+            c = conf[i]
+            zi = z[i] if z is not None else None
             reason = guard[i]
-            if reason is None and zi is not None and self.z_max is not None and zi > self.z_max:
+            if reason is None and zi is not None and z_max is not None and zi > z_max:
                 reason = "feature_outlier"
-            if reason is None and c < self.threshold:
+            if reason is None and c < threshold:
                 reason = "low_confidence"
             decisions.append(
                 Decision(
-                    label=self.labels[int(idx[i])],
+                    label=labels[idx[i]],
                     confidence=c,
                     route=Route.LOCAL if reason is None else Route.HARD,
                     reason=reason,
-                    model=self.ref,
+                    model=ref,
                     latency_ms=(now - reading.t_mono_ns) / 1e6,
                     reading=reading,
                     ood_score=zi,
                 )
             )
         return decisions
+
+    def check_graph_guard(self) -> str:
+        """ "" when the backend's own guard decides like the ``[ood]`` table on the probe
+        windows (or the backend has none), else what differed."""
+        ood = self.pack.manifest.ood
+        if ood is None:
+            return ""
+        x = probe_windows(ood, self.shape)
+        got = self.backend.score_batch(x).guard
+        if got is None:
+            return ""
+        want = OodCheck(self.pack).reasons(x)
+        have = graph_reasons(got.tolist())
+        wrong = [(i, h, w) for i, (h, w) in enumerate(zip(have, want, strict=True)) if h != w]
+        if not wrong:
+            return ""
+        i, h, w = wrong[0]
+        return (
+            f"{len(wrong)} of {len(want)} probe windows differ (window {i}: the graph says"
+            f" {h or 'nothing wrong'}, the [ood] table {w or 'nothing wrong'})"
+        )
 
     def close(self) -> None:
         self.backend.close()

@@ -146,7 +146,7 @@ class Agent:
             scorer,
             settings.input.max_line_bytes,
             settings.model.max_batch,
-            on_decision=self.route,
+            on_decisions=self.route_many,
             next_seq=self.outbox.next_seq,
         )
         t = settings.telemetry
@@ -179,13 +179,30 @@ class Agent:
 
     def route(self, d: Decision) -> tuple[str, str] | None:
         """Count, watch and route one decision; a hard case goes to the link. Returns its
-        tier and idempotency key (None for a local decision). The scoring loop's callback."""
-        self.counters["readings"] += 1
-        self.latency.record(d.latency_ms)
-        self.decision_seconds.observe(d.latency_ms / 1000.0)
-        self.drift.record(d.reading.values, d.confidence, d.route == Route.HARD)
-        if self.rollout is not None:
-            self.rollout.observe(d)
+        tier and idempotency key (None for a local decision)."""
+        return self.route_many([d])[0]
+
+    def route_many(self, decisions: list[Decision]) -> list[tuple[str, str] | None]:
+        """``route`` for a scored group, in order; the scoring loop's callback. The latency
+        bookkeeping is done once per group, and under the fixed policy a local decision
+        needs nothing more than its counters (the router would keep it local)."""
+        latencies = [d.latency_ms for d in decisions]
+        self.latency.record_many(latencies)
+        self.decision_seconds.observe_many(latencies, 1e-3)
+        counters, drift, rollout = self.counters, self.drift.record, self.rollout
+        plain = self.learned is None
+        out: list[tuple[str, str] | None] = []
+        for d in decisions:
+            counters["readings"] += 1
+            local = d.route == Route.LOCAL
+            drift(d.reading.values, d.confidence, not local)
+            if rollout is not None:
+                rollout.observe(d)
+            out.append(None if plain and local else self._dispatch(d))
+        return out
+
+    def _dispatch(self, d: Decision) -> tuple[str, str] | None:
+        """The router's plan for one decision: local, an alert, or a hard case to the link."""
         plan = self.router.plan(d)
         key = f"{self.device}:{d.reading.seq}"
         if plan.action == "alert":

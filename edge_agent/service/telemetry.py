@@ -50,6 +50,20 @@ class LatencyWindow:
         self._buf[self._n % self._buf.size] = ms
         self._n += 1
 
+    def record_many(self, values: list[float]) -> None:
+        """``record`` for each of a scored group's latencies, in order."""
+        buf, size = self._buf, self._buf.size
+        start = self._n % size
+        n = len(values)
+        if n == 1:
+            buf[start] = values[0]
+        elif start + n <= size:
+            buf[start : start + n] = values
+        else:
+            for i, v in enumerate(values):
+                buf[(start + i) % size] = v
+        self._n += n
+
     def percentiles(self) -> dict[str, float | None]:
         return percentiles(self._buf[: min(self._n, self._buf.size)])
 

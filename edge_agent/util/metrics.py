@@ -98,6 +98,15 @@ class Histogram:
         self._counts[bisect.bisect_left(self.bounds, value)] += 1
         self._sum += value
 
+    def observe_many(self, values: Sequence[float], scale: float = 1.0) -> None:
+        """``observe(v * scale)`` for each value (a scored group's latencies, ms to s)."""
+        counts, bounds, total = self._counts, self.bounds, 0.0
+        for v in values:
+            v *= scale
+            counts[bisect.bisect_left(bounds, v)] += 1
+            total += v
+        self._sum += total
+
     def data(self) -> HistogramData:
         counts = list(self._counts)
         total = self._sum

@@ -11,7 +11,7 @@ the older package is installed and configured by apt:
    and /etc/edge-agent/agent.toml), replaying the bundled test windows with sensor noise,
    against a private mosquitto on loopback and no cloud worker: its hard cases wait in the
    outbox for verdicts that do not come.
-3. A signed release (the default pack as version 1.0.1) is pushed to it from the checkout with
+3. A signed release (the default pack as version 1.1.1) is pushed to it from the checkout with
    ``edge-agent models push`` and must be promoted; the agent is then stopped (SIGTERM).
 4. ``apt-get install`` of the newer package inside the root (an upgrade).
 5. Checked after it: the new version is installed; agent.toml is byte for byte the edited
@@ -44,7 +44,7 @@ from edge_agent.models.pack import BUNDLED_PACKS_DIR
 
 DEVICE = "fresh-device-1"
 PACK = "basicmotions-int8"
-RELEASE_VERSION = "1.0.1"
+RELEASE_VERSION = "1.1.1"
 STATE = "var/lib/edge-agent"
 CONFIG = "etc/edge-agent/agent.toml"
 SITE = "/usr/lib/edge-agent/lib/python3.11/site-packages"

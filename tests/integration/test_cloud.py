@@ -237,7 +237,7 @@ def hard_case(
         device=device,
         seq=seq,
         values=values,
-        local=LocalDecision("walking", 0.41, "low_confidence", "basicmotions-int8@1.0.0"),
+        local=LocalDecision("walking", 0.41, "low_confidence", "basicmotions-int8@1.1.0"),
         tier="urgent" if tier == "urgent" else "batch",
         id=reading_id,
         deadline_ms=2000.0 if tier == "urgent" else None,

@@ -211,7 +211,7 @@ def test_bad_releases_are_refused_and_the_live_model_keeps_serving(
             assert ev["state"] == "refused", (name, ev)
             # Every refusal names the release it refused, the wrong key's included.
             assert ev["release"] == release_id((folder / RELEASE).read_bytes()), (name, ev)
-            assert agent.scorer.ref == "basicmotions-int8@1.0.0"
+            assert agent.scorer.ref == "basicmotions-int8@1.1.0"
             assert wait_until(
                 lambda b=before: (
                     agent.pipeline.counts["local"] + agent.pipeline.counts["hard"] > b + 10
@@ -315,11 +315,11 @@ def test_candidates_failing_selftest_or_shadow_never_serve_and_a_good_one_is_pro
         assert agent.rollout is not None
         ev = push(settings, bad_golden)
         assert ev["state"] == "selftest_failed", ev
-        assert agent.scorer.ref == "basicmotions-int8@1.0.0"
+        assert agent.scorer.ref == "basicmotions-int8@1.1.0"
         ev = push(settings, swapped)
         assert ev["state"] == "rejected", ev
         assert "agreement" in ev["reason"]
-        assert agent.scorer.ref == "basicmotions-int8@1.0.0"
+        assert agent.scorer.ref == "basicmotions-int8@1.1.0"
         assert ModelStore(state).read_pointer().live is None
         counts_before = dict(agent.pipeline.counts)
         t_push = time.monotonic()
@@ -352,7 +352,7 @@ def test_candidates_failing_selftest_or_shadow_never_serve_and_a_good_one_is_pro
                 elif t <= t_done:
                     during.append(d["latency_ms"])
                     models.add(d["model"])
-        assert models == {"basicmotions-int8@1.0.0", "basicmotions-fp32@2.0.0"}
+        assert models == {"basicmotions-int8@1.1.0", "basicmotions-fp32@2.0.0"}
         file_ids = [json.loads(x)["id"] for x in BUNDLED_TEST_DATA.read_text().splitlines() if x]
         replayed = [
             i if loop == 0 else f"{i}#{loop}"
@@ -410,7 +410,7 @@ def test_a_promoted_model_that_fails_its_health_window_is_rolled_back(
         ev = push(settings, jumpy)
         assert ev["state"] == "promoted", ev
         assert wait_until(lambda: agent.rollout.counters.get("rolled_back", 0) == 1, 30)
-        assert wait_until(lambda: agent.scorer.ref == "basicmotions-int8@1.0.0", 5)
+        assert wait_until(lambda: agent.scorer.ref == "basicmotions-int8@1.1.0", 5)
         last = agent.rollout.events[-1]
         assert last.state == "rolled_back"
         assert "hard-case rate" in last.reason
@@ -433,9 +433,9 @@ def _first_model(proc: subprocess.Popen[bytes], timeout: float = 20) -> str:
 #: What serves after a kill at each step, from the steps' definitions (docs/models.md), not
 #: from the code under test: before promotion the configured pack, from promotion on the new one.
 SERVES_AFTER = {
-    "received": ("basicmotions-int8@1.0.0", None),
-    "staged": ("basicmotions-int8@1.0.0", None),
-    "shadow": ("basicmotions-int8@1.0.0", None),
+    "received": ("basicmotions-int8@1.1.0", None),
+    "staged": ("basicmotions-int8@1.1.0", None),
+    "shadow": ("basicmotions-int8@1.1.0", None),
     "promoted": ("basicmotions-fp32@2.0.0", True),  # (model, still on probation)
     "committed": ("basicmotions-fp32@2.0.0", False),
 }
@@ -470,7 +470,7 @@ def test_sigkill_at_each_step_leaves_exactly_one_whole_model(
     pusher_args += ["--device", settings.device_id, "--timeout", "60"]
     with subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL) as p:
         try:
-            assert _first_model(p) == "basicmotions-int8@1.0.0"
+            assert _first_model(p) == "basicmotions-int8@1.1.0"
             threading.Thread(target=_drain, args=(p,), daemon=True).start()
             watcher = _Watcher(settings, step)
             with subprocess.Popen(pusher_args, env=env, stdout=subprocess.DEVNULL) as pusher:
@@ -616,7 +616,7 @@ def test_a_transfer_cut_by_a_device_restart_resumes_where_it_stopped(
             subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=err) as p,
         ):
             try:
-                assert _first_model(p) == "basicmotions-int8@1.0.0"
+                assert _first_model(p) == "basicmotions-int8@1.1.0"
                 threading.Thread(target=_drain, args=(p,), daemon=True).start()
                 pusher = push_in_background(settings, big, result, timeout=120)
                 assert wait_until(lambda: part.exists() and part.stat().st_size > 200_000, 60)

@@ -18,7 +18,7 @@ from edge_agent.routing.router import Reconciler
 from edge_agent.wire.messages import LocalDecision, Verdict, encoder
 
 LABELS = ["badminton", "running", "standing", "walking"]
-LOCAL = LocalDecision("walking", 0.41, "low_confidence", "basicmotions-int8@1.0.0")
+LOCAL = LocalDecision("walking", 0.41, "low_confidence", "basicmotions-int8@1.1.0")
 
 
 def prompt(user: str = "$labels_or? $local_label", system: str = "one of: $labels") -> Prompt:

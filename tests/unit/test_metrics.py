@@ -23,7 +23,7 @@ from tests.conftest import make_fake_pack
 from tests.prometheus import DASHBOARDS, check_metrics, promtool
 
 FULL_SNAPSHOT = {
-    "model": "basicmotions-int8@1.0.0",
+    "model": "basicmotions-int8@1.1.0",
     "readings": 1200,
     "rejected": 3,
     "rejects": {"malformed_json": 2, "non_finite": 1},
@@ -146,7 +146,7 @@ def test_agent_exposition_is_promtool_clean() -> None:
         assert (kind == "counter") == name.endswith("_total"), name
         assert not any(part in name for part in ("_ms", "p99", "dev-7")), name
     lines = set(text.splitlines())
-    assert 'edge_agent_info{device="dev-7",model="basicmotions-int8@1.0.0"} 1' in lines
+    assert 'edge_agent_info{device="dev-7",model="basicmotions-int8@1.1.0"} 1' in lines
     assert 'edge_agent_decision_latency_seconds_bucket{le="0.00025"} 1' in lines
     assert 'edge_agent_decision_latency_seconds_bucket{le="0.05"} 3' in lines
     assert "edge_agent_verdict_round_trip_seconds_count 1" in lines

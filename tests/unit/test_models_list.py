@@ -5,6 +5,7 @@ read-only; pushed releases live under ``<state_dir>/models``)."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -19,9 +20,8 @@ def _install(state: Path, folder: str, version: str) -> None:
     dest = state / "models" / "packs" / folder
     shutil.copytree(MODELS / "basicmotions-int8", dest)
     manifest = dest / "manifest.toml"
-    manifest.write_text(
-        manifest.read_text().replace('version = "1.0.0"', f'version = "{version}"', 1)
-    )
+    text = re.sub(r'(?m)^version = ".*"$', f'version = "{version}"', manifest.read_text(), count=1)
+    manifest.write_text(text)
 
 
 def _list(

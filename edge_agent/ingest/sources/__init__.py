@@ -13,6 +13,10 @@ unix      a Unix datagram socket path to bind; one JSON line per datagram
 mqtt      a topic on the broker at ``source.host:source.port``; one JSON line per message
 ========  =============================================================================
 
+With ``source.format = "frames"`` the jsonl, udp, unix and mqtt kinds carry binary
+frames instead of JSON lines (docs/frames.md): frames back to back in the stream,
+one frame per datagram or message; the source decodes them itself.
+
 With ``source.samples = true`` each line carries samples, not windows
 (``{"values": [c floats]}`` or ``[[c floats], ...]``) and the stream is cut
 into windows of the model's length every ``hop`` samples (manifest ``input``).
@@ -30,6 +34,7 @@ from typing import Protocol
 
 from edge_agent.config import Settings
 from edge_agent.errors import ConfigError
+from edge_agent.ingest.frames import FrameDecoder
 from edge_agent.ingest.readings import Item
 
 #: How often an idle source yields an empty group so the main loop keeps turning.
@@ -53,9 +58,10 @@ def open_source(settings: Settings, shape: tuple[int, ...], hop: int | None) -> 
     s = settings.source
     cap = settings.input.max_line_bytes
     batch = settings.model.max_batch
+    frames = _frame_decoder(settings, shape)
     source: Source
     if s.kind == "jsonl":
-        source = jsonl.JsonlSource(s.path, cap)
+        source = jsonl.JsonlSource(s.path, cap, frames)
     elif s.kind == "replay":
         source = replay.ReplaySource(
             s.path,
@@ -72,12 +78,31 @@ def open_source(settings: Settings, shape: tuple[int, ...], hop: int | None) -> 
         )
     elif s.kind in ("udp", "unix"):
         source = datagram.DatagramSource(
-            s.kind, s.path, cap, batch, s.max_wait_ms / 1000.0, socket_mode=s.socket_mode
+            s.kind,
+            s.path,
+            cap,
+            batch,
+            s.max_wait_ms / 1000.0,
+            socket_mode=s.socket_mode,
+            frames=frames,
         )
     elif s.kind == "mqtt":
-        source = mqtt.MqttTopicSource(settings, cap, batch)
+        source = mqtt.MqttTopicSource(settings, cap, batch, frames)
     else:  # pragma: no cover - the config type admits only the kinds above
         raise ConfigError(f"source.kind {s.kind!r} is not known")
     if s.samples:
         return Windowed(source, shape, hop or shape[-1], cap)
     return source
+
+
+def _frame_decoder(settings: Settings, shape: tuple[int, ...]) -> FrameDecoder | None:
+    """The decoder of ``source.format = "frames"``, or None for JSON lines."""
+    s = settings.source
+    if s.format != "frames":
+        return None
+    if s.kind == "replay" or s.samples:
+        raise ConfigError(
+            'source.format = "frames" works with kind jsonl, udp, unix and mqtt and whole'
+            f" windows (samples = false), not kind {s.kind!r} with samples = {s.samples}"
+        )
+    return FrameDecoder(shape, settings.input.max_frame_bytes)

@@ -1,4 +1,4 @@
-"""UDP and Unix datagram sockets: sensor daemons push one JSON line per datagram."""
+"""UDP and Unix datagram sockets: sensor daemons push one JSON line (or frame) per datagram."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from edge_agent.errors import ConfigError
+from edge_agent.errors import ConfigError, ReadingError
+from edge_agent.ingest.frames import FrameDecoder
 from edge_agent.ingest.readings import Item
 from edge_agent.ingest.sources import IDLE_TICK_S
 from edge_agent.ingest.sources.lines import Oversize
@@ -32,10 +33,12 @@ class DatagramSource:
         max_wait_s: float,
         *,
         socket_mode: int = 0o660,
+        frames: FrameDecoder | None = None,
     ) -> None:
         self.kind = kind
         self.path = path
-        self.cap = max_line_bytes
+        self.frames = frames  # decodes each datagram as a binary frame; None: JSON lines
+        self.cap = max_line_bytes if frames is None else frames.max_frame_bytes
         self.batch = batch
         self.max_wait_s = max_wait_s
         family = socket.AF_INET if kind == "udp" else socket.AF_UNIX
@@ -57,6 +60,10 @@ class DatagramSource:
 
     def _receive(self) -> Item:
         data, _flags, msg_flags, _addr = self.sock.recvmsg(self.cap + 1)
+        if self.frames is not None:
+            if msg_flags & socket.MSG_TRUNC:
+                return ReadingError("too_large", f"datagram over the {self.cap}-byte frame limit")
+            return self.frames.decode_item(data)
         if len(data) > self.cap or msg_flags & socket.MSG_TRUNC:
             return Oversize(len(data))
         return data.rstrip(b"\r\n")
@@ -75,7 +82,7 @@ class DatagramSource:
                 if not readable:
                     break
                 group.append(self._receive())
-            yield [item for item in group if item != b""]
+            yield [item for item in group if not isinstance(item, bytes) or item]
 
     def close(self) -> None:
         self.sock.close()

@@ -16,7 +16,24 @@ from collections.abc import Iterator
 
 from edge_agent.ingest.readings import Line, Oversize
 
-__all__ = ["Line", "Oversize", "chunked_lines"]
+__all__ = ["Line", "Oversize", "chunked_lines", "read_chunks"]
+
+
+def read_chunks(fd: int, read_size: int = 1 << 20, idle_s: float | None = None) -> Iterator[bytes]:
+    """The raw bytes of ``fd`` as they come, until end of input (binary frame streams).
+
+    With ``idle_s``, ``b""`` is yielded whenever no data came for that long.
+    """
+    while True:
+        if idle_s is not None:
+            readable, _, _ = select.select([fd], [], [], idle_s)
+            if not readable:
+                yield b""
+                continue
+        data = os.read(fd, read_size)
+        if not data:
+            return
+        yield data
 
 
 def _finish(line: bytes, cap: int) -> Line | None:

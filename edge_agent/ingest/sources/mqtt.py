@@ -1,4 +1,4 @@
-"""Readings published on a topic of an MQTT broker (one JSON line per message).
+"""Readings published on a topic of an MQTT broker (one JSON line, or frame, per message).
 
 The client is the session every MQTT user of ours makes (``mqtt.session.new_client``), with
 the TLS and credentials of the ``[source]`` section, so an input topic on a secured broker
@@ -17,6 +17,7 @@ import paho.mqtt.client as mqtt
 
 from edge_agent.config import Settings
 from edge_agent.errors import ConfigError
+from edge_agent.ingest.frames import FrameDecoder
 from edge_agent.ingest.readings import Item
 from edge_agent.ingest.sources import IDLE_TICK_S
 from edge_agent.ingest.sources.lines import Oversize
@@ -33,12 +34,19 @@ class MqttTopicSource:
     so a flood cannot grow memory.
     """
 
-    def __init__(self, settings: Settings, max_line_bytes: int, batch: int) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        max_line_bytes: int,
+        batch: int,
+        frames: FrameDecoder | None = None,
+    ) -> None:
         s = settings.source
         if not s.path or s.path == "-":
             raise ConfigError("source.path must be a topic for an mqtt source")
         self.topic = s.path
         self.cap = max_line_bytes
+        self.frames = frames  # decodes each message as a binary frame; None: JSON lines
         self.batch = batch
         self.dropped = 0
         self._queue: queue.Queue[Item] = queue.Queue(maxsize=10 * batch)
@@ -71,7 +79,11 @@ class MqttTopicSource:
 
     def _on_message(self, _c: mqtt.Client, _ud: Any, msg: mqtt.MQTTMessage) -> None:
         payload = bytes(msg.payload)
-        item: Item = Oversize(len(payload)) if len(payload) > self.cap else payload.strip()
+        item: Item
+        if self.frames is not None:
+            item = self.frames.decode_item(payload)
+        else:
+            item = Oversize(len(payload)) if len(payload) > self.cap else payload.strip()
         try:
             self._queue.put_nowait(item)
         except queue.Full:
@@ -92,7 +104,7 @@ class MqttTopicSource:
                     group.append(self._queue.get_nowait())
                 except queue.Empty:
                     break
-            yield [item for item in group if item != b""]
+            yield [item for item in group if not isinstance(item, bytes) or item]
 
     def close(self) -> None:
         self.client.loop_stop()

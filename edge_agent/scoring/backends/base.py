@@ -39,6 +39,9 @@ class BackendOutput:
 
     probs: FloatArray  #: [N, labels] calibrated probabilities, rows sum to 1
     ood_score: FloatArray | None = None  #: [N] model-side OOD score (larger = stranger)
+    #: [N] the raw-value guard computed by the model itself (0 nothing wrong, 1 saturated,
+    #: 2 out_of_range, 3 dead_sensor); None: the scorer checks the pack's ``[ood]`` table.
+    guard: FloatArray | None = None
 
 
 @runtime_checkable
@@ -54,7 +57,8 @@ class Backend(Protocol):
         """Score one window shaped as the manifest's input (output has N = 1)."""
 
     def score_batch(self, windows: FloatArray) -> BackendOutput:
-        """Score a stack of windows, shape [N, *input shape]."""
+        """Score a stack of windows, shape [N, *input shape]. The arrays returned may be the
+        backend's own output buffers: read them before the next call."""
 
     def close(self) -> None:
         """Release the runtime's resources; the backend may not be used afterwards."""

@@ -2,14 +2,21 @@
 
 Defaults: one intra-op thread, spinning off (an idle agent must not burn a
 core), sequential execution, full graph optimisation. The graph takes the raw
-window and returns calibrated probabilities (and, when the pack provides it,
-an out-of-distribution score); names come from the manifest.
+window and returns calibrated probabilities (and, when the pack provides them,
+an out-of-distribution score and the raw-value guard); names come from the
+manifest.
+
+One reading at a time is the latency path: its outputs go into buffers bound
+once (ONNX Runtime's I/O binding), which saves the ~8 us per call that
+``InferenceSession.run`` spends building its input and output lists (AMD EPYC,
+docs/BENCHMARKS.md). Batches go through ``run``; their cost is in the model.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import threading
 
 import numpy as np
 import onnxruntime as ort
@@ -47,6 +54,12 @@ class OnnxBackend:
         self._input = ""
         self._outputs: list[str] = []
         self._has_ood = False
+        self._has_guard = False
+        # The single-reading path: an I/O binding with output buffers bound once. One thread
+        # at a time uses it (the lock is only tried); another thread meanwhile takes ``run``.
+        self._binding: ort.IOBinding | None = None
+        self._single: list[FloatArray] = []
+        self._single_lock = threading.Lock()
 
     def load(self, pack: ModelPack, options: BackendOptions) -> None:
         m = pack.manifest
@@ -64,7 +77,7 @@ class OnnxBackend:
         if m.input.name not in inputs:
             raise ModelLoadError(f"{path}: no input named {m.input.name!r} (has {sorted(inputs)})")
         available = {o.name for o in session.get_outputs()}
-        wanted = [m.outputs.probs] + ([m.outputs.feature_z] if m.outputs.feature_z else [])
+        wanted = [m.outputs.probs] + [o for o in (m.outputs.feature_z, m.outputs.guard) if o]
         missing = [w for w in wanted if w not in available]
         if missing:
             raise ModelLoadError(
@@ -74,6 +87,8 @@ class OnnxBackend:
         self._input = m.input.name
         self._outputs = wanted
         self._has_ood = bool(m.outputs.feature_z)
+        self._has_guard = bool(m.outputs.guard)
+        self._bind_single(session, len(m.labels))
         # Warm-up: one dummy run, checked, so the first real reading pays no first-run cost.
         out = self.score(np.zeros(tuple(m.input.shape), dtype=np.float32))
         if out.probs.shape != (1, len(m.labels)):
@@ -86,15 +101,45 @@ class OnnxBackend:
     def score(self, window: FloatArray) -> BackendOutput:
         return self.score_batch(window[np.newaxis])
 
+    def _bind_single(self, session: ort.InferenceSession, labels: int) -> None:
+        """Output buffers for one window, bound once; the input is bound per call."""
+        shapes = [(1, labels)] + [(1,)] * (len(self._outputs) - 1)
+        self._single = [np.zeros(shape, dtype=np.float32) for shape in shapes]
+        binding = session.io_binding()
+        for name, buf in zip(self._outputs, self._single, strict=True):
+            binding.bind_ortvalue_output(name, ort.OrtValue.ortvalue_from_numpy(buf))
+        self._binding = binding
+
     def score_batch(self, windows: FloatArray) -> BackendOutput:
         session = self._session
         if session is None:
             raise ModelLoadError("the ONNX backend was used before load() or after close()")
+        binding = self._binding
+        single = (
+            binding is not None
+            and windows.shape[0] == 1
+            and windows.flags.c_contiguous
+            and self._single_lock.acquire(blocking=False)
+        )
         try:
-            results = session.run(self._outputs, {self._input: windows})
+            if single and binding is not None:
+                binding.bind_cpu_input(self._input, windows)
+                session.run_with_iobinding(binding)
+                # Copies (three tiny arrays): the buffers are reused by the next call.
+                results = [buf.copy() for buf in self._single]
+            else:
+                results = session.run(self._outputs, {self._input: windows})
         except Exception as exc:  # ORT raises its own untyped errors
             raise ModelLoadError(f"ONNX Runtime failed to score: {exc}") from exc
-        return BackendOutput(probs=results[0], ood_score=results[1] if self._has_ood else None)
+        finally:
+            if single:
+                self._single_lock.release()
+        return BackendOutput(
+            probs=results[0],
+            ood_score=results[1] if self._has_ood else None,
+            guard=results[-1] if self._has_guard else None,
+        )
 
     def close(self) -> None:
         self._session = None
+        self._binding = None
