@@ -22,10 +22,11 @@ The model, per direction of each proxied connection (``NetworkProfile``):
   probability ``loss``; a chunk with a lost segment is delayed by one retransmission timeout,
   RTO = max(200 ms, rtt + 4 x jitter): RFC 6298's SRTT + 4·RTTVAR with Linux's floor
   ``TCP_RTO_MIN`` of 200 ms. The resent copy can be lost again (same probability); each further
-  loss doubles the RTO (RFC 6298's back-off) up to Linux's ``TCP_RTO_MAX`` of 120 s. Timeout recovery, not fast retransmit, is the
-  right model here: fast retransmit needs three duplicate ACKs, i.e. three later segments in
-  flight, and MQTT's request/answer traffic rarely has them (Linux's tail-loss probe would
-  recover a little sooner, after about two round trips: the model errs on the slow side).
+  loss doubles the RTO (RFC 6298's back-off) up to Linux's ``TCP_RTO_MAX`` of 120 s. Timeout
+  recovery, not fast retransmit, is the right model here: fast retransmit needs three
+  duplicate ACKs, i.e. three later segments in flight, and MQTT's request/answer traffic
+  rarely has them (Linux's tail-loss probe would recover a little sooner, after about two
+  round trips: the model errs on the slow side).
   Loss holds up the bytes after the lost chunk too (head-of-line), never corrupts or drops any.
 
 Limits: no bandwidth cap (a 6 KB hard case takes ~5 ms on a 10 Mbit/s uplink, not modelled),

@@ -143,31 +143,46 @@ def _sync(
 
 class _Recorder:
     """Per reading of a real agent: its local latency and, for urgent cases, when the verdict
-    came. Wraps the agent's latency window and ``reconciler.expect``; listens to verdicts."""
+    came. Wraps the agent's latency window and ``reconciler.expect``; listens to verdicts.
+
+    The agent records a scored group's latencies before it routes the group, so an urgent
+    case is matched to the next unmatched reading of the group being routed (exact for the
+    paced replay here, which scores one reading per group)."""
 
     def __init__(self, agent: Agent) -> None:
         self.latencies: list[float] = []
         self.sent: dict[str, tuple[int, float]] = {}  # key -> (reading index, hand-off time)
         self.arrived: dict[str, float] = {}
         self._lock = threading.Lock()
+        self._group_start = self._group_used = 0
         recorder = self
 
         class _Window(LatencyWindow):
             def record(self, ms: float) -> None:
                 super().record(ms)
-                recorder.latencies.append(ms)
+                recorder.group([ms])
+
+            def record_many(self, values: list[float]) -> None:
+                super().record_many(values)
+                recorder.group(values)
 
         agent.latency = _Window(agent.settings.telemetry.latency_window)
         expect = agent.reconciler.expect
 
         def expect_and_note(key: str, local_label: str, tier: Tier) -> None:
             if tier == Tier.URGENT:
+                i = min(self._group_start + self._group_used, len(self.latencies) - 1)
+                self._group_used += 1
                 with self._lock:
-                    self.sent[key] = (len(self.latencies) - 1, time.monotonic())
+                    self.sent[key] = (i, time.monotonic())
             expect(key, local_label, tier)
 
         agent.reconciler.expect = expect_and_note  # type: ignore[method-assign]
         agent.reconciler.listeners.append(self._on_verdict)
+
+    def group(self, values: list[float]) -> None:
+        self._group_start, self._group_used = len(self.latencies), 0
+        self.latencies.extend(values)
 
     def _on_verdict(self, v: Verdict) -> None:
         if v.tier == Tier.URGENT and v.no_verdict is None:
