@@ -46,13 +46,13 @@ from edge_agent.config import CloudSettings
 from edge_agent.devtools.costs import budgets, cost_section
 from edge_agent.devtools.demo import run_demo
 from edge_agent.devtools.demo_report import write_risk_coverage
+from edge_agent.devtools.floors import floor_onnx, json_floor
 from edge_agent.devtools.localbroker import Mosquitto
 from edge_agent.devtools.measure import (
     HYBRID_NOISE,
     agent_paths,
     agent_settings,
     all_cloud,
-    floor_onnx,
     hybrid,
     load_lines,
     naive_onnx,
@@ -173,7 +173,7 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
     x = windows_of(lines)
     networks = parse_profiles(opts.network)
     packs = list(_packs(opts))
-    steps = 4 * len(packs) + 5 + len(ROUTING_NOISE) + len(networks)
+    steps = 5 * len(packs) + 5 + len(ROUTING_NOISE) + len(networks)
     progress = Progress(steps, sys.stderr if opts.progress else None, plain_interval_s=0.0)
     results: dict[str, Any] = {"machine": machine_info(), "options": _opts_json(opts), "packs": {}}
     work = Path(tempfile.mkdtemp(prefix="edge-agent-bench-"))
@@ -186,10 +186,13 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
             if pack.manifest.backend == "onnx":
                 entry["floor"] = floor_onnx(pack, x, opts.passes)
                 progress.step(f"{ref}: raw session.run")
+                entry["json_floor"] = json_floor(pack, lines, opts.passes)
+                progress.step(f"{ref}: JSON parsers alone, and the fastest + raw run")
                 entry["naive"] = naive_onnx(pack, lines, opts.passes, broker.port)
                 progress.step(f"{ref}: naive integration")
             else:
                 progress.step(f"{ref}: (no raw floor for this backend)")
+                progress.step(f"{ref}: (no JSON floor for this backend)")
                 entry["process"] = score_round_trip(pack, lines, 100 if opts.quick else 400)
                 entry["model_file_bytes"] = _model_file_bytes(pack)
                 progress.step(f"{ref}: edge-agent score, one line at a time, from outside")
@@ -201,15 +204,7 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
             progress.step(f"{ref}: edge-agent paths")
             entry["accuracy"] = pack.manifest.metrics.get("accuracy_test")
             if pack.manifest.backend == "onnx":
-                f, a, nv = entry["floor"], entry["agent"], entry["naive"]
-                entry["ratios"] = {
-                    "agent_p99_over_floor_p99": a["single"]["p99_ms"] / f["single"]["p99_ms"],
-                    "agent_array_p99_over_floor_p99": a["from_array"]["p99_ms"]
-                    / f["single"]["p99_ms"],
-                    "agent_p99_over_naive_p99": a["single"]["p99_ms"] / nv["p99_ms"],
-                    "agent_batched_over_floor_batched_throughput": a["batched"]["throughput_per_s"]
-                    / f["batched"]["throughput_per_s"],
-                }
+                entry["ratios"] = ratios(entry)
             results["packs"][ref] = entry
             progress.step(f"{ref}: done")
             scorer.close()
@@ -248,6 +243,24 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
     results["cost"] = {name: cost_section(h, opts) for name, h in results["hybrid"].items()}
     results["budgets"] = budgets(results)
     return results
+
+
+def ratios(entry: dict[str, Any]) -> dict[str, float]:
+    """Ratios of one ONNX pack's figures (all of one run), beyond those the budgets check:
+    the agent from arrays and from JSON lines against the raw run and the parsers alone."""
+    f, a, jf = entry["floor"], entry["agent"], entry["json_floor"]
+    run99 = f["single"]["p99_ms"]
+    parse = jf["parse"][jf["fastest_parse"]]
+    return {
+        "agent_frame_p99_over_floor_p99": a["frame"]["p99_ms"] / run99,
+        "agent_array_p99_over_floor_p99": a["from_array"]["p99_ms"] / run99,
+        "agent_line_p99_over_floor_p99": a["single"]["p99_ms"] / run99,
+        "agent_line_p99_over_fastest_parse_p99": a["single"]["p99_ms"] / parse["p99_ms"],
+        "agent_x64_per_line_over_fastest_parse_p50": a["batched"]["mean_ms"] / 64 / parse["p50_ms"],
+        "agent_p99_over_naive_p99": a["single"]["p99_ms"] / entry["naive"]["p99_ms"],
+        "agent_frames_x64_over_floor_x64_throughput": a["frames_batched"]["throughput_per_s"]
+        / f["batched"]["throughput_per_s"],
+    }
 
 
 def _opts_json(opts: BenchOptions) -> dict[str, Any]:

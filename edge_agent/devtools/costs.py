@@ -124,43 +124,55 @@ def budgets(results: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
+#: What the agent may add to the unavoidable work of its input format, in raw runs of the
+#: model: half a run per reading (p99), one run per micro-batch of 64. For binary frames the
+#: unavoidable work is the raw run itself (decoding a frame is a view of its bytes), so these
+#: are the "1.5x the raw run p99" and "0.5x the raw batched throughput" budgets; for JSON lines
+#: it is the JSON floor (the fastest parse here into the model's input array, then the raw
+#: run). docs/BENCHMARKS.md says why "the parse alone" cannot be the JSON floor.
+SINGLE_ALLOWANCE = 0.5
+BATCH_ALLOWANCE = 1.0
+
+
 def _pack_budgets(check: Callable[..., None], ref: str, p: dict[str, Any]) -> None:
-    """The budgets of one pack: ratios to the raw runtime (ONNX), or the LLM's p95 and RSS."""
+    """The budgets of one pack, each against its own floor measured in the same run: binary
+    frames against the raw runtime, JSON lines against the JSON floor (ONNX); the LLM's p95
+    and RSS."""
     if p["backend"] == "onnx":
-        floor_p99 = p["floor"]["single"]["p99_ms"]
+        f, a, jf = p["floor"], p["agent"], p["json_floor"]
+        run99, run64 = f["single"]["p99_ms"], f["batched"]["mean_ms"]
         check(
-            f"{ref}: agent p99 per line / raw run p99",
-            p["agent"]["single"]["p99_ms"] / floor_p99,
-            1.5,
+            f"{ref}: agent p99 per frame / raw run p99",
+            a["frame"]["p99_ms"] / run99,
+            1.0 + SINGLE_ALLOWANCE,
             "x",
-            "from a JSON line: includes decoding and validating 600 numbers",
+            "decode + validate + score (guard in the graph) + route + output line",
         )
         check(
-            f"{ref}: agent p99 from a validated array / raw run p99",
-            p["agent"]["from_array"]["p99_ms"] / floor_p99,
-            1.5,
+            f"{ref}: raw batched throughput / agent micro-batched from frames",
+            f["batched"]["throughput_per_s"] / a["frames_batched"]["throughput_per_s"],
+            1.0 + BATCH_ALLOWANCE,
             "x",
-            "score + OOD guard + route",
+            "the agent at >= 0.5x the raw batched run",
         )
         check(
-            f"{ref}: raw batched throughput / agent micro-batched throughput",
-            p["floor"]["batched"]["throughput_per_s"] / p["agent"]["batched"]["throughput_per_s"],
-            2.0,
+            f"{ref}: agent p99 per JSON line / (JSON floor p99 + 0.5 raw run p99)",
+            a["single"]["p99_ms"] / (jf["single"]["p99_ms"] + SINGLE_ALLOWANCE * run99),
+            1.0,
             "x",
-            "agent >= 0.5x raw batched; from JSON lines: includes decoding",
+            f"JSON floor: {jf['fastest_to_array']} into the input array, then the raw run",
         )
         check(
-            f"{ref}: raw batched throughput / agent micro-batched from arrays",
-            p["floor"]["batched"]["throughput_per_s"]
-            / p["agent"]["from_array_batched"]["throughput_per_s"],
-            2.0,
+            f"{ref}: agent x64 from JSON lines / (JSON floor x64 + raw run x64)",
+            a["batched"]["mean_ms"] / (jf["batched"]["mean_ms"] + BATCH_ALLOWANCE * run64),
+            1.0,
             "x",
-            "score + OOD guard + route, 64 at a time",
+            "64 lines parsed into one array, then one raw run",
         )
-        check(f"{ref}: agent p99 per line (absolute)", p["agent"]["single"]["p99_ms"], 50.0, "ms")
+        check(f"{ref}: agent p99 per line (absolute)", a["single"]["p99_ms"], 50.0, "ms")
         check(
             f"{ref}: agent p99 / naive p99",
-            p["agent"]["single"]["p99_ms"] / p["naive"]["p99_ms"],
+            a["single"]["p99_ms"] / p["naive"]["p99_ms"],
             1.0,
             "x",
             "agent faster than the naive integration",

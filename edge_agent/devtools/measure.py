@@ -21,6 +21,7 @@ from paho.mqtt.properties import Properties
 
 from edge_agent.cloud.worker import CloudWorker
 from edge_agent.config import Settings, load_settings
+from edge_agent.ingest.frames import FrameDecoder
 from edge_agent.ingest.readings import Reading
 from edge_agent.ingest.sources.replay import ReplaySource
 from edge_agent.models.pack import ModelPack
@@ -28,6 +29,7 @@ from edge_agent.mqtt.session import new_client, set_nodelay
 from edge_agent.scoring.scorer import Scorer
 from edge_agent.service.agent import Agent
 from edge_agent.util.stats import percentiles
+from edge_agent.wire.frames import encode_frame
 from edge_agent.wire.messages import (
     SCHEMA_VERSION,
     HardCase,
@@ -84,36 +86,17 @@ def windows_of(lines: list[bytes]) -> np.ndarray:
 # -- the measurements -----------------------------------------------------------------
 
 
-def _raw_session(pack: ModelPack) -> Any:
+def raw_session(pack: ModelPack) -> Any:
+    """An ONNX Runtime session of the pack's graph with the runtime's own options."""
     from edge_agent.scoring.backends.onnx import open_session  # noqa: PLC0415 - ONNX packs only
 
     model = next(f.path for f in pack.manifest.files if f.path.endswith(".onnx"))
     return open_session(pack.file(model))
 
 
-def floor_onnx(pack: ModelPack, x: np.ndarray, passes: int) -> dict[str, Any]:
-    """The raw runtime: session.run on prepared arrays, batch 1 and batch 64."""
-    sess = _raw_session(pack)
-    m = pack.manifest
-    outs = [m.outputs.probs] if m.outputs is not None else None
-    name = m.input.name
-    singles = [x[i : i + 1] for i in range(len(x))]
-    for s in singles[:10]:
-        sess.run(outs, {name: s})
-    it = iter(singles * passes)
-    single = timed(lambda: sess.run(outs, {name: next(it)}), len(singles) * passes)
-    big = np.concatenate([x] * max(1, 64 // len(x) + 1))[:64]
-    sess.run(outs, {name: big})
-    n_batches = max(10, passes * len(x) // 64)
-    batch = timed(lambda: sess.run(outs, {name: big}), n_batches)
-    batch["throughput_per_s"] = 64 * n_batches / (batch["mean_ms"] * n_batches / 1000.0)
-    batch["batch"] = 64
-    return {"single": single, "batched": batch}
-
-
 def naive_onnx(pack: ModelPack, lines: list[bytes], passes: int, port: int) -> dict[str, Any]:
     """Thirty lines a user would write: json.loads, numpy, session.run, softmax, publish."""
-    sess = _raw_session(pack)
+    sess = raw_session(pack)
     m = pack.manifest
     out_name = m.outputs.logits if m.outputs is not None and m.outputs.logits else None
     labels = m.labels
@@ -152,52 +135,61 @@ def agent_settings(state: Path, port: int, prefix: str, **extra: str) -> Setting
     return load_settings(None, env=env)
 
 
+def frames_of(lines: list[bytes]) -> list[bytes]:
+    """The same readings as binary frames (docs/frames.md), with the same ids."""
+    out = []
+    for line in lines:
+        obj = json.loads(line)
+        rid = obj.get("id")
+        out.append(encode_frame(obj["values"], None if rid is None else str(rid)))
+    return out
+
+
+def _batched(fn: Callable[[], object], n_groups: int, size: int) -> dict[str, Any]:
+    out = timed(fn, n_groups)
+    out["throughput_per_s"] = size / (out["mean_ms"] / 1000.0)
+    out["batch"] = size
+    return out
+
+
 def agent_paths(
     scorer: Scorer, lines: list[bytes], x: np.ndarray, passes: int, *, state: Path, port: int
 ) -> dict[str, Any]:
-    """The agent's own path: per line, micro-batched, and from validated arrays."""
+    """The agent's own path, from JSON lines and from binary frames, one at a time and
+    micro-batched (64): decode, validate, score, guard, route, encode the output line, with
+    the real link and outbox behind; and from validated arrays (score + guard + route)."""
     settings = agent_settings(state, port, "bench/agent")
     agent = Agent(settings, scorer)
     agent.link.start()
     process = agent.pipeline.process
-    for line in lines[:10]:
+    decode = FrameDecoder(scorer.shape).decode
+    frames = frames_of(lines)
+    for line, frame in zip(lines[:10], frames[:10], strict=True):
         process([line])
+        process([decode(frame)])
+    n = len(lines) * passes
+    n_groups = max(10 if passes > 3 else 1, n // 64)
+    out: dict[str, Any] = {}
     it = iter(lines * passes)
-    single = timed(lambda: process([next(it)]), len(lines) * passes)
+    out["single"] = timed(lambda: process([next(it)]), n)
     group = (lines * (64 // len(lines) + 1))[:64]
-    n_groups = max(10 if passes > 3 else 1, passes * len(lines) // 64)
-    batched = timed(lambda: process(group), n_groups)
-    batched["throughput_per_s"] = 64 * n_groups / (batched["mean_ms"] * n_groups / 1000.0)
-    batched["batch"] = 64
+    out["batched"] = _batched(lambda: process(group), n_groups, 64)
+    itf = iter(frames * passes)
+    out["frame"] = timed(lambda: process([decode(next(itf))]), n)
+    group_f = (frames * (64 // len(frames) + 1))[:64]
+    out["frames_batched"] = _batched(lambda: process([decode(f) for f in group_f]), n_groups, 64)
     readings = [Reading(values=w) for w in x]
-    route = agent.route  # the same routing the pipeline calls
-
-    def score_route(r: Reading) -> None:
-        for d in scorer.score([r]):
-            route(d)
-
+    route = agent.route_many  # the routing the pipeline calls
     itr = iter(readings * passes)
-    from_array = timed(lambda: score_route(next(itr)), len(readings) * passes)
+    out["from_array"] = timed(lambda: route(scorer.score([next(itr)])), n)
     group_r = (readings * (64 // len(readings) + 1))[:64]
-
-    def score_route_group() -> None:
-        for d in scorer.score(group_r):
-            route(d)
-
-    from_array_batched = timed(score_route_group, n_groups)
-    from_array_batched["throughput_per_s"] = 64 / (from_array_batched["mean_ms"] / 1000.0)
-    from_array_batched["batch"] = 64
+    out["from_array_batched"] = _batched(lambda: route(scorer.score(group_r)), n_groups, 64)
     agent.close()
     hard_rate = agent.pipeline.counts["hard"] / max(
         1, agent.pipeline.counts["hard"] + agent.pipeline.counts["local"]
     )
-    return {
-        "single": single,
-        "batched": batched,
-        "from_array": from_array,
-        "from_array_batched": from_array_batched,
-        "hard_rate": hard_rate,
-    }
+    out["hard_rate"] = hard_rate
+    return out
 
 
 def telemetry_effect(

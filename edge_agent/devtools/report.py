@@ -27,15 +27,31 @@ def _latency_rows(results: dict[str, Any]) -> list[tuple[str, ...]]:
                 (f"{ref} raw run (floor)", p["floor"]["single"]),
                 (f"{ref} raw run x64", p["floor"]["batched"]),
             ]
+        jf = p.get("json_floor")
+        if jf:
+            named += [(f"{ref} JSON parse alone: {k}", v) for k, v in jf["parse"].items()]
+            named += [(f"{ref} JSON into the array: {k}", v) for k, v in jf["to_array"].items()]
+            named += [
+                (f"{ref} JSON floor: {jf['fastest_to_array']} + raw run", jf["single"]),
+                (f"{ref} JSON floor x64", jf["batched"]),
+            ]
         if "naive" in p:
             named.append((f"{ref} naive integration", p["naive"]))
         if "process" in p:
             named.append((f"{ref} `score` process, from outside", p["process"]))
+        a = p["agent"]
         named += [
-            (f"{ref} edge-agent per line", p["agent"]["single"]),
-            (f"{ref} edge-agent x64", p["agent"]["batched"]),
-            (f"{ref} edge-agent from array", p["agent"]["from_array"]),
-            (f"{ref} edge-agent from array x64", p["agent"]["from_array_batched"]),
+            (f"{ref} edge-agent per JSON line", a["single"]),
+            (f"{ref} edge-agent JSON lines x64", a["batched"]),
+        ]
+        if "frame" in a:
+            named += [
+                (f"{ref} edge-agent per frame", a["frame"]),
+                (f"{ref} edge-agent frames x64", a["frames_batched"]),
+            ]
+        named += [
+            (f"{ref} edge-agent from array", a["from_array"]),
+            (f"{ref} edge-agent from array x64", a["from_array_batched"]),
         ]
         for name, s in named:
             per = s.get("throughput_per_s")
@@ -180,7 +196,8 @@ def plot(results: dict[str, Any], path: Path) -> None:
         for label, s in (
             ("floor", p.get("floor", {}).get("single")),
             ("naive", p.get("naive")),
-            ("agent", p["agent"]["single"]),
+            ("agent JSON", p["agent"]["single"]),
+            ("agent frame", p["agent"].get("frame")),
         ):
             if s:
                 names.append(f"{ref}\n{label}")

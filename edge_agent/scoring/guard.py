@@ -15,6 +15,8 @@ both, and a pack whose graph decides otherwise than its manifest is refused.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from edge_agent.models.pack import ModelPack, OodGuard
@@ -101,7 +103,7 @@ def probe_windows(ood: OodGuard, shape: tuple[int, ...]) -> FloatArray:
     clips = [n for n in (int(limit * 1.5) + 1, int(limit * 0.5)) if 0 < n <= samples]
     windows = [base, 0.9 * base + 0.1 * mid]
     for c in range(channels):
-        edits: list[tuple[object, np.ndarray]] = [
+        edits: list[tuple[Any, Any]] = [
             (c, np.full(samples, mid[c, 0])),
             (c, mid[c, 0] + 3 * ood.dead_channel_std * np.sqrt(2) * np.sin(phase[0])),
             ((c, samples // 2), hi[c, 0] + (1.1 * m + 0.01) * span[c, 0]),
@@ -113,6 +115,6 @@ def probe_windows(ood: OodGuard, shape: tuple[int, ...]) -> FloatArray:
             edits += [((c, slice(0, n)), base[c].max()), ((c, slice(0, n)), base[c].min())]
         for where, value in edits:
             w = base.copy()
-            w[where] = value  # type: ignore[index]
+            w[where] = value
             windows.append(w)
     return np.stack(windows).astype(np.float32)

@@ -101,8 +101,8 @@ class Histogram:
     def observe_many(self, values: Sequence[float], scale: float = 1.0) -> None:
         """``observe(v * scale)`` for each value (a scored group's latencies, ms to s)."""
         counts, bounds, total = self._counts, self.bounds, 0.0
-        for v in values:
-            v *= scale
+        for value in values:
+            v = value * scale
             counts[bisect.bisect_left(bounds, v)] += 1
             total += v
         self._sum += total
