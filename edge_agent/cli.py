@@ -163,6 +163,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         readings_per_second=args.readings_per_second,
         progress=not args.quiet,
         ledger=Path(args.ledger) if args.ledger else None,
+        endpoint_latency=Path(args.endpoint_latency) if args.endpoint_latency else None,
+        **({"network": args.network} if args.network else {}),
         **{k: v for k, v in prices.items() if v is not None},
     )
     results = bench.run_bench(opts)
@@ -432,6 +434,7 @@ def _add_operator_tools(sub: argparse._SubParsersAction[argparse.ArgumentParser]
         default=str(BUNDLED_TEST_DATA.parent / "train.jsonl"),
         help="windows of the warm-up (default: the bundled train split)",
     )
+    demo.add_argument("--network", default="loopback", help="loopback|wired|lte|satellite")
     demo.add_argument("--plot", help="write a risk-coverage plot (SVG) to this file")
     demo.add_argument("--json", action="store_true", help="print the summary as JSON")
     demo.add_argument("--keep", action="store_true", help="keep the temporary state folder")
@@ -467,6 +470,8 @@ def _add_operator_tools(sub: argparse._SubParsersAction[argparse.ArgumentParser]
         "--ledger",
         help="a cloud worker's ledger file with endpoint requests: also price measured tokens",
     )
+    bench_p.add_argument("--network", help="profiles, e.g. wired,lte (default: all; none)")
+    bench_p.add_argument("--endpoint-latency", help="a scripts/endpoint_roundtrip.py --json")
     bench_p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     bench_p.set_defaults(func=cmd_bench)
 

@@ -9,6 +9,9 @@ tokens per request, the ledger's spend, and how many answers parsed. Needs the d
 llm and llm-server extras (``bash scripts/setup --dev --llm``).
 
     .venv/bin/python scripts/endpoint_roundtrip.py [-n 50] [--ledger out.json] [--json]
+
+``--json > endpoint.json`` then ``edge-agent bench --endpoint-latency endpoint.json`` adds the
+endpoint tier to the benchmark's network section (its worker time per case, p50 and p99).
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from edge_agent.cloud.ledger_store import summary_of
 from edge_agent.cloud.worker import CloudWorker
 from edge_agent.config import load_settings
 from edge_agent.devtools.localbroker import Mosquitto, free_port
@@ -118,7 +122,7 @@ def main() -> int:
     labels = resolve("basicmotions-cloud-endpoint").manifest.labels
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
-        ledger = Path(args.ledger) if args.ledger else tmp / "ledger.json"
+        ledger = Path(args.ledger) if args.ledger else tmp / "ledger.db"
         broker = Mosquitto(tmp / "broker").start()
         port = free_port()
         server = start_server(port, gguf, tmp / "llama.log")
@@ -156,13 +160,16 @@ def main() -> int:
             server.terminate()
             server.wait(10)
             broker.stop()
-        summary = json.loads(ledger.read_text())
+        summary = summary_of(ledger)  # the ledger is an SQLite file (or an old JSON one)
     p = summary["pricing"]
     out = {
         "cases": len(rtt),
         "round_trip_ms_p50": percentile(rtt, 50),
         "round_trip_ms_p99": percentile(rtt, 99),
         "worker_ms_per_case_mean": float(np.mean(cloud_ms)),
+        # The endpoint worker's own time per case, for ``edge-agent bench --endpoint-latency``.
+        "worker_ms_p50": percentile(cloud_ms, 50),
+        "worker_ms_p99": percentile(cloud_ms, 99),
         "mean_prompt_tokens": p["mean_prompt_tokens"],
         "mean_completion_tokens": p["mean_completion_tokens"],
         "spend": summary["total"]["spend"],

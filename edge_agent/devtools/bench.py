@@ -59,6 +59,7 @@ from edge_agent.devtools.measure import (
     telemetry_effect,
     windows_of,
 )
+from edge_agent.devtools.network import DEFAULT_PROFILES, network_section, parse_profiles
 from edge_agent.devtools.processes import agent_process, cold_start, score_round_trip
 from edge_agent.devtools.report import markdown, plot, table
 from edge_agent.errors import EdgeAgentError
@@ -95,6 +96,10 @@ class BenchOptions:
     #: A cloud worker's ledger file (``cloud.ledger_path``) with endpoint requests in it: the
     #: cost section then also prices the measured tokens per request (``measured_tokens``).
     ledger: Path | None = None
+    #: Network profiles of the network section, comma-separated (devtools/network.py); "none".
+    network: str = ",".join(DEFAULT_PROFILES)
+    #: ``scripts/endpoint_roundtrip.py --json`` output: the endpoint tier's measured time.
+    endpoint_latency: Path | None = None
 
     @property
     def passes(self) -> int:
@@ -166,8 +171,9 @@ def _model_file_bytes(pack: ModelPack) -> int:
 def run_bench(opts: BenchOptions) -> dict[str, Any]:
     lines = load_lines(opts.data)
     x = windows_of(lines)
+    networks = parse_profiles(opts.network)
     packs = list(_packs(opts))
-    steps = 5 * len(packs) + 5 + len(ROUTING_NOISE)
+    steps = 5 * len(packs) + 5 + len(ROUTING_NOISE) + len(networks)
     progress = Progress(steps, sys.stderr if opts.progress else None, plain_interval_s=0.0)
     results: dict[str, Any] = {"machine": machine_info(), "options": _opts_json(opts), "packs": {}}
     work = Path(tempfile.mkdtemp(prefix="edge-agent-bench-"))
@@ -211,6 +217,7 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
         cloud_settings = agent_settings(work / "cloud", broker.port, "bench/cloud")
         results["all_cloud"] = all_cloud(cloud_settings, x, opts.passes)
         progress.step("all-cloud through mosquitto")
+        results["network"] = network_section(opts, x, broker.port, work, progress)
         results["hybrid"] = {
             f"noise_{noise:g}": hybrid(
                 scorer,
@@ -259,6 +266,7 @@ def ratios(entry: dict[str, Any]) -> dict[str, float]:
 def _opts_json(opts: BenchOptions) -> dict[str, Any]:
     d = dict(opts.__dict__)
     d["data"] = str(opts.data)
+    d["endpoint_latency"] = str(opts.endpoint_latency) if opts.endpoint_latency else None
     d["passes"] = opts.passes
     return d
 

@@ -48,6 +48,7 @@ from edge_agent.config import Settings, load_settings
 from edge_agent.devtools.costs import SECONDS_PER_MONTH
 from edge_agent.devtools.demo_report import render, risk_coverage, write_risk_coverage
 from edge_agent.devtools.localbroker import Mosquitto
+from edge_agent.devtools.netproxy import NetProxy, profile
 from edge_agent.errors import ConfigError
 from edge_agent.ingest.readings import Item, Reading, ReadingDecoder
 from edge_agent.ingest.sources import Source
@@ -149,10 +150,18 @@ def run_demo(args: Any, base: Settings | None) -> dict[str, Any]:
     if args.warmup_loops and not warm_data.is_file():
         raise ConfigError(f"{warm_data}: demo warm-up data not found")
     truth = _truth(data)
+    net = profile(getattr(args, "network", "loopback"))
     workdir = Path(tempfile.mkdtemp(prefix="edge-agent-demo-"))
     broker = Mosquitto(workdir / "broker")
+    proxy: NetProxy | None = None
     try:
         broker.start()
+        # The agents reach the broker through the network profile's proxy; the cloud
+        # worker sits next to the broker. ``loopback`` (the default) needs no proxy.
+        device_port = broker.port
+        if net.name != "loopback":
+            proxy = NetProxy(broker.port, net).start()
+            device_port = proxy.port
         settings = demo_settings(base, workdir / "state", broker.port, args)
         m = settings.model
         edge_pack = resolve(m.pack, m.packs_dir, m.store_dir)
@@ -168,7 +177,7 @@ def run_demo(args: Any, base: Settings | None) -> dict[str, Any]:
         runs: dict[str, dict[str, Any]] = {}
         drained = True
         for policy in POLICIES if args.policy == "both" else (args.policy,):
-            run = _run_policy(policy, edge, base=base, workdir=workdir, port=broker.port, args=args)
+            run = _run_policy(policy, edge, base=base, workdir=workdir, port=device_port, args=args)
             drained = drained and run.drained
             runs[policy] = _summarise(
                 run, worker, truth=truth, cloud_labels=cloud_labels, args=args
@@ -183,6 +192,13 @@ def run_demo(args: Any, base: Settings | None) -> dict[str, Any]:
             "elapsed_s": round(elapsed, 2),
             "drained": drained,
             "models": {"edge": edge.ref, "cloud": cloud.ref},
+            "network": {
+                "profile": net.name,
+                "describe": net.describe(),
+                # Connections the proxy carried (the agents'), its simulated segment losses.
+                "proxy_connections": proxy.connections if proxy is not None else 0,
+                "proxy_losses": proxy.losses if proxy is not None else 0,
+            },
         }
         if args.plot:
             write_risk_coverage(Path(args.plot), runs, args.noise)
@@ -191,6 +207,8 @@ def run_demo(args: Any, base: Settings | None) -> dict[str, Any]:
         cloud.close()
         return summary
     finally:
+        if proxy is not None:
+            proxy.stop()
         broker.stop()
         if args.keep:
             sys.stderr.write(f"demo state kept in {workdir}\n")

@@ -38,6 +38,21 @@ def _row(name: str, cells: list[str], width: int = 30) -> str:
     return f"  {name:<24}" + "".join(f"{c:<{width}}" for c in cells).rstrip()
 
 
+def _rtt(rtt: dict[str, Any], where: str) -> str:
+    """``p50/p99 ms (n N, profile)`` of the urgent verdicts' round trips."""
+    pair = "/".join(f"{rtt[q]:.1f}" if rtt[q] is not None else "-" for q in ("p50", "p99"))
+    return f"{pair} ms (n {rtt['n']}, {where})"
+
+
+def _network_note(net: dict[str, Any]) -> list[str]:
+    if net["profile"] == "loopback":
+        return []
+    return [
+        f"  network between device and broker: {net['profile']} ({net['describe']},"
+        " through the demo's delay proxy; the cloud worker sits next to the broker)"
+    ]
+
+
 def render(summary: dict[str, Any]) -> str:
     """The summary as a few lines a newcomer can read."""
     s = summary
@@ -48,6 +63,8 @@ def render(summary: dict[str, Any]) -> str:
         f" in the cloud, sensor noise {s['noise']} x channel std,"
         f" {s['readings']} readings in {s['elapsed_s']} s",
     ]
+    net = s.get("network") or {"profile": "loopback"}
+    lines += _network_note(net)
     for r in runs:
         w = r["warmup"]
         if w["readings"]:
@@ -85,6 +102,8 @@ def render(summary: dict[str, Any]) -> str:
             + " ms"
         ),
     )
+    if all("cloud_round_trip_ms" in r for r in runs):
+        each("cloud RTT p50/p99", lambda r: _rtt(r["cloud_round_trip_ms"], net["profile"]))
     cost = runs[0]["monthly_cost_usd"]
     each("hybrid cost per month", lambda r: f"${r['monthly_cost_usd']['hybrid']:,.2f}")
     lines.append(

@@ -7,6 +7,8 @@ from typing import Any
 
 import numpy as np
 
+from edge_agent.devtools.network import network_lines
+
 
 def _f(v: Any, digits: int = 3) -> str:
     if v is None:
@@ -144,6 +146,7 @@ def table(results: dict[str, Any]) -> str:
             f" device round trip p50 {_f(h['round_trip_ms_p50'])} / p99"
             f" {_f(h['round_trip_ms_p99'])} ms"
         )
+    lines += network_lines(results)
     lines += _routing_lines(results)
     lines += [
         f"telemetry on/off p99: {_f(results['telemetry']['p99_ratio'])}x;"
