@@ -195,12 +195,77 @@ def upgrade_pack(folder: Path, version: str) -> None:
     manifest_path.write_text(text, encoding="utf-8")
 
 
+def measure(folder: Path, repeats: int = 20000) -> str:
+    """What the guard costs a pack that has it in its graph, one run each way: the graph
+    without the guard's nodes, with them, and the numpy guard alone, one window and 64."""
+    import time  # noqa: PLC0415 - the measuring mode only
+
+    from edge_agent.devtools.measure import load_lines, windows_of  # noqa: PLC0415
+    from edge_agent.models.pack import BUNDLED_TEST_DATA, open_pack  # noqa: PLC0415
+    from edge_agent.scoring.guard import OodCheck  # noqa: PLC0415
+
+    pack = open_pack(folder)
+    m = pack.manifest
+    if m.outputs is None or not m.outputs.guard:
+        raise ValueError(f"{folder}: no guard in the graph to measure")
+    full = onnx.load(str(pack.file(next(f.path for f in m.files if f.path.endswith(".onnx")))))
+    # The model's own subgraph: what its outputs need, without the guard's nodes.
+    wanted = [o for o in (m.outputs.probs, m.outputs.logits, m.outputs.feature_z) if o]
+    plain = onnx.utils.Extractor(full).extract_model([m.input.name], wanted)
+    with_guard, without = open_session_bytes(full), open_session_bytes(plain)
+    x = windows_of(load_lines(BUNDLED_TEST_DATA))
+    x64 = np.ascontiguousarray(np.concatenate([x] * 2)[:64])
+    guard = OodCheck(pack)
+    outs = [m.outputs.probs]
+
+    def p50(fn: Any, n: int) -> float:
+        for _ in range(200):
+            fn()
+        samples = []
+        for _ in range(n):
+            t0 = time.perf_counter_ns()
+            fn()
+            samples.append(time.perf_counter_ns() - t0)
+        return float(np.median(samples)) / 1000.0
+
+    rows = []
+    for label, arr, n in (("1 window", x[:1].copy(), repeats), ("64 windows", x64, repeats // 20)):
+        a = p50(lambda a=arr: without.run(outs, {m.input.name: a}), n)
+        b = p50(lambda a=arr: with_guard.run(outs, {m.input.name: a}), n)
+        c = p50(lambda a=arr: guard.reasons(a), n)
+        rows.append(
+            f"{pack.ref} {label}: graph without the guard {a:.1f} us, with it {b:.1f} us"
+            f" (+{b - a:.1f}); the numpy guard alone {c:.1f} us (p50)"
+        )
+    return "\n".join(rows)
+
+
+def open_session_bytes(model: onnx.ModelProto) -> Any:
+    """An ONNX Runtime session of ``model`` with the runtime's own options."""
+    import tempfile  # noqa: PLC0415
+
+    from edge_agent.scoring.backends.onnx import open_session  # noqa: PLC0415
+
+    with tempfile.NamedTemporaryFile(suffix=".onnx") as f:
+        f.write(model.SerializeToString())
+        f.flush()
+        return open_session(f.name)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("packs", nargs="+", type=Path, help="pack folders to upgrade in place")
-    ap.add_argument("--version", required=True, help="the packs' new version (the bytes change)")
+    ap.add_argument("--version", help="the packs' new version (the bytes change)")
+    ap.add_argument(
+        "--measure", action="store_true", help="time the guard of packs that have it (no change)"
+    )
     args = ap.parse_args(argv)
     for folder in args.packs:
+        if args.measure:
+            sys.stdout.write(measure(folder) + "\n")
+            continue
+        if not args.version:
+            ap.error("--version is needed to add the guard")
         upgrade_pack(folder, args.version)
         sys.stdout.write(f"{folder}: guard added, version {args.version}\n")
     return 0
