@@ -30,6 +30,7 @@ and why. docs/drift.md has the measured numbers behind the defaults.
 
 from __future__ import annotations
 
+import array
 import itertools
 import logging
 import threading
@@ -158,8 +159,9 @@ class DriftMonitor:
             )
         shape = (self.window, *m.input.shape)
         self._values = np.zeros(shape, dtype=np.float32)
-        self._conf = np.zeros(self.window, dtype=np.float32)
-        self._hard = np.zeros(self.window, dtype=np.bool_)
+        # Plain buffers: a Python number stored per reading costs less than a numpy element.
+        self._conf = array.array("f", bytes(4 * self.window))
+        self._hard = bytearray(self.window)
 
     @property
     def enabled(self) -> bool:
@@ -197,8 +199,8 @@ class DriftMonitor:
         for lo, hi, at in ((0, first, i), (first, n, 0)):
             if hi > lo:
                 buf[at : at + hi - lo] = values[lo:hi]
-                self._conf[at : at + hi - lo] = confidence[lo:hi]
-                self._hard[at : at + hi - lo] = hard[lo:hi]
+                self._conf[at : at + hi - lo] = array.array("f", confidence[lo:hi])
+                self._hard[at : at + hi - lo] = bytes(hard[lo:hi])
         self._n += n
 
     def snapshot(self) -> dict[str, Any]:
@@ -272,9 +274,9 @@ class DriftMonitor:
         values = psi(bin_shares(feats, self.edges), self.ref_shares, s.epsilon)
         top = int(values.argmax())
         psi_max = float(values[top])
-        conf = self._conf.astype(np.float64)
+        conf = np.frombuffer(self._conf, dtype=np.float32).astype(np.float64)
         conf_shares = bin_shares(conf[:, None], self.conf_edges[None, :])[0]
-        hard_rate = float(self._hard.mean())
+        hard_rate = float(np.frombuffer(self._hard, dtype=np.uint8).mean())
         hard_high = s.hard_rate_excess > 0 and hard_rate - self.ref.hard_rate >= s.hard_rate_excess
         over = [
             name

@@ -107,6 +107,8 @@ class ScorePipeline:
         decode themselves (sample windowing, binary frames) — a ready ``Reading`` or
         the ``ReadingError`` that rejected its input.
         """
+        if len(lines) == 1 and type(lines[0]) is Reading and not self.output:
+            return self._one(lines[0])  # the latency path, with nothing to print
         # Rejections are encoded at once; decisions at the end, all in one call when the
         # group had no rejection (the common case).
         out: list[bytes | DecisionOut] = [b""] * len(lines)
@@ -148,6 +150,20 @@ class ScorePipeline:
         if not any(isinstance(o, bytes) for o in out):
             return _encoder.encode_lines(out)
         return b"".join(o if isinstance(o, bytes) else _encoder.encode(o) + b"\n" for o in out)
+
+    def _one(self, reading: Reading) -> bytes:
+        """``process`` of one ready reading whose decision nobody reads: what ``_score`` does,
+        without the lists."""
+        counts = self.counts
+        reading.seq = self.next_seqs(1)[0] if self.next_seqs is not None else counts["lines"]
+        decisions, x = self.scorer.score_with_input([reading])
+        if self.on_decisions is not None:
+            self.on_decisions(decisions, x)
+        elif self.on_decision is not None:
+            self.on_decision(decisions[0])
+        counts["hard" if decisions[0].route == Route.HARD else "local"] += 1
+        counts["lines"] += 1
+        return b""
 
     def _score(self, pending: list[tuple[int, Reading]], out: list[bytes | DecisionOut]) -> None:
         if self.next_seqs is not None:

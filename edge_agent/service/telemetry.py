@@ -19,6 +19,7 @@ pack's training reference, confidence histogram, hard rate, the drift flag).
 
 from __future__ import annotations
 
+import array
 import logging
 import os
 import shutil
@@ -40,32 +41,36 @@ Snapshot = dict[str, Any]
 
 
 class LatencyWindow:
-    """The last N latencies in milliseconds; ``record`` is O(1) and allocation-free."""
+    """The last N latencies in milliseconds; ``record`` is O(1) and allocation-free.
+
+    The ring is an ``array.array`` of doubles: storing a Python float into it costs a
+    tenth of a numpy element write, on the scoring thread, and numpy reads it without a
+    copy for the percentiles (telemetry thread).
+    """
 
     def __init__(self, size: int) -> None:
-        self._buf = np.zeros(size, dtype=np.float64)
+        self._buf = array.array("d", bytes(8 * size))
+        self._size = size
         self._n = 0
 
     def record(self, ms: float) -> None:
-        self._buf[self._n % self._buf.size] = ms
+        self._buf[self._n % self._size] = ms
         self._n += 1
 
     def record_many(self, values: list[float]) -> None:
         """``record`` for each of a scored group's latencies, in order."""
-        buf, size = self._buf, self._buf.size
+        buf, size = self._buf, self._size
         start = self._n % size
         n = len(values)
-        if n == 1:
-            buf[start] = values[0]
-        elif start + n <= size:
-            buf[start : start + n] = values
+        if start + n <= size:
+            buf[start : start + n] = array.array("d", values)
         else:
             for i, v in enumerate(values):
                 buf[(start + i) % size] = v
         self._n += n
 
     def percentiles(self) -> dict[str, float | None]:
-        return percentiles(self._buf[: min(self._n, self._buf.size)])
+        return percentiles(np.frombuffer(self._buf, dtype=np.float64)[: min(self._n, self._size)])
 
     @property
     def count(self) -> int:

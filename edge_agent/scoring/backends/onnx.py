@@ -62,6 +62,8 @@ class OnnxBackend:
         # meanwhile takes ``run``.
         self._binding: ort.IOBinding | None = None
         self._one_in: FloatArray = np.zeros((0,), dtype=np.float32)
+        self._one_row: FloatArray = self._one_in
+        self._one_probs: FloatArray = self._one_in
         self._single: list[FloatArray] = []
         self._single_lock = threading.Lock()
 
@@ -108,8 +110,10 @@ class OnnxBackend:
     def _bind_single(self, session: ort.InferenceSession, labels: int, shape: list[int]) -> None:
         """Input and output buffers for one window, bound once."""
         self._one_in = np.zeros((1, *shape), dtype=np.float32)
+        self._one_row = self._one_in[0]
         shapes = [(1, labels)] + [(1,)] * (len(self._outputs) - 1)
         self._single = [np.zeros(shape, dtype=np.float32) for shape in shapes]
+        self._one_probs = self._single[0][0]
         binding = session.io_binding()
         binding.bind_ortvalue_input(self._input, ort.OrtValue.ortvalue_from_numpy(self._one_in))
         for name, buf in zip(self._outputs, self._single, strict=True):
@@ -126,13 +130,13 @@ class OnnxBackend:
         if not self._single_lock.acquire(blocking=False):
             return None
         try:
-            self._one_in[0] = window
+            np.copyto(self._one_row, window)
             self._session.run_with_iobinding(binding)
             out = self._single
             return (
-                out[0][0].tolist(),
-                out[1][0].item() if self._has_ood else None,
-                out[-1][0].item() if self._has_guard else None,
+                self._one_probs.tolist(),
+                out[1].item() if self._has_ood else None,
+                out[-1].item() if self._has_guard else None,
             )
         except Exception as exc:  # ORT raises its own untyped errors
             raise ModelLoadError(f"ONNX Runtime failed to score: {exc}") from exc
