@@ -107,8 +107,14 @@ class ScorePipeline:
         decode themselves (sample windowing, binary frames) — a ready ``Reading`` or
         the ``ReadingError`` that rejected its input.
         """
-        if len(lines) == 1 and type(lines[0]) is Reading and not self.output:
-            return self._one(lines[0])  # the latency path, with nothing to print
+        if not self.output and all(type(line) is Reading for line in lines):
+            # Ready readings (binary frames) whose decisions nobody reads: no lists per line.
+            if len(lines) == 1:
+                return self._one(lines[0])  # type: ignore[arg-type]  # a Reading: checked
+            for start in range(0, len(lines), self.max_batch):
+                self._ready(lines[start : start + self.max_batch])  # type: ignore[arg-type]
+            self.counts["lines"] += len(lines)
+            return b""
         # Rejections are encoded at once; decisions at the end, all in one call when the
         # group had no rejection (the common case).
         out: list[bytes | DecisionOut] = [b""] * len(lines)
@@ -164,6 +170,25 @@ class ScorePipeline:
         counts["hard" if decisions[0].route == Route.HARD else "local"] += 1
         counts["lines"] += 1
         return b""
+
+    def _ready(self, readings: list[Reading]) -> None:
+        """Score and route ready readings whose decisions nobody reads (``process``)."""
+        if self.next_seqs is not None:
+            for r, seq in zip(readings, self.next_seqs(len(readings)), strict=True):
+                r.seq = seq
+        else:
+            base = self.counts["lines"]
+            for i, r in enumerate(readings):
+                r.seq = base + i
+        decisions, x = self.scorer.score_with_input(readings)
+        if self.on_decisions is not None:
+            self.on_decisions(decisions, x)
+        elif self.on_decision is not None:
+            for d in decisions:
+                self.on_decision(d)
+        hard = sum(d.route == Route.HARD for d in decisions)
+        self.counts["hard"] += hard
+        self.counts["local"] += len(decisions) - hard
 
     def _score(self, pending: list[tuple[int, Reading]], out: list[bytes | DecisionOut]) -> None:
         if self.next_seqs is not None:
