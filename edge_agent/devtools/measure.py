@@ -6,6 +6,7 @@ agent as a child process is ``processes.py``). Each returns JSON-able figures;
 from __future__ import annotations
 
 import gc
+import itertools
 import json
 import threading
 import time
@@ -71,6 +72,28 @@ def timed(fn: Callable[[], object], n: int) -> dict[str, Any]:
     return stats(samples, time.process_time() - cpu0, time.perf_counter() - wall0)
 
 
+# -- how many ---------------------------------------------------------------------------
+
+#: Readings timed per path of an ONNX pack, at least: a p99 of a few hundred samples is one or
+#: two readings (the --quick run's 5 passes over the 40 test windows gave 200).
+MIN_SAMPLES = 3000
+#: Micro-batches of 64 timed per path of an ONNX pack, at least (for their throughput).
+MIN_GROUPS = 200
+
+
+def sample_count(items: int, passes: int) -> int:
+    """Readings to time: the passes over the items; at least ``MIN_SAMPLES`` where a reading
+    is cheap (more than 3 passes: the ONNX packs; the LLM's are tens of ms each)."""
+    n = items * passes
+    return max(n, MIN_SAMPLES) if passes > 3 else n
+
+
+def group_count(items: int, passes: int) -> int:
+    """Micro-batches of 64 to time, as ``sample_count`` (one for the LLM)."""
+    n = items * passes // 64
+    return max(n, MIN_GROUPS) if passes > 3 else max(1, n)
+
+
 # -- inputs ---------------------------------------------------------------------------
 
 
@@ -116,8 +139,8 @@ def naive_onnx(pack: ModelPack, lines: list[bytes], passes: int, port: int) -> d
 
     for line in lines[:10]:
         one(line)
-    it = iter(lines * passes)
-    result = timed(lambda: one(next(it)), len(lines) * passes)
+    it = itertools.cycle(lines)
+    result = timed(lambda: one(next(it)), sample_count(len(lines), passes))
     client.loop_stop()
     client.disconnect()
     return result
@@ -171,14 +194,14 @@ def agent_paths(
     for line, frame in zip(lines[:10], frames[:10], strict=True):
         process([line])
         process([decode(frame)])
-    n = len(lines) * passes
-    n_groups = max(10 if passes > 3 else 1, n // 64)
+    n = sample_count(len(lines), passes)
+    n_groups = group_count(len(lines), passes)
     out: dict[str, Any] = {}
-    it = iter(lines * passes)
+    it = itertools.cycle(lines)
     out["single"] = timed(lambda: process([next(it)]), n)
     group = (lines * (64 // len(lines) + 1))[:64]
     out["batched"] = _batched(lambda: process(group), n_groups, 64)
-    itf = iter(frames * passes)
+    itf = itertools.cycle(frames)
     out["frame"] = timed(lambda: process([decode(next(itf))]), n)
     group_f = (frames * (64 // len(frames) + 1))[:64]
     # A source that received 64 frames together decodes them together (decode_many).
@@ -186,7 +209,7 @@ def agent_paths(
     out["frames_batched"] = _batched(lambda: process(decode_many(group_f)), n_groups, 64)
     readings = [Reading(values=w) for w in x]
     route = agent.route_many  # the routing the pipeline calls
-    itr = iter(readings * passes)
+    itr = itertools.cycle(readings)
     out["from_array"] = timed(lambda: route(*scorer.score_with_input([next(itr)])), n)
     group_r = (readings * (64 // len(readings) + 1))[:64]
     out["from_array_batched"] = _batched(
