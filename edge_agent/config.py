@@ -181,6 +181,9 @@ class TelemetrySettings(_Section, frozen=True):
     http_port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 0
     latency_window: Annotated[int, msgspec.Meta(ge=10, le=10_000_000)] = 10_000
     status_interval_s: Annotated[float, msgspec.Meta(gt=0)] = 5.0
+    #: The drift statistics and the psutil probe are taken again at most this often (a
+    #: snapshot in between reuses them; its counters are always current).
+    slow_interval_s: NonNegFloat = 1.0
 
 
 class DriftSettings(_Section, frozen=True):

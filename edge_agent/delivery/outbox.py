@@ -142,6 +142,7 @@ class Outbox:
         except (sqlite3.Error, OSError) as exc:
             raise OutboxError(f"{path}: cannot open the outbox: {exc}") from exc
         self._seq = 0
+        self._seq_lock = threading.Lock()
         log.info("outbox %s open: run %d, %s", path, self.run, self.depth())
 
     # -- sequence numbers -------------------------------------------------------------
@@ -175,8 +176,12 @@ class Outbox:
         return self.next_seqs(1)[0]
 
     def next_seqs(self, n: int) -> list[int]:
-        """``n`` sequence numbers never used before on this state directory, in order."""
-        with self._lock:
+        """``n`` sequence numbers never used before on this state directory, in order.
+
+        The numbers have their own lock: the scoring thread never waits here for the link
+        thread's writes (an fsync of ``hard_sync = "full"``), except to start a new run,
+        once per ``SEQ_PER_RUN`` readings."""
+        with self._seq_lock:
             if self._seq + n < SEQ_PER_RUN:  # the common case: no new run within the n
                 first = self.run * SEQ_PER_RUN + self._seq + 1
                 self._seq += n
@@ -185,7 +190,8 @@ class Outbox:
             for _ in range(n):
                 self._seq += 1
                 if self._seq >= SEQ_PER_RUN:
-                    self.run = self._next_run()
+                    with self._lock:
+                        self.run = self._next_run()
                     self._seq = 1
                 out.append(self.run * SEQ_PER_RUN + self._seq)
             return out

@@ -160,6 +160,7 @@ class Agent:
         self._round_trips_lock = threading.Lock()
         self.drift = DriftMonitor(scorer.pack, settings.drift)
         self.probe = SystemProbe(settings.device.state_dir)
+        self._slow: tuple[float, dict[str, Any]] | None = None
         self.telemetry = TelemetryThread(
             t.interval_s,
             self.snapshot,
@@ -303,6 +304,7 @@ class Agent:
         self.scorer = scorer
         self.pipeline.scorer = scorer
         self.drift = DriftMonitor(scorer.pack, self.settings.drift)
+        self._slow = None
         self._drift_flag = False
         if self.learned is not None:
             # What the cloud thought of the old model's answers says nothing of the new one's
@@ -354,6 +356,7 @@ class Agent:
     def snapshot(self) -> dict[str, Any]:
         """Everything telemetry reports, as one JSON-able dict."""
         c, r = self.pipeline.counts, self.reconciler.counters
+        slow = self._slow_signals()
         lat = self.latency.percentiles()
         rtt = list(self.reconciler.round_trips_ms)
         snap: dict[str, Any] = {
@@ -389,11 +392,23 @@ class Agent:
             "routing": self.learned.snapshot() if self.learned is not None else {"policy": "fixed"},
             "alerts": dict(self.alerts),
             "hard_audit": self.counters["hard_audit"],
-            "drift": self.drift.snapshot(),
+            "drift": slow["drift"],
             "rollout": self.rollout.snapshot() if self.rollout is not None else {},
         }
-        snap.update(self.probe.read())
+        snap.update(slow["probe"])
         return snap
+
+    def _slow_signals(self) -> dict[str, Any]:
+        """The drift statistics and the system probe, taken again at most every
+        ``telemetry.slow_interval_s``: they change over seconds, cost about a millisecond of
+        the telemetry thread, and that thread shares the interpreter with scoring (the rest of
+        a snapshot is counters)."""
+        now = time.monotonic()
+        cached = self._slow
+        if cached is None or now - cached[0] >= self.settings.telemetry.slow_interval_s:
+            cached = (now, {"drift": self.drift.snapshot(), "probe": self.probe.read()})
+            self._slow = cached
+        return cached[1]
 
     def status_line(self) -> str:
         c = self.pipeline.counts
