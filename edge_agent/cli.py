@@ -175,7 +175,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
     if args.markdown:
-        Path(args.markdown).write_text(bench.markdown(results, command.strip()))
+        bench.write_markdown(Path(args.markdown), results, command.strip())
     if args.plot:
         for svg in bench.plot_routing(results, Path(args.plot)):
             sys.stderr.write(f"risk-coverage plot: {svg}\n")

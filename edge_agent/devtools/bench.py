@@ -61,7 +61,7 @@ from edge_agent.devtools.measure import (
 )
 from edge_agent.devtools.network import DEFAULT_PROFILES, network_section, parse_profiles
 from edge_agent.devtools.processes import agent_process, cold_start, score_round_trip
-from edge_agent.devtools.report import markdown, plot, table
+from edge_agent.devtools.report import markdown, plot, table, write_markdown
 from edge_agent.errors import EdgeAgentError
 from edge_agent.models.pack import BUNDLED_TEST_DATA, ModelPack, discover, resolve
 from edge_agent.scoring import backends
@@ -69,7 +69,15 @@ from edge_agent.scoring.backends.base import BackendOptions
 from edge_agent.scoring.scorer import Scorer
 from edge_agent.util.progress import Progress
 
-__all__ = ["BenchOptions", "markdown", "plot", "plot_routing", "run_bench", "table"]
+__all__ = [
+    "BenchOptions",
+    "markdown",
+    "plot",
+    "plot_routing",
+    "run_bench",
+    "table",
+    "write_markdown",
+]
 
 #: Sensor noise levels (x channel std) of the routing comparison (issue 21's levels).
 ROUTING_NOISE = (1.5, 2.0, 3.0)

@@ -186,6 +186,21 @@ def markdown(results: dict[str, Any], command: str) -> str:
     return "\n".join(out)
 
 
+#: In a Markdown report, what follows this line is the reader's notes: kept when the tables
+#: above it are written again (``write_markdown``).
+NOTES_MARKER = "<!-- notes: kept when `edge-agent bench --markdown` writes this file again -->"
+
+
+def write_markdown(path: Path, results: dict[str, Any], command: str) -> None:
+    """``markdown`` into ``path``, keeping the notes an earlier file had after the marker."""
+    notes = ""
+    if path.exists():
+        old = path.read_text(encoding="utf-8")
+        if NOTES_MARKER in old:
+            notes = "\n" + NOTES_MARKER + old.split(NOTES_MARKER, 1)[1]
+    path.write_text(markdown(results, command) + notes, encoding="utf-8")
+
+
 def plot(results: dict[str, Any], path: Path) -> None:
     import matplotlib  # noqa: PLC0415 - optional extra
 
