@@ -76,6 +76,8 @@ def test_frames_back_to_back_from_a_fifo(
     h.thread.start()
     h.thread.join(30)
     t.join(5)
+    if h.thread.is_alive():  # the agent's thread must end even when the test fails
+        h.stop()
     assert h.code == 0
     check(h.decisions(), 30, ["bad_frame", "non_finite", "bad_frame"])
     assert h.agent.pipeline.rejects == {"bad_frame": 2, "non_finite": 1}
@@ -96,15 +98,19 @@ def test_frames_on_an_mqtt_topic(broker: Mosquitto, topic_prefix: str, tmp_path:
     pub = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
     pub.connect("127.0.0.1", broker.port)
     pub.loop_start()
-    assert isinstance(h.source, MqttTopicSource)
-    assert h.source.subscribed.wait(10), "the source never subscribed"
-    for payload in [*(good(i) for i in range(20)), *BAD.values()]:
-        pub.publish(topic, payload, qos=1).wait_for_publish(5)
-    check(h.wait_for(24), 20, list(BAD))
+    try:
+        assert isinstance(h.source, MqttTopicSource)
+        assert h.source.subscribed.wait(10), "the source never subscribed"
+        for payload in [*(good(i) for i in range(20)), *BAD.values()]:
+            pub.publish(topic, payload, qos=1).wait_for_publish(5)
+        decisions = h.wait_for(24)
+    finally:  # the agent's thread must end even when the test fails
+        pub.loop_stop()
+        pub.disconnect()
+        code = h.stop()
+    check(decisions, 20, list(BAD))
     assert h.agent.pipeline.rejects == dict.fromkeys(BAD, 1)
-    pub.loop_stop()
-    pub.disconnect()
-    assert h.stop() == 0
+    assert code == 0
 
 
 def test_frames_are_refused_with_replay_and_sample_streams(tmp_path: Path) -> None:
