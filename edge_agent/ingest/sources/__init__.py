@@ -3,7 +3,7 @@
 ========  =============================================================================
 kind      ``source.path`` and behaviour
 ========  =============================================================================
-jsonl     a file, FIFO or ``-`` (stdin); JSON lines as for ``edge-agent score``
+jsonl     a file, FIFO or ``-`` (stdin); JSON lines (or frames) as for ``edge-agent score``
 replay    a dataset file of JSON lines, replayed ``source.loops`` times (0 = forever) at
           ``source.rate_hz`` readings per second (0 = as fast as possible), optionally
           with Gaussian sensor noise (``source.noise`` x each channel's std) and a
