@@ -268,7 +268,7 @@ class FrameStream:
 
     def feed(self, data: bytes) -> list[Item]:
         buf = self._rest + data if self._rest else data
-        out: list[Item] = []
+        out: list[Any] = []  # rejections, and frames until decode_group decodes them
         pos, n = 0, len(buf)
         while pos < n:
             if self._skip:
@@ -299,13 +299,10 @@ class FrameStream:
                 continue
             if n - pos < size:
                 break
-            try:
-                out.append(self.decoder.decode(memoryview(buf)[pos : pos + size]))
-            except ReadingError as err:
-                out.append(err)
+            out.append(memoryview(buf)[pos : pos + size])  # decoded with the others, below
             pos += size
         self._rest = buf[pos:]
-        return out
+        return decode_group(self.decoder, out)
 
     def _oversize(self, size: int) -> ReadingError:
         cap = self.decoder.max_frame_bytes
@@ -321,6 +318,16 @@ class FrameStream:
                 "bad_frame", f"the stream ended inside a frame ({len(rest)} bytes of it came)"
             )
         ]
+
+
+def decode_group(decoder: FrameDecoder, items: list[Any]) -> list[Item]:
+    """The frames (bytes or memoryviews) among ``items`` decoded together (``decode_many``:
+    one block of values), each in its place among the items already decided (rejections)."""
+    frames = [item for item in items if isinstance(item, (bytes, memoryview))]
+    if not frames:
+        return items
+    decoded = iter(decoder.decode_many(frames))
+    return [next(decoded) if isinstance(item, (bytes, memoryview)) else item for item in items]
 
 
 def frame_groups(chunks: Iterator[bytes], decoder: FrameDecoder) -> Iterator[list[Item]]:

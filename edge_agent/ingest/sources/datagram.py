@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from edge_agent.errors import ConfigError, ReadingError
-from edge_agent.ingest.frames import FrameDecoder
+from edge_agent.ingest.frames import FrameDecoder, decode_group
 from edge_agent.ingest.readings import Item
 from edge_agent.ingest.sources import IDLE_TICK_S
 from edge_agent.ingest.sources.lines import Oversize
@@ -63,7 +63,7 @@ class DatagramSource:
         if self.frames is not None:
             if msg_flags & socket.MSG_TRUNC:
                 return ReadingError("too_large", f"datagram over the {self.cap}-byte frame limit")
-            return self.frames.decode_item(data)
+            return data  # decoded with the rest of its group (``groups``)
         if len(data) > self.cap or msg_flags & socket.MSG_TRUNC:
             return Oversize(len(data))
         return data.rstrip(b"\r\n")
@@ -82,6 +82,9 @@ class DatagramSource:
                 if not readable:
                     break
                 group.append(self._receive())
+            if self.frames is not None:
+                yield decode_group(self.frames, group)  # a group's frames: one block
+                continue
             yield [item for item in group if not isinstance(item, bytes) or item]
 
     def close(self) -> None:
