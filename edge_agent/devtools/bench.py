@@ -125,7 +125,7 @@ def machine_info() -> dict[str, Any]:
                 cpu = line.split(":", 1)[1].strip()
                 break
     versions: dict[str, str] = {"edge-agent": __version__, "python": platform.python_version()}
-    for mod in ("onnxruntime", "numpy", "msgspec", "psutil"):
+    for mod in ("onnxruntime", "numpy", "msgspec", "orjson", "psutil"):
         with contextlib.suppress(ImportError):
             versions[mod] = str(__import__(mod).__version__)
     versions["paho-mqtt"] = getattr(
