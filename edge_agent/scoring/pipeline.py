@@ -173,6 +173,16 @@ class ScorePipeline:
 
     def _ready(self, readings: list[Reading]) -> None:
         """Score and route ready readings whose decisions nobody reads (``process``)."""
+        self._route(self._number(readings))
+
+    def _score(self, pending: list[tuple[int, Reading]], out: list[bytes | DecisionOut]) -> None:
+        decisions, routed = self._route(self._number([r for _, r in pending]))
+        if self.output:
+            for (pos, _), decision, how in zip(pending, decisions, routed, strict=True):
+                out[pos] = decision_out(decision, how)
+
+    def _number(self, readings: list[Reading]) -> list[Reading]:
+        """Give each reading its sequence number, in order."""
         if self.next_seqs is not None:
             for r, seq in zip(readings, self.next_seqs(len(readings)), strict=True):
                 r.seq = seq
@@ -180,26 +190,15 @@ class ScorePipeline:
             base = self.counts["lines"]
             for i, r in enumerate(readings):
                 r.seq = base + i
-        decisions, x = self.scorer.score_with_input(readings)
-        if self.on_decisions is not None:
-            self.on_decisions(decisions, x)
-        elif self.on_decision is not None:
-            for d in decisions:
-                self.on_decision(d)
-        hard = sum(d.route == Route.HARD for d in decisions)
-        self.counts["hard"] += hard
-        self.counts["local"] += len(decisions) - hard
+        return readings
 
-    def _score(self, pending: list[tuple[int, Reading]], out: list[bytes | DecisionOut]) -> None:
-        if self.next_seqs is not None:
-            for (_, r), seq in zip(pending, self.next_seqs(len(pending)), strict=True):
-                r.seq = seq
-        else:
-            base = self.counts["lines"]
-            for pos, r in pending:
-                r.seq = base + pos
-        decisions, x = self.scorer.score_with_input([r for _, r in pending])
-        # The hook may re-route (the learned policy): count the routes it leaves.
+    def _route(
+        self, readings: list[Reading]
+    ) -> tuple[list[Decision], list[tuple[str, str] | None]]:
+        """Score a group, hand its decisions to the hook and count the routes it leaves (the
+        learned policy may re-route); the decisions and, per decision, (tier, key) or None."""
+        decisions, x = self.scorer.score_with_input(readings)
+        routed: list[tuple[str, str] | None]
         if self.on_decisions is not None:
             routed = self.on_decisions(decisions, x)
         elif self.on_decision is not None:
@@ -207,11 +206,9 @@ class ScorePipeline:
         else:
             routed = [None] * len(decisions)
         hard = sum(d.route == Route.HARD for d in decisions)
-        if self.output:
-            for (pos, _), decision, how in zip(pending, decisions, routed, strict=True):
-                out[pos] = decision_out(decision, how)
         self.counts["hard"] += hard
         self.counts["local"] += len(decisions) - hard
+        return decisions, routed
 
     def _reject(self, err: ReadingError, rid: Any) -> bytes:
         self.counts["rejected"] += 1
