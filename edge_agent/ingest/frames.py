@@ -326,7 +326,10 @@ def decode_group(decoder: FrameDecoder, items: list[Any]) -> list[Item]:
     frames = [item for item in items if isinstance(item, (bytes, memoryview))]
     if not frames:
         return items
-    decoded = iter(decoder.decode_many(frames))
+    # One frame (the latency path) is a view of its own bytes; a block only pays for several.
+    decoded = iter(
+        decoder.decode_many(frames) if len(frames) > 1 else [decoder.decode_item(frames[0])]
+    )
     return [next(decoded) if isinstance(item, (bytes, memoryview)) else item for item in items]
 
 
