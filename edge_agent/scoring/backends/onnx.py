@@ -95,8 +95,11 @@ class OnnxBackend:
         self._has_ood = bool(m.outputs.feature_z)
         self._has_guard = bool(m.outputs.guard)
         self._bind_single(session, len(m.labels), m.input.shape)
-        # Warm-up: one dummy run, checked, so the first real reading pays no first-run cost.
-        out = self.score(np.zeros(tuple(m.input.shape), dtype=np.float32))
+        # Warm-up: one dummy run each way, checked, so the first real reading pays no
+        # first-run cost.
+        zeros = np.zeros(tuple(m.input.shape), dtype=np.float32)
+        self.score_one(zeros)
+        out = self.score(zeros)
         if out.probs.shape != (1, len(m.labels)):
             raise ModelLoadError(
                 f"{path}: warm-up returned probabilities of shape {out.probs.shape},"
