@@ -8,7 +8,9 @@ are made readable and there is no pid file or persistence file to write.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -22,8 +24,23 @@ INSTALL_HINT = "install it with: sudo apt-get install -y mosquitto"
 
 
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+    """A TCP port on 127.0.0.1 that was free a moment ago, below the kernel's range of ephemeral
+    ports. A client connection is never given such a port as its own, as it can be an ephemeral
+    one: a client reconnecting to a port where nothing listens yet (a broker being restarted)
+    could otherwise connect to itself, and hold the port the server then cannot bind."""
+    first_ephemeral = 32768
+    with contextlib.suppress(OSError, ValueError):
+        first_ephemeral = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    low = max(1024, first_ephemeral - 12000)
+    for _ in range(200):
+        port = low + secrets.randbelow(max(1, first_ephemeral - low))
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:  # all taken: any free one
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 
