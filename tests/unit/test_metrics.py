@@ -7,6 +7,7 @@ import math
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from edge_agent.cloud.intake import Answer
@@ -227,3 +228,33 @@ def test_alert_rules_check_and_unit_tests() -> None:
     tested = promtool("test", "rules", "alerts_test.yml", cwd=DASHBOARDS)
     assert tested.returncode == 0, tested.stdout + tested.stderr
     assert "SUCCESS" in tested.stdout
+
+
+def test_a_group_observed_at_once_is_counted_as_one_by_one() -> None:
+    """``Histogram.observe_many`` and ``LatencyWindow.record_many`` (the agent's per-group
+    bookkeeping) keep exactly what observing each value alone keeps, across the ring's wrap."""
+    from edge_agent.service.metrics import decision_histogram  # noqa: PLC0415
+    from edge_agent.service.telemetry import LatencyWindow  # noqa: PLC0415
+
+    rng = np.random.default_rng(5)
+    one, many = decision_histogram(), decision_histogram()
+    w_one, w_many = LatencyWindow(50), LatencyWindow(50)
+    for size in (1, 3, 7, 8, 64, 13, 40):
+        ms = (rng.gamma(2.0, 0.2, size) * rng.choice([1, 10, 1000], size)).tolist()
+        ms[0] = one.bounds[size % len(one.bounds)] * 1e3  # a value exactly on a bound
+        for v in ms:
+            one.observe(v * 1e-3)
+            w_one.record(v)
+        many.observe_many(ms, 1e-3)
+        w_many.record_many(ms)
+    assert many.data().cumulative == one.data().cumulative
+    assert many.data().sum == pytest.approx(one.data().sum, rel=1e-12)
+    assert w_many.count == w_one.count
+    assert w_many.percentiles() == w_one.percentiles()
+    # Values exactly on the bounds (``observe`` counts a value equal to a bound in that bucket).
+    exact_one, exact_many = decision_histogram(), decision_histogram()
+    on_bounds = list(exact_one.bounds) * 2
+    for v in on_bounds:
+        exact_one.observe(v)
+    exact_many.observe_many(on_bounds)
+    assert exact_many.data().cumulative == exact_one.data().cumulative
