@@ -34,6 +34,7 @@ import datetime as dt
 import json
 import logging
 import os
+import random
 import sqlite3
 import threading
 import time
@@ -186,20 +187,43 @@ class LedgerStore:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._move_old_format()
-            self._db = sqlite3.connect(
-                str(self.path),
-                isolation_level=None,
-                check_same_thread=False,
-                timeout=BUSY_TIMEOUT_S,
-            )
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute(f"PRAGMA synchronous={'FULL' if sync == 'full' else 'NORMAL'}")
-            self._db.executescript(_SCHEMA)
-            self._db.execute(
-                "INSERT OR IGNORE INTO meta (k, v) VALUES ('schema', ?)", (str(STORE_SCHEMA),)
-            )
-        except (sqlite3.Error, OSError) as exc:
+        except OSError as exc:
             raise LedgerError(f"{self.path}: cannot open the cost ledger: {exc}") from exc
+        self._db = self._connect(sync)
+
+    def _connect(self, sync: str) -> sqlite3.Connection:
+        """Open the file, in WAL mode, with the schema. Two workers opening a new ledger at
+        the same moment can see "database is locked" at once, whatever the busy timeout (the
+        switch to WAL and the schema take the write lock before the busy handler may wait):
+        the opening is tried again until ``BUSY_TIMEOUT_S``."""
+        deadline = time.monotonic() + BUSY_TIMEOUT_S
+        while True:
+            db: sqlite3.Connection | None = None
+            try:
+                db = sqlite3.connect(
+                    str(self.path),
+                    isolation_level=None,
+                    check_same_thread=False,
+                    timeout=BUSY_TIMEOUT_S,
+                )
+                db.execute("PRAGMA journal_mode=WAL")
+                db.execute(f"PRAGMA synchronous={'FULL' if sync == 'full' else 'NORMAL'}")
+                db.executescript(_SCHEMA)
+                db.execute(
+                    "INSERT OR IGNORE INTO meta (k, v) VALUES ('schema', ?)", (str(STORE_SCHEMA),)
+                )
+            except sqlite3.OperationalError as exc:
+                if db is not None:
+                    db.close()
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    raise LedgerError(f"{self.path}: cannot open the cost ledger: {exc}") from exc
+                time.sleep(0.02 + 0.08 * random.random())  # noqa: S311 - spreading retries
+                continue
+            except sqlite3.Error as exc:
+                if db is not None:
+                    db.close()
+                raise LedgerError(f"{self.path}: cannot open the cost ledger: {exc}") from exc
+            return db
 
     def _move_old_format(self) -> None:
         """A JSON ledger (the earlier format) at the path: kept aside, imported by ``load``."""

@@ -8,6 +8,7 @@ import sqlite3
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -152,3 +153,26 @@ def test_unusable_paths_are_clear_errors(tmp_path: Path) -> None:
         summary_of(tmp_path / "junk")
     with pytest.raises(LedgerError, match="not a cost ledger"):
         summary_of(tmp_path / "missing.db")
+
+
+def test_workers_opening_a_new_ledger_at_once_all_open_it(tmp_path: Path) -> None:
+    """Two or more workers started together on a new ledger file: each opens it (seen in CI:
+    "database is locked" at once, whatever the busy timeout, while another connection
+    switched the new file to WAL and wrote the schema)."""
+    import multiprocessing  # noqa: PLC0415
+
+    ctx = multiprocessing.get_context("fork")
+    for round_ in range(15):
+        path = tmp_path / f"ledger-{round_}.db"
+        start = ctx.Barrier(4)
+        procs = [ctx.Process(target=_open_after, args=(start, path, f"w{i}")) for i in range(4)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(30)
+        assert [p.exitcode for p in procs] == [0, 0, 0, 0], round_
+
+
+def _open_after(start: Any, path: Path, worker: str) -> None:
+    start.wait()
+    LedgerStore(path, worker).close()
