@@ -334,6 +334,10 @@ class Outbox:
         out: list[Message] = []
         expired: list[tuple[int, int]] = []
         with self._lock:
+            if not self._rows[cls]:
+                # Nothing stored: no query (the link asks every class after each PUBACK, and
+                # each query hands the interpreter to and fro with the scoring thread).
+                return out
             try:
                 after = -1
                 while True:  # again past expired rows, so that they never hide live ones

@@ -41,6 +41,8 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import numpy as np
+
 from edge_agent import __version__
 from edge_agent.config import CloudSettings
 from edge_agent.devtools.costs import budgets, cost_section
@@ -52,8 +54,10 @@ from edge_agent.devtools.measure import (
     HYBRID_NOISE,
     agent_paths,
     agent_settings,
+    agent_specs,
     all_cloud,
     hybrid,
+    interleaved,
     load_lines,
     naive_onnx,
     telemetry_effect,
@@ -192,24 +196,28 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
             scorer = Scorer.open(pack, BackendOptions())
             entry: dict[str, Any] = {"backend": pack.manifest.backend}
             if pack.manifest.backend == "onnx":
-                entry["floor"] = floor_onnx(pack, x, opts.passes)
-                progress.step(f"{ref}: raw session.run")
-                entry["json_floor"] = json_floor(pack, lines, opts.passes)
-                progress.step(f"{ref}: JSON parsers alone, and the fastest + raw run")
-                entry["naive"] = naive_onnx(pack, lines, opts.passes, broker.port)
-                progress.step(f"{ref}: naive integration")
+                _onnx_paths(
+                    entry,
+                    pack,
+                    scorer,
+                    lines=lines,
+                    x=x,
+                    opts=opts,
+                    work=work,
+                    port=broker.port,
+                    progress=progress,
+                )
             else:
                 progress.step(f"{ref}: (no raw floor for this backend)")
                 progress.step(f"{ref}: (no JSON floor for this backend)")
                 entry["process"] = score_round_trip(pack, lines, 100 if opts.quick else 400)
                 entry["model_file_bytes"] = _model_file_bytes(pack)
                 progress.step(f"{ref}: edge-agent score, one line at a time, from outside")
-            # A reading through an LLM costs tens of ms: fewer passes keep the run short.
-            passes = opts.passes if pack.manifest.backend == "onnx" else min(opts.passes, 3)
-            entry["agent"] = agent_paths(
-                scorer, lines, x, passes, state=work / f"a-{ref}", port=broker.port
-            )
-            progress.step(f"{ref}: edge-agent paths")
+                # A reading through an LLM costs tens of ms: fewer passes keep the run short.
+                entry["agent"] = agent_paths(
+                    scorer, lines, x, min(opts.passes, 3), state=work / f"a-{ref}", port=broker.port
+                )
+                progress.step(f"{ref}: edge-agent paths")
             entry["accuracy"] = pack.manifest.metrics.get("accuracy_test")
             if pack.manifest.backend == "onnx":
                 entry["ratios"] = ratios(entry)
@@ -251,6 +259,44 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
     results["cost"] = {name: cost_section(h, opts) for name, h in results["hybrid"].items()}
     results["budgets"] = budgets(results)
     return results
+
+
+def _onnx_paths(
+    entry: dict[str, Any],
+    pack: ModelPack,
+    scorer: Scorer,
+    *,
+    lines: list[bytes],
+    x: np.ndarray,
+    opts: BenchOptions,
+    work: Path,
+    port: int,
+    progress: Progress,
+) -> None:
+    """An ONNX pack's raw run, JSON floor, naive integration and agent paths, into ``entry``:
+    the parsers alone first (they pick the JSON floor's parser), then every path the budgets
+    compare, timed in turn (``measure.interleaved``)."""
+    ref = pack.ref
+    floor = floor_onnx(pack, x, opts.passes)
+    progress.step(f"{ref}: raw session.run prepared")
+    entry["json_floor"], json_specs = json_floor(pack, lines, opts.passes)
+    progress.step(f"{ref}: JSON parsers alone")
+    naive, close_naive = naive_onnx(pack, lines, opts.passes, port)
+    agent, finish = agent_specs(scorer, lines, x, opts.passes, state=work / f"a-{ref}", port=port)
+    groups = {"floor": floor, "json_floor": json_specs, "agent": agent, "naive": {"": naive}}
+    timed = interleaved(
+        {f"{g}.{k}": spec for g, specs in groups.items() for k, spec in specs.items()}
+    )
+    close_naive()
+    progress.step(f"{ref}: raw run, JSON floor, naive integration and agent paths, in turn")
+    for g, specs in groups.items():
+        got = {k: timed[f"{g}.{k}"] for k in specs}
+        if g == "naive":
+            entry[g] = got[""]
+        else:
+            entry.setdefault(g, {}).update(got)
+    entry["agent"].update(finish())
+    progress.step(f"{ref}: edge-agent paths")
 
 
 def ratios(entry: dict[str, Any]) -> dict[str, float]:

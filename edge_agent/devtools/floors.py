@@ -7,6 +7,9 @@
   float32 input array; and with the checks of the reading contract, which a parser alone
   does not make: numbers only, the shape, finite values), and the fastest validating one
   followed by the raw run, one line and 64 lines at a time.
+
+The floors and the agent's paths are timed together, in turn (``measure.interleaved``), so
+that the ratios the budgets check compare figures taken at the same moments.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from typing import Any
 import msgspec
 import numpy as np
 
-from edge_agent.devtools.measure import group_count, raw_session, sample_count, timed
+from edge_agent.devtools.measure import Spec, group_count, raw_session, sample_count, timed
 from edge_agent.ingest import readings as readings_module
 from edge_agent.ingest.readings import ReadingDecoder
 from edge_agent.models.pack import ModelPack
@@ -29,8 +32,9 @@ from edge_agent.models.pack import ModelPack
 Parser = Callable[[bytes], Any]
 
 
-def floor_onnx(pack: ModelPack, x: np.ndarray, passes: int) -> dict[str, Any]:
-    """The raw runtime: session.run on prepared arrays, batch 1 and batch 64."""
+def floor_onnx(pack: ModelPack, x: np.ndarray, passes: int) -> dict[str, Spec]:
+    """The raw runtime: session.run on prepared arrays, batch 1 ("single") and batch 64
+    ("batched"); the paths to time (``measure.interleaved``)."""
     sess = raw_session(pack)
     m = pack.manifest
     outs = [m.outputs.probs] if m.outputs is not None else None
@@ -39,16 +43,15 @@ def floor_onnx(pack: ModelPack, x: np.ndarray, passes: int) -> dict[str, Any]:
     for s in singles[:10]:
         sess.run(outs, {name: s})
     it = itertools.cycle(singles)
-    single = timed(lambda: sess.run(outs, {name: next(it)}), sample_count(len(x), passes))
     # Each batch run on another prepared batch (8 of them), as each micro-batch is new readings.
     whole = np.concatenate([x] * max(1, 64 // len(x) + 1))
     bigs = [np.ascontiguousarray(np.roll(whole, 5 * k, axis=0)[:64]) for k in range(8)]
     sess.run(outs, {name: bigs[0]})
     itb = itertools.cycle(bigs)
-    batch = timed(lambda: sess.run(outs, {name: next(itb)}), group_count(len(x), passes))
-    batch["throughput_per_s"] = 64 / (batch["mean_ms"] / 1000.0)
-    batch["batch"] = 64
-    return {"single": single, "batched": batch}
+    return {
+        "single": Spec(lambda: sess.run(outs, {name: next(it)}), sample_count(len(x), passes)),
+        "batched": Spec(lambda: sess.run(outs, {name: next(itb)}), group_count(len(x), passes), 64),
+    }
 
 
 class _Values(msgspec.Struct):
@@ -82,10 +85,13 @@ def _validating(shape: tuple[int, ...]) -> dict[str, Callable[[bytes], np.ndarra
     return out
 
 
-def json_floor(pack: ModelPack, lines: list[bytes], passes: int) -> dict[str, Any]:
+def json_floor(
+    pack: ModelPack, lines: list[bytes], passes: int
+) -> tuple[dict[str, Any], dict[str, Spec]]:
     """Each parser alone; each into the model's input array, without and with the checks of
-    the reading contract; the fastest validating one + the raw run, per line and 64 lines at
-    a time (the JSON floor)."""
+    the reading contract (timed here, one after another: they only pick the fastest). Then
+    the JSON floor's paths to time (``measure.interleaved``): the fastest validating parser +
+    the raw run, per line ("single") and 64 lines at a time ("batched")."""
     n = sample_count(len(lines), passes)
     out: dict[str, Any] = {"parse": {}, "to_array": {}, "validated": {}}
 
@@ -108,13 +114,15 @@ def json_floor(pack: ModelPack, lines: list[bytes], passes: int) -> dict[str, An
     m = pack.manifest
     outs = [m.outputs.probs] if m.outputs is not None else None
     name = m.input.name
-    out["single"] = each(lambda line: sess.run(outs, {name: to_array(line)[np.newaxis]}))
+    it = itertools.cycle(lines)
     group = (lines * (64 // len(lines) + 1))[:64]
     n_groups = group_count(len(lines), passes) // 2  # a JSON batch is ~10x a frame batch
-    batched = timed(
-        lambda: sess.run(outs, {name: np.stack([to_array(line) for line in group])}), n_groups
-    )
-    batched["throughput_per_s"] = 64 / (batched["mean_ms"] / 1000.0)
-    batched["batch"] = 64
-    out["batched"] = batched
-    return out
+    specs = {
+        "single": Spec(lambda: sess.run(outs, {name: to_array(next(it))[np.newaxis]}), n),
+        "batched": Spec(
+            lambda: sess.run(outs, {name: np.stack([to_array(line) for line in group])}),
+            n_groups,
+            64,
+        ),
+    }
+    return out, specs

@@ -11,6 +11,7 @@ import json
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +73,51 @@ def timed(fn: Callable[[], object], n: int) -> dict[str, Any]:
     return stats(samples, time.process_time() - cpu0, time.perf_counter() - wall0)
 
 
+@dataclass(frozen=True)
+class Spec:
+    """A path to time with ``interleaved``: ``fn`` called ``n`` times, ``batch`` readings a
+    call (a micro-batch's throughput is ``batch`` / its mean time)."""
+
+    fn: Callable[[], object]
+    n: int
+    batch: int = 1
+
+
+#: Rounds of ``interleaved``: each path is timed in this many slices, in turn with the others.
+ROUNDS = 10
+
+
+def interleaved(specs: dict[str, Spec], rounds: int = ROUNDS) -> dict[str, dict[str, Any]]:
+    """Time several paths in turn, a slice of each per round, and give each one's figures as
+    ``timed`` does. The budgets are ratios between paths (the agent against the raw run, the
+    JSON floor, the naive integration): timed one after another, a few seconds apart, a
+    change of the machine's state in between (another process, a slower core, a frequency
+    step) lands on one side of a ratio only; timed in turn, it lands on both."""
+    samples: dict[str, list[float]] = {name: [] for name in specs}
+    cpu = dict.fromkeys(specs, 0.0)
+    wall = dict.fromkeys(specs, 0.0)
+    for r in range(rounds):
+        for name, spec in specs.items():
+            count = spec.n // rounds + (1 if r < spec.n % rounds else 0)
+            fn, out = spec.fn, samples[name]
+            gc.collect()
+            cpu0, wall0 = time.process_time(), time.perf_counter()
+            for _ in range(count):
+                t0 = time.perf_counter_ns()
+                fn()
+                out.append((time.perf_counter_ns() - t0) / 1e6)
+            cpu[name] += time.process_time() - cpu0
+            wall[name] += time.perf_counter() - wall0
+    result = {}
+    for name, spec in specs.items():
+        figures = stats(samples[name], cpu[name], wall[name])
+        if spec.batch > 1:
+            figures["throughput_per_s"] = spec.batch / (figures["mean_ms"] / 1000.0)
+            figures["batch"] = spec.batch
+        result[name] = figures
+    return result
+
+
 # -- how many ---------------------------------------------------------------------------
 
 #: Readings timed per path of an ONNX pack, at least: a p99 of a few hundred samples is one or
@@ -117,8 +163,11 @@ def raw_session(pack: ModelPack) -> Any:
     return open_session(pack.file(model))
 
 
-def naive_onnx(pack: ModelPack, lines: list[bytes], passes: int, port: int) -> dict[str, Any]:
-    """Thirty lines a user would write: json.loads, numpy, session.run, softmax, publish."""
+def naive_onnx(
+    pack: ModelPack, lines: list[bytes], passes: int, port: int
+) -> tuple[Spec, Callable[[], None]]:
+    """Thirty lines a user would write: json.loads, numpy, session.run, softmax, publish. The
+    path to time, and what closes its MQTT client afterwards."""
     sess = raw_session(pack)
     m = pack.manifest
     out_name = m.outputs.logits if m.outputs is not None and m.outputs.logits else None
@@ -140,10 +189,12 @@ def naive_onnx(pack: ModelPack, lines: list[bytes], passes: int, port: int) -> d
     for line in lines[:10]:
         one(line)
     it = itertools.cycle(lines)
-    result = timed(lambda: one(next(it)), sample_count(len(lines), passes))
-    client.loop_stop()
-    client.disconnect()
-    return result
+
+    def close() -> None:
+        client.loop_stop()
+        client.disconnect()
+
+    return Spec(lambda: one(next(it)), sample_count(len(lines), passes)), close
 
 
 def agent_settings(state: Path, port: int, prefix: str, **extra: str) -> Settings:
@@ -168,19 +219,13 @@ def frames_of(lines: list[bytes]) -> list[bytes]:
     return out
 
 
-def _batched(fn: Callable[[], object], n_groups: int, size: int) -> dict[str, Any]:
-    out = timed(fn, n_groups)
-    out["throughput_per_s"] = size / (out["mean_ms"] / 1000.0)
-    out["batch"] = size
-    return out
-
-
-def agent_paths(
+def agent_specs(
     scorer: Scorer, lines: list[bytes], x: np.ndarray, passes: int, *, state: Path, port: int
-) -> dict[str, Any]:
-    """The agent's own path, from JSON lines and from binary frames, one at a time and
+) -> tuple[dict[str, Spec], Callable[[], dict[str, Any]]]:
+    """The agent's own paths, from JSON lines and from binary frames, one at a time and
     micro-batched (64): decode, validate, score, guard, route, with the real link and outbox
-    behind; and from validated arrays (score + guard + route)."""
+    behind; and from validated arrays (score + guard + route). The paths to time, and what
+    closes the agent afterwards (it returns the share of hard decisions)."""
     settings = agent_settings(state, port, "bench/agent")
     agent = Agent(settings, scorer)
     agent.link.start()
@@ -196,30 +241,40 @@ def agent_paths(
         process([decode(frame)])
     n = sample_count(len(lines), passes)
     n_groups = group_count(len(lines), passes)
-    out: dict[str, Any] = {}
     it = itertools.cycle(lines)
-    out["single"] = timed(lambda: process([next(it)]), n)
     group = (lines * (64 // len(lines) + 1))[:64]
-    out["batched"] = _batched(lambda: process(group), n_groups, 64)
     itf = itertools.cycle(frames)
-    out["frame"] = timed(lambda: process([decode(next(itf))]), n)
     group_f = (frames * (64 // len(frames) + 1))[:64]
     # A source that received 64 frames together decodes them together (decode_many).
     decode_many = frame_decoder.decode_many
-    out["frames_batched"] = _batched(lambda: process(decode_many(group_f)), n_groups, 64)
     readings = [Reading(values=w) for w in x]
     route = agent.route_many  # the routing the pipeline calls
     itr = itertools.cycle(readings)
-    out["from_array"] = timed(lambda: route(*scorer.score_with_input([next(itr)])), n)
     group_r = (readings * (64 // len(readings) + 1))[:64]
-    out["from_array_batched"] = _batched(
-        lambda: route(*scorer.score_with_input(group_r)), n_groups, 64
-    )
-    agent.close()
-    hard_rate = agent.pipeline.counts["hard"] / max(
-        1, agent.pipeline.counts["hard"] + agent.pipeline.counts["local"]
-    )
-    out["hard_rate"] = hard_rate
+    specs = {
+        "single": Spec(lambda: process([next(it)]), n),
+        "batched": Spec(lambda: process(group), n_groups, 64),
+        "frame": Spec(lambda: process([decode(next(itf))]), n),
+        "frames_batched": Spec(lambda: process(decode_many(group_f)), n_groups, 64),
+        "from_array": Spec(lambda: route(*scorer.score_with_input([next(itr)])), n),
+        "from_array_batched": Spec(lambda: route(*scorer.score_with_input(group_r)), n_groups, 64),
+    }
+
+    def finish() -> dict[str, Any]:
+        agent.close()
+        counts = agent.pipeline.counts
+        return {"hard_rate": counts["hard"] / max(1, counts["hard"] + counts["local"])}
+
+    return specs, finish
+
+
+def agent_paths(
+    scorer: Scorer, lines: list[bytes], x: np.ndarray, passes: int, *, state: Path, port: int
+) -> dict[str, Any]:
+    """``agent_specs``, timed in turn (the bench times an ONNX pack's with its floors)."""
+    specs, finish = agent_specs(scorer, lines, x, passes, state=state, port=port)
+    out: dict[str, Any] = interleaved(specs)
+    out.update(finish())
     return out
 
 

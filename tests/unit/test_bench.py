@@ -114,3 +114,23 @@ def test_cost_section_prices_measured_endpoint_tokens_from_a_ledger(tmp_path: Pa
         cost_section(
             {"urgent_rate": 0.1, "batch_rate": 0.0}, BenchOptions(ledger=tmp_path / "empty.db")
         )
+
+
+def test_interleaved_times_every_path_its_count_in_turn() -> None:
+    """Each path is called exactly its ``n`` times, in slices that take turns with the other
+    paths' (not all of one, then all of the next), and a micro-batch's throughput is its
+    readings over its mean time."""
+    from edge_agent.devtools.measure import Spec, interleaved  # noqa: PLC0415
+
+    calls: list[str] = []
+    specs = {
+        "a": Spec(lambda: calls.append("a"), 23),
+        "b": Spec(lambda: calls.append("b"), 7, batch=64),
+    }
+    got = interleaved(specs, rounds=5)
+    assert calls.count("a") == 23 and calls.count("b") == 7
+    assert got["a"]["n"] == 23 and got["b"]["n"] == 7
+    switches = sum(1 for x, y in zip(calls, calls[1:], strict=False) if x != y)
+    assert switches >= 8  # 5 rounds of a then b: at least 9 slices, so at least 8 switches
+    assert got["b"]["batch"] == 64
+    assert got["b"]["throughput_per_s"] == pytest.approx(64 / (got["b"]["mean_ms"] / 1000))

@@ -16,9 +16,11 @@ in the model.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
+from collections.abc import Callable
 
 import numpy as np
 import onnxruntime as ort
@@ -48,6 +50,23 @@ def open_session(
     return ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
 
 
+def _bound_run(session: ort.InferenceSession, binding: ort.IOBinding) -> Callable[[], None]:
+    """A call that runs ``session`` on ``binding``'s buffers. The public
+    ``run_with_iobinding`` first checks, in Python, for a captured GPU graph, which a CPU
+    session never has: about 3 us of a ~45 us single-window run here (AMD EPYC). Where the
+    binding's compiled objects are reachable (ONNX Runtime 1.x), they are called directly;
+    otherwise the public method."""
+    c_session, c_binding = getattr(session, "_sess", None), getattr(binding, "_iobinding", None)
+    run = getattr(c_session, "run_with_iobinding", None)
+    if run is not None and c_binding is not None:
+        return functools.partial(run, c_binding, None)
+    return functools.partial(session.run_with_iobinding, binding)
+
+
+def _not_loaded() -> None:
+    raise ModelLoadError("the ONNX backend was used before load() or after close()")
+
+
 class OnnxBackend:
     name = "onnx"
 
@@ -66,6 +85,7 @@ class OnnxBackend:
         self._one_probs: FloatArray = self._one_in
         self._single: list[FloatArray] = []
         self._single_lock = threading.Lock()
+        self._run_one: Callable[[], None] = _not_loaded
 
     def load(self, pack: ModelPack, options: BackendOptions) -> None:
         m = pack.manifest
@@ -122,6 +142,7 @@ class OnnxBackend:
         for name, buf in zip(self._outputs, self._single, strict=True):
             binding.bind_ortvalue_output(name, ort.OrtValue.ortvalue_from_numpy(buf))
         self._binding = binding
+        self._run_one = _bound_run(session, binding)
 
     def score_one(self, window: FloatArray) -> OneOutput | None:
         """One window through the bound buffers, the outputs as Python numbers: the latency
@@ -134,7 +155,7 @@ class OnnxBackend:
             return None
         try:
             np.copyto(self._one_row, window)
-            self._session.run_with_iobinding(binding)
+            self._run_one()
             out = self._single
             return (
                 self._one_probs.tolist(),
@@ -163,3 +184,4 @@ class OnnxBackend:
     def close(self) -> None:
         self._session = None
         self._binding = None
+        self._run_one = _not_loaded
