@@ -64,10 +64,12 @@ def test_the_bound_single_run_equals_the_public_one_and_falls_back_without_inter
         def __init__(self, session: object) -> None:
             self.run_with_iobinding = session.run_with_iobinding  # type: ignore[attr-defined]
 
-    assert backend._binding is not None and backend._session is not None
+    assert backend._binding is not None
+    assert backend._session is not None
     backend._run_one = onnx._bound_run(Public(backend._session), backend._binding)  # type: ignore[arg-type]
     public = [backend.score_one(w) for w in x]
     scorer.close()
     for row, d, p in zip(want, direct, public, strict=True):
-        assert d is not None and p is not None
+        assert d is not None
+        assert p is not None
         assert d[0] == row.tolist() == p[0]

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import itertools
 from collections import Counter
 from pathlib import Path
 
@@ -128,9 +129,11 @@ def test_interleaved_times_every_path_its_count_in_turn() -> None:
         "b": Spec(lambda: calls.append("b"), 7, batch=64),
     }
     got = interleaved(specs, rounds=5)
-    assert calls.count("a") == 23 and calls.count("b") == 7
-    assert got["a"]["n"] == 23 and got["b"]["n"] == 7
-    switches = sum(1 for x, y in zip(calls, calls[1:], strict=False) if x != y)
+    assert calls.count("a") == 23
+    assert calls.count("b") == 7
+    assert got["a"]["n"] == 23
+    assert got["b"]["n"] == 7
+    switches = sum(1 for x, y in itertools.pairwise(calls) if x != y)
     assert switches >= 8  # 5 rounds of a then b: at least 9 slices, so at least 8 switches
     assert got["b"]["batch"] == 64
     assert got["b"]["throughput_per_s"] == pytest.approx(64 / (got["b"]["mean_ms"] / 1000))
