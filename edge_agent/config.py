@@ -184,6 +184,10 @@ class TelemetrySettings(_Section, frozen=True):
     #: The drift statistics and the psutil probe are taken again at most this often (a
     #: snapshot in between reuses them; its counters are always current).
     slow_interval_s: NonNegFloat = 1.0
+    #: 0: a snapshot is published at once while the link is connected and has no telemetry
+    #: stored, and stored only when it cannot be sent; 1: every snapshot through the outbox,
+    #: deleted at the broker's PUBACK (docs/config.md).
+    qos: Literal[0, 1] = 0
 
 
 class DriftSettings(_Section, frozen=True):

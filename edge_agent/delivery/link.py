@@ -26,6 +26,10 @@ Each connection uses a fresh paho client, and what was in flight on a lost
 connection is replayed from the outbox on the next one (duplicates carry the
 same idempotency key), so nothing depends on paho's in-memory queue.
 
+Telemetry snapshots (``telemetry.qos = 0``, the default) skip the outbox while the link
+is connected and has none stored: published at QoS 0 at the loop's next turn, without
+waking the link (docs/config.md).
+
 Draining order: urgent first, then batch, then telemetry, with at most
 ``link.inflight_window`` unacknowledged publishes. Batch-class rows (one hard
 case each) are sent together as one ``batch`` message when enough have
@@ -43,7 +47,6 @@ from collections.abc import Callable
 from typing import Any
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
@@ -51,6 +54,7 @@ from edge_agent.config import Settings
 from edge_agent.delivery.inflight import Book
 from edge_agent.delivery.outbox import Cls, Message, Outbox
 from edge_agent.errors import OutboxError
+from edge_agent.mqtt.properties import publish_properties
 from edge_agent.mqtt.session import Session, Waker, disconnect_quietly, on_disconnect, pump
 from edge_agent.wire.messages import (
     DECODE_ERRORS,
@@ -84,10 +88,12 @@ class Link:
         on_command: Callable[[str, bytes], None] | None = None,
     ) -> None:
         self.settings = settings
+        self._telemetry_qos = settings.telemetry.qos
         self.outbox = outbox
         self.device = device_id
         self.model = model
         self.topics = Topics(settings.mqtt.topic_prefix)
+        self._snapshot_topic = self.topics.telemetry(device_id)
         self.on_verdict = on_verdict
         self.on_stored = on_stored
         self.on_command = on_command
@@ -145,7 +151,10 @@ class Link:
             self.counters[f"refused_queue_full_{cls.name.lower()}"] += 1
             log.error("link queue full: %s message %s refused", cls.name.lower(), key)
             return False
-        self._waker.wake()
+        if topic != self._snapshot_topic:
+            # A telemetry snapshot waits for the loop's next turn (at most LOOP_MAX_S): waking
+            # the link for each one handed the interpreter to and fro with the scoring thread.
+            self._waker.wake()
         return True
 
     def flush_batches(self) -> None:
@@ -235,6 +244,7 @@ class Link:
                 items.append(self._queue.get_nowait())
         except queue.Empty:
             pass
+        items = self._send_telemetry(items)
         if not items:
             return
         results = self.outbox.put_many(items)
@@ -247,6 +257,39 @@ class Link:
             if self.on_stored is not None:
                 self.on_stored(cls.name.lower(), key)
         self._dirty = True
+
+    def _send_telemetry(
+        self, items: list[tuple[Cls, str, str, bytes]]
+    ) -> list[tuple[Cls, str, str, bytes]]:
+        """``telemetry.qos = 0``: while connected with no telemetry stored, snapshots (the
+        telemetry topic's messages; not alerts or model events, which share their class) are
+        published at once at QoS 0 instead of stored, published and deleted. A snapshot's
+        counters are totals, so the next one says what a lost one said; and the outbox's
+        insert, query, PUBACK and delete each handed the interpreter to and fro with the
+        scoring thread (``edge-agent bench``, telemetry on/off). What cannot be sent now (no
+        connection, a backlog to keep in order, paho refusing it) is stored; the rest returned."""
+        client = self._client
+        if (
+            self._telemetry_qos != 0
+            or client is None
+            or not self.connected.is_set()
+            or self.outbox.depth()["telemetry"]
+        ):
+            return items
+        keep = []
+        for item in items:
+            _, key, topic, payload = item
+            if topic != self._snapshot_topic:  # alerts and model events: stored, QoS 1
+                keep.append(item)
+                continue
+            props = publish_properties(
+                [(IDEMPOTENCY_PROPERTY, key)], max(1, int(self.settings.outbox.telemetry_ttl_s))
+            )
+            if client.publish(topic, payload, qos=0, properties=props).rc == mqtt.MQTT_ERR_SUCCESS:
+                self.counters["published_telemetry"] += 1
+            else:
+                keep.append(item)
+        return keep
 
     def _setup(self, client: mqtt.Client) -> None:
         client.will_set(self.topics.status(self.device), self._will_payload, qos=1, retain=True)
@@ -450,19 +493,21 @@ class Link:
             busy.update(c.id for c in cases)
 
     def _publish_one(self, message: Message) -> None:
-        props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
-        props.UserProperty = [(IDEMPOTENCY_PROPERTY, message.key)]
-        props.MessageExpiryInterval = max(1, int(message.remaining_ttl_s))
-        if message.cls is Cls.URGENT:
-            props.ResponseTopic = self.topics.verdict(self.device)
-            props.CorrelationData = message.key.encode()
+        urgent = message.cls is Cls.URGENT
+        props = publish_properties(
+            [(IDEMPOTENCY_PROPERTY, message.key)],
+            max(1, int(message.remaining_ttl_s)),
+            self.topics.verdict(self.device) if urgent else None,
+            message.key.encode() if urgent else None,
+        )
         self._send(message.topic, message.payload, props, [message.id], message.cls)
 
     def _publish_batch(self, cases: list[Message]) -> None:
         body = batch_payload(self.device, [c.payload for c in cases])
-        props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
-        props.UserProperty = [(IDEMPOTENCY_PROPERTY, f"{cases[0].key}+{len(cases)}")]
-        props.MessageExpiryInterval = max(1, int(min(c.remaining_ttl_s for c in cases)))
+        props = publish_properties(
+            [(IDEMPOTENCY_PROPERTY, f"{cases[0].key}+{len(cases)}")],
+            max(1, int(min(c.remaining_ttl_s for c in cases))),
+        )
         self._send(self.topics.batch(self.device), body, props, [c.id for c in cases], Cls.BATCH)
 
     def _send(

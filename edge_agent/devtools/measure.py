@@ -282,45 +282,55 @@ def agent_paths(
 #: (``telemetry.interval_s`` = 10 s), published. A stall in a snapshot delays the one reading
 #: being scored, so only a frequent one reaches the p99: a snapshot made to hold the
 #: interpreter 3 ms each time moved the p99 1.09x at 0.5 s and 1.04x at 0.2 s, 1.33x at 50 ms
-#: (AMD EPYC, this module's blocks).
+#: (AMD EPYC, blocks of 1.2 s).
 TELEMETRY_STRESS_S = 0.05
-#: Seconds of scoring per block of ``telemetry_effect`` (10 blocks, on and off in turn).
-TELEMETRY_BLOCK_S = 1.2
+#: Seconds of scoring per block of ``telemetry_effect``, and blocks (on and off in turn).
+TELEMETRY_BLOCK_S = 1.0
+TELEMETRY_BLOCKS = 12
 
 
 def telemetry_effect(
     scorer: Scorer, lines: list[bytes], passes: int, state: Path, port: int
 ) -> dict[str, Any]:
     """p99 of the per-line path with the telemetry thread taking and publishing a snapshot
-    every ``TELEMETRY_STRESS_S`` vs no telemetry thread, in 10 interleaved blocks of
-    ``TELEMETRY_BLOCK_S`` (24 snapshots in each "on" block, ~35,000 readings per mode on an
-    AMD EPYC core)."""
+    every ``TELEMETRY_STRESS_S`` vs without it, in ``TELEMETRY_BLOCKS`` blocks of
+    ``TELEMETRY_BLOCK_S`` in turn (~35,000 readings per mode on an AMD EPYC core). One agent
+    serves every block, its telemetry thread started for the "on" blocks and halted after
+    them: with an agent made for each block (its outbox, connection and threads), the p99 of
+    blocks of the same mode differed by up to 1.4x (AMD EPYC), more than what is measured."""
+    settings = agent_settings(
+        state,
+        port,
+        "bench/telemetry",
+        telemetry_interval_s=str(TELEMETRY_STRESS_S),
+        telemetry_publish="true",
+    )
+    agent = Agent(settings, scorer)
+    agent.link.start()
+    agent.link.connected.wait(5)
     results: dict[str, list[float]] = {"off": [], "on": []}
-    for block in range(10):
+    it = itertools.cycle(lines)
+    for block in range(TELEMETRY_BLOCKS):
         mode = "on" if block % 2 else "off"
-        extra = (
-            {"telemetry_interval_s": str(TELEMETRY_STRESS_S), "telemetry_publish": "true"}
-            if mode == "on"
-            else {}
-        )
-        settings = agent_settings(state / f"t{block}", port, f"bench/telemetry{block}", **extra)
-        agent = Agent(settings, scorer)
-        agent.link.start()
         if mode == "on":
             agent.telemetry.start()
-        it = itertools.cycle(lines)
+        samples = results[mode]
         end = time.perf_counter() + TELEMETRY_BLOCK_S
         while time.perf_counter() < end:
             t0 = time.perf_counter_ns()
             agent.pipeline.process([next(it)])
-            results[mode].append((time.perf_counter_ns() - t0) / 1e6)
-        agent.close()
+            samples.append((time.perf_counter_ns() - t0) / 1e6)
+        agent.telemetry.halt()
+        time.sleep(0.05)  # what the last tick handed the link is sent before the next block
+    published = agent.link.counters["published_telemetry"]
+    agent.close()
     off, on = stats(results["off"]), stats(results["on"])
     return {
         "off": off,
         "on": on,
         "p99_ratio": on["p99_ms"] / off["p99_ms"],
         "interval_s": TELEMETRY_STRESS_S,
+        "published": published,
     }
 
 

@@ -357,7 +357,7 @@ class Agent:
         """Everything telemetry reports, as one JSON-able dict."""
         c, r = self.pipeline.counts, self.reconciler.counters
         slow = self._slow_signals()
-        lat = self.latency.percentiles()
+        lat = slow["latency"]
         rtt = list(self.reconciler.round_trips_ms)
         snap: dict[str, Any] = {
             "model": self.scorer.ref,
@@ -399,16 +399,17 @@ class Agent:
         return snap
 
     def _slow_signals(self) -> dict[str, Any]:
-        """The drift statistics and the system probe, taken again at most every
-        ``telemetry.slow_interval_s``: they change over seconds, cost about a millisecond of
-        the telemetry thread, and that thread shares the interpreter with scoring (the rest of
-        a snapshot is counters)."""
+        """The statistics over windows of readings (drift, latency percentiles) and the
+        system probe, taken again at most every ``telemetry.slow_interval_s``: they change over
+        seconds, cost the telemetry thread about a millisecond, and that thread shares the
+        interpreter with scoring (numpy hands it back at each call: the scoring thread then
+        waits for its turn again). The rest of a snapshot is counters, always current."""
         now = time.monotonic()
-        cached = self._slow
-        if cached is None or now - cached[0] >= self.settings.telemetry.slow_interval_s:
-            cached = (now, {"drift": self.drift.snapshot(), "probe": self.probe.read()})
-            self._slow = cached
-        return cached[1]
+        if self._slow is None or now - self._slow[0] >= self.settings.telemetry.slow_interval_s:
+            latency = self.latency.percentiles()
+            self._slow = (now, {"drift": self.drift.snapshot(), "probe": self.probe.read()})
+            self._slow[1]["latency"] = latency
+        return self._slow[1]
 
     def status_line(self) -> str:
         c = self.pipeline.counts
@@ -524,6 +525,8 @@ class Agent:
     def close(self) -> None:
         if self.metrics is not None:
             self.metrics.stop()
+        self.telemetry.halt()
+        self._slow = None  # the last snapshot takes everything afresh
         self.telemetry.stop()
         if self.rollout is not None:
             self.rollout.stop()

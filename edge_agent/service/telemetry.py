@@ -4,8 +4,9 @@ The scoring loop only records latencies into a fixed ring buffer (a numpy
 array write) and a histogram (two additions); everything else — psutil calls,
 percentiles, encoding, publishing, rendering the Prometheus text (``metrics.py``)
 and writing the textfile — happens on the telemetry thread at
-``telemetry.interval_s``. Publishing goes through the link's bounded queue
-into the outbox's telemetry class, which drops its oldest when full.
+``telemetry.interval_s``. Publishing goes through the link's bounded queue; the
+link sends a snapshot at QoS 0 while connected, else keeps it in the outbox's
+telemetry class, which drops its oldest when full (``telemetry.qos``).
 
 Metrics: process CPU and RSS, system load and memory, free disk of the state
 directory, temperatures where the device has sensors; latency p50/p95/p99
@@ -148,12 +149,21 @@ class TelemetryThread:
         self._thread = threading.Thread(target=self._run, name="edge-agent-telemetry", daemon=True)
 
     def start(self) -> None:
+        """Start ticking (again, after ``halt``)."""
+        if self._thread.is_alive():
+            return
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="edge-agent-telemetry", daemon=True)
         self._thread.start()
 
-    def stop(self) -> None:
+    def halt(self) -> None:
+        """Stop ticking (``start`` resumes), without the last snapshot ``stop`` takes."""
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(5)
+
+    def stop(self) -> None:
+        self.halt()
         self.tick()  # one last snapshot, so the final numbers are published and written
 
     def _run(self) -> None:

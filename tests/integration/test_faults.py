@@ -461,6 +461,9 @@ def storage_fault_settings(broker: Mosquitto, prefix: str, state: Path) -> Setti
         router_max_urgent_per_minute="1000000",
         link_retry_refused_s="0.2",
         telemetry_publish="false",
+        # Telemetry through the outbox, to see it dropped and counted when the outbox cannot
+        # take it (with the default QoS 0, a connected link sends it without storing it).
+        telemetry_qos="1",
     )
     return load_settings(None, env=env)
 

@@ -6,6 +6,7 @@ import os
 import random
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import msgspec
@@ -312,3 +313,62 @@ def test_expired_messages_are_never_published(
     finally:
         link.stop()
         collector.close()
+
+
+def wait_until(predicate: Callable[[], object], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return bool(predicate())
+
+
+def test_telemetry_goes_straight_out_while_connected_and_is_stored_while_offline(
+    topic_prefix: str, tmp_path: Path
+) -> None:
+    """``telemetry.qos = 0``: a snapshot handed to a connected link is published without a
+    row in the outbox, with its idempotency key; one handed over while the broker is down is
+    stored, and published once the broker is back; after that, straight out again."""
+    b = Mosquitto(tmp_path / "broker").start()
+    port = b.port
+    settings = load_settings(None, env=puback_env(port, topic_prefix, tmp_path / "state"))
+    assert settings.telemetry.qos == 0
+    topics = Topics(topic_prefix)
+    telemetry = f"{topic_prefix}/+/telemetry"
+    collector = Collector(port, topic_prefix, extra_topics=(telemetry,))
+    link, stored = make_link(settings)
+    link.start()
+
+    def received() -> list[str]:
+        return [
+            dict(p.UserProperty)["idempotency-key"]
+            for t, _, p in list(collector.messages)
+            if t.endswith("/telemetry")
+        ]
+
+    try:
+        assert link.connected.wait(5)
+        for i in range(3):
+            assert link.submit(Cls.TELEMETRY, f"dev1:t{i}", topics.telemetry("dev1"), b'{"v":1}')
+        assert wait_until(lambda: received() == ["dev1:t0", "dev1:t1", "dev1:t2"], 5), received()
+        assert stored == []  # never written to the outbox
+        assert link.counters["published_telemetry"] == 3
+        collector.close()
+        b.stop()
+        assert wait_until(lambda: not link.connected.is_set(), 10)
+        assert link.submit(Cls.TELEMETRY, "dev1:t3", topics.telemetry("dev1"), b'{"v":1}')
+        assert wait_until(lambda: link.outbox.depth()["telemetry"] == 1, 5)
+        assert stored == ["dev1:t3"]
+        b.start()  # the same port, empty
+        collector = Collector(port, topic_prefix, extra_topics=(telemetry,))
+        assert link.connected.wait(15)
+        assert wait_until(lambda: received() == ["dev1:t3"], 10), received()
+        assert wait_until(lambda: link.outbox.depth()["telemetry"] == 0, 5)
+        assert link.submit(Cls.TELEMETRY, "dev1:t4", topics.telemetry("dev1"), b'{"v":1}')
+        assert wait_until(lambda: received() == ["dev1:t3", "dev1:t4"], 5), received()
+        assert stored == ["dev1:t3"]
+    finally:
+        link.stop()
+        collector.close()
+        b.stop()

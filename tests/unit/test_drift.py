@@ -290,3 +290,15 @@ def test_recording_a_group_keeps_what_recording_one_at_a_time_keeps(
     assert np.array_equal(one._values, many._values)
     assert np.array_equal(one._conf, many._conf)
     assert np.array_equal(one._hard, many._hard)
+
+
+def test_window_features_of_float32_windows_are_those_of_a_float64_copy() -> None:
+    """The statistics accumulate in float64 as they read float32 windows, without a float64
+    copy first: bit for bit what the copy gave (the training reference was made so)."""
+    rng = np.random.default_rng(3)
+    x = (rng.normal(size=(50, 6, 100)) * rng.gamma(2.0, 3.0, size=(50, 6, 1))).astype(np.float32)
+    got = window_features(x, ("mean", "std"))
+    x64 = x.astype(np.float64)
+    want = np.concatenate([x64.mean(axis=2), x64.std(axis=2)], axis=1)
+    assert got.dtype == np.float64
+    assert np.array_equal(got, want)
