@@ -153,7 +153,8 @@ class Scorer:
         if (
             block is not None
             and block.shape[0] == n
-            and all(r.block is block and r.row == i for i, r in enumerate(readings))
+            and [r.row for r in readings] == list(range(n))
+            and all(r.block is block for r in readings)
         ):
             # Frames decoded together, all valid: their block is the input as it is.
             return self._decide(readings, block, self.backend.score_batch(block)), block

@@ -209,9 +209,10 @@ class Agent:
         self.drift.record_many(x, [d.confidence for d in decisions], [not v for v in local])
         before = self.counters["readings"]
         self.counters["readings"] += len(decisions)
-        if self.rollout is not None:
+        rollout = self.rollout
+        if rollout is not None and (rollout.shadow is not None or rollout.health is not None):
             for d in decisions:
-                self.rollout.observe(d)
+                rollout.observe(d)
         plain = self.learned is None
         return [
             None if plain and is_local else self._dispatch(d, before + i + 1)

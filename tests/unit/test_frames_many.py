@@ -86,3 +86,57 @@ def test_a_bad_frame_among_good_ones_of_the_same_layout() -> None:
         *("id-0", "id-1", "bad_frame", "id-2"),
         *("invalid_utf8", "id-3", "abc", "bad_frame"),
     ]
+
+
+@st.composite
+def uniform_group(draw: st.DrawFn) -> list[bytes]:
+    """8 to 40 frames of one layout (one id length, a time or none, as one sensor sends
+    them), at most one of them damaged in a way that keeps its length."""
+    n = draw(st.integers(8, 40))
+    id_len = draw(st.integers(0, 12))
+    timed = draw(st.booleans())
+    frames = [
+        encode_frame(
+            draw(values),
+            "".join(draw(st.lists(st.sampled_from("ab7-é"), min_size=id_len, max_size=id_len)))
+            or None,
+            draw(times.filter(lambda t: t is not None)) if timed else None,
+        )
+        for _ in range(n)
+    ]
+    # Keep one layout: an id of that many characters may take more bytes (é is two).
+    frames = [f for f in frames if len(f) == len(frames[0])]
+    if len(frames) < 8:
+        frames = [frames[0]] * 8
+    at = draw(st.integers(0, len(frames) - 1))
+    data = bytearray(frames[at])
+    damage = draw(st.integers(0, 5))
+    if damage == 1:  # a header byte
+        data[draw(st.integers(0, 15))] ^= draw(st.integers(1, 255))
+    elif damage == 2:  # a NaN among the values
+        arr = np.frombuffer(bytes(data[-60:]), dtype=np.float32).copy()
+        arr[draw(st.integers(0, 14))] = np.nan
+        data[-60:] = arr.tobytes()
+    elif damage == 3 and len(data) - 60 > 16:  # a byte before the values: time, id, padding
+        data[draw(st.integers(16, len(data) - 61))] ^= draw(st.integers(1, 255))
+    frames[at] = bytes(data)
+    return frames
+
+
+@settings(max_examples=150, suppress_health_check=[HealthCheck.too_slow], deadline=None)
+@given(frames=uniform_group())
+def test_frames_of_one_layout_decoded_as_one_matrix_are_decode_item_of_each(
+    frames: list[bytes],
+) -> None:
+    """The matrix path of ``decode_many`` (frames of one length and header) gives what each
+    frame alone gives, a damaged one among them included; valid values are rows of one
+    read-only block."""
+    together = DECODER.decode_many(frames)
+    assert len(together) == len(frames)
+    for a, buf in zip(together, frames, strict=True):
+        _same(a, DECODER.decode_item(buf))
+    valid = [r for r in together if isinstance(r, Reading)]
+    block = valid[0].block if valid else None
+    assert all(r.block is block for r in valid)
+    if block is not None:
+        assert not block.flags.writeable
