@@ -172,7 +172,12 @@ class Outbox:
                 raise OutboxError(f"{self.path}: cannot save counter {name}: {exc}") from exc
 
     def next_seq(self) -> int:
-        """A sequence number never used before on this state directory."""
+        """A sequence number never used before on this state directory (``next_seqs(1)``,
+        without the list: the scoring thread numbers each lone reading)."""
+        with self._seq_lock:
+            if self._seq + 1 < SEQ_PER_RUN:
+                self._seq += 1
+                return self.run * SEQ_PER_RUN + self._seq
         return self.next_seqs(1)[0]
 
     def next_seqs(self, n: int) -> list[int]:

@@ -131,6 +131,7 @@ class DriftMonitor:
         self._lock = threading.Lock()
         self._n = 0
         self._values: npt.NDArray[np.float32] | None = None
+        self._rows: list[npt.NDArray[np.float32]] = []
         m = pack.manifest
         ref = m.drift
         if not settings.enabled:
@@ -160,6 +161,7 @@ class DriftMonitor:
             )
         shape = (self.window, *m.input.shape)
         self._values = np.zeros(shape, dtype=np.float32)
+        self._rows = list(self._values)  # a view of each slot, made once
         # Plain buffers: a Python number stored per reading costs less than a numpy element.
         self._conf = array.array("f", bytes(4 * self.window))
         self._hard = bytearray(self.window)
@@ -174,7 +176,7 @@ class DriftMonitor:
         if buf is None:
             return
         i = self._n % self.window
-        buf[i] = values
+        self._rows[i][...] = values
         self._conf[i] = confidence
         self._hard[i] = hard
         self._n += 1

@@ -84,6 +84,7 @@ class ScorePipeline:
         on_decision: DecisionHook | None = None,
         on_decisions: DecisionsHook | None = None,
         next_seqs: Callable[[int], list[int]] | None = None,
+        next_seq: Callable[[], int] | None = None,
         output: bool = True,
     ) -> None:
         self.scorer = scorer
@@ -92,6 +93,8 @@ class ScorePipeline:
         #: Sequence numbers for n readings (the outbox's, unique across runs); default: the
         #: reading's position among all lines.
         self.next_seqs = next_seqs
+        #: One sequence number (``next_seqs(1)[0]``, cheaper where given).
+        self.next_seq = next_seq or ((lambda: next_seqs(1)[0]) if next_seqs is not None else None)
         #: False: nobody reads the output (``edge-agent run`` without ``--decisions``), so
         #: ``process`` returns nothing and encodes nothing; every outcome is still counted.
         self.output = output
@@ -107,10 +110,10 @@ class ScorePipeline:
         decode themselves (sample windowing, binary frames) — a ready ``Reading`` or
         the ``ReadingError`` that rejected its input.
         """
+        if len(lines) == 1 and type(lines[0]) is Reading and not self.output:
+            # A ready reading (a binary frame) whose decision nobody reads: no lists.
+            return self._one(lines[0])
         if not self.output and all(type(line) is Reading for line in lines):
-            # Ready readings (binary frames) whose decisions nobody reads: no lists per line.
-            if len(lines) == 1:
-                return self._one(lines[0])  # type: ignore[arg-type]  # a Reading: checked
             for start in range(0, len(lines), self.max_batch):
                 self._ready(lines[start : start + self.max_batch])  # type: ignore[arg-type]
             self.counts["lines"] += len(lines)
@@ -161,7 +164,7 @@ class ScorePipeline:
         """``process`` of one ready reading whose decision nobody reads: what ``_score`` does,
         without the lists."""
         counts = self.counts
-        reading.seq = self.next_seqs(1)[0] if self.next_seqs is not None else counts["lines"]
+        reading.seq = self.next_seq() if self.next_seq is not None else counts["lines"]
         decisions, x = self.scorer.score_with_input([reading])
         if self.on_decisions is not None:
             self.on_decisions(decisions, x)

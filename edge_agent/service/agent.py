@@ -151,6 +151,7 @@ class Agent:
             settings.model.max_batch,
             on_decisions=self.route_many,
             next_seqs=self.outbox.next_seqs,
+            next_seq=self.outbox.next_seq,
         )
         t = settings.telemetry
         self.latency = LatencyWindow(t.latency_window)

@@ -163,3 +163,22 @@ def test_readings_total_in_hard_cases_keeps_counting_after_a_restart(tmp_path: P
         totals.append(msgspec.json.decode(payload, type=HardCase).readings_total)
         agent.close()
     assert totals == [1, 6]
+
+
+def test_one_number_at_a_time_continues_the_groups_across_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``next_seq`` (a lone reading) and ``next_seqs`` (a group) draw from one sequence, in
+    order, with no gap and no repeat, a new run started past ``SEQ_PER_RUN`` included."""
+    monkeypatch.setattr(outbox_module, "SEQ_PER_RUN", 5)
+    ob = make(tmp_path)
+    got: list[int] = []
+    for i in range(12):
+        got += [ob.next_seq()] if i % 2 else ob.next_seqs(i % 3 + 1)
+    ob.close()
+    assert len(set(got)) == len(got)
+    assert got == sorted(got)
+    runs = [s // 5 for s in got]
+    # Within a run consecutive; a new run when one is used up.
+    for a, b, ra, rb in zip(got, got[1:], runs, runs[1:], strict=False):
+        assert b == a + 1 if ra == rb else rb > ra
