@@ -284,9 +284,12 @@ def agent_paths(
 #: interpreter 3 ms each time moved the p99 1.09x at 0.5 s and 1.04x at 0.2 s, 1.33x at 50 ms
 #: (AMD EPYC, blocks of 1.2 s).
 TELEMETRY_STRESS_S = 0.05
-#: Seconds of scoring per block of ``telemetry_effect``, and blocks (on and off in turn).
+#: Seconds of scoring per block of ``telemetry_effect``, and blocks (on and off in turn). A
+#: block is one default ``telemetry.slow_interval_s``, so each "on" block refreshes the slow
+#: signals (drift, percentiles, psutil) once, their steady rate; with 0.6 s blocks it was
+#: once per 0.6 s of "on" time.
 TELEMETRY_BLOCK_S = 1.0
-TELEMETRY_BLOCKS = 12
+TELEMETRY_BLOCKS = 20
 
 
 def telemetry_effect(
@@ -294,10 +297,10 @@ def telemetry_effect(
 ) -> dict[str, Any]:
     """p99 of the per-line path with the telemetry thread taking and publishing a snapshot
     every ``TELEMETRY_STRESS_S`` vs without it, in ``TELEMETRY_BLOCKS`` blocks of
-    ``TELEMETRY_BLOCK_S`` in turn (~35,000 readings per mode on an AMD EPYC core). One agent
+    ``TELEMETRY_BLOCK_S`` in turn (~60,000 readings per mode on an AMD EPYC core). One agent
     serves every block, its telemetry thread started for the "on" blocks and halted after
     them: with an agent made for each block (its outbox, connection and threads), the p99 of
-    blocks of the same mode differed by up to 1.4x (AMD EPYC), more than what is measured."""
+    blocks of the same mode differed by up to 1.3x (AMD EPYC), more than what is measured."""
     settings = agent_settings(
         state,
         port,
