@@ -110,9 +110,21 @@ class ScorePipeline:
         decode themselves (sample windowing, binary frames) — a ready ``Reading`` or
         the ``ReadingError`` that rejected its input.
         """
-        if len(lines) == 1 and type(lines[0]) is Reading and not self.output:
-            # A ready reading (a binary frame) whose decision nobody reads: no lists.
-            return self._one(lines[0])
+        if len(lines) == 1 and not self.output:
+            # One reading whose decision nobody reads: no lists. (A line that fails to decode
+            # takes the general path below, which rejects it.)
+            line = lines[0]
+            if type(line) is Reading:
+                return self._one(line)
+            if type(line) is bytes:
+                t0 = time.monotonic_ns()
+                try:
+                    reading = self.decoder.decode(line)
+                except ReadingError:
+                    pass
+                else:
+                    reading.t_mono_ns = t0
+                    return self._one(reading)
         if not self.output and all(type(line) is Reading for line in lines):
             for start in range(0, len(lines), self.max_batch):
                 self._ready(lines[start : start + self.max_batch])  # type: ignore[arg-type]

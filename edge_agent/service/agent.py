@@ -134,7 +134,6 @@ class Agent:
                 scorer,
                 report=self._report_model,
             )
-        if self.rollout is not None:
             self.reconciler.listeners.append(self.rollout.on_verdict)
         self.link = Link(
             settings,

@@ -10,6 +10,7 @@ shapes and types, invalid UTF-8, duplicate keys.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from collections import Counter
@@ -256,6 +257,41 @@ def test_reading_rejection_code_is_given_and_counted_exactly_once(
         1,
         1,
     )
+
+
+def test_lines_one_at_a_time_unread_are_as_a_group(fake_scorer: Scorer) -> None:
+    """``edge-agent run`` without ``--decisions`` hands the pipeline one line at a time and
+    reads no output (the lone-line path): the decisions its hook sees (label, confidence,
+    route, reason, id, sequence number), the counts and the rejections by code are those of
+    the same lines scored as one group with their output read."""
+    examples = list(REJECTION_EXAMPLES.values())
+    lines = [x for pair in zip([VALID_LINE] * len(examples), examples, strict=True) for x in pair]
+    seen: dict[str, list[tuple[Any, ...]]] = {"alone": [], "group": []}
+
+    def hook(name: str) -> Any:
+        def record(d: Any) -> None:
+            seen[name].append(
+                (d.label, d.confidence, d.route, d.reason, d.reading.id, d.reading.seq)
+            )
+
+        return record
+
+    def numbers() -> Any:  # sequence numbers as the outbox gives them
+        count = itertools.count(1)
+        return lambda n: [next(count) for _ in range(n)]
+
+    alone = ScorePipeline(
+        fake_scorer, MAX_LINE, on_decision=hook("alone"), next_seqs=numbers(), output=False
+    )
+    for line in lines:
+        assert alone.process([line]) == b""
+    group = ScorePipeline(fake_scorer, MAX_LINE, on_decision=hook("group"), next_seqs=numbers())
+    out = group.process(lines)
+    assert len(out.splitlines()) == len(lines)
+    assert seen["alone"] == seen["group"]
+    assert len(seen["alone"]) == len(examples)
+    assert alone.counts == group.counts
+    assert alone.rejects == group.rejects == Counter(REJECTION_EXAMPLES.keys())
 
 
 # -- the cloud worker --------------------------------------------------------------------
