@@ -63,14 +63,7 @@ def stats(
 
 def timed(fn: Callable[[], object], n: int) -> dict[str, Any]:
     """Run ``fn`` n times; per-call latency, wall throughput and CPU per call."""
-    samples = []
-    gc.collect()
-    cpu0, wall0 = time.process_time(), time.perf_counter()
-    for _ in range(n):
-        t0 = time.perf_counter_ns()
-        fn()
-        samples.append((time.perf_counter_ns() - t0) / 1e6)
-    return stats(samples, time.process_time() - cpu0, time.perf_counter() - wall0)
+    return interleaved({"": Spec(fn, n)}, rounds=1)[""]
 
 
 @dataclass(frozen=True)
