@@ -406,11 +406,12 @@ class Agent:
         interpreter with scoring (numpy hands it back at each call: the scoring thread then
         waits for its turn again). The rest of a snapshot is counters, always current."""
         now = time.monotonic()
-        if self._slow is None or now - self._slow[0] >= self.settings.telemetry.slow_interval_s:
-            latency = self.latency.percentiles()
-            self._slow = (now, {"drift": self.drift.snapshot(), "probe": self.probe.read()})
-            self._slow[1]["latency"] = latency
-        return self._slow[1]
+        slow = self._slow  # made whole, then swapped in: the metrics server may read it too
+        if slow is None or now - slow[0] >= self.settings.telemetry.slow_interval_s:
+            fresh = {"drift": self.drift.snapshot(), "probe": self.probe.read()}
+            fresh["latency"] = self.latency.percentiles()
+            slow = self._slow = (now, fresh)
+        return slow[1]
 
     def status_line(self) -> str:
         c = self.pipeline.counts
