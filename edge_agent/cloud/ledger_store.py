@@ -212,17 +212,14 @@ class LedgerStore:
                 db.execute(
                     "INSERT OR IGNORE INTO meta (k, v) VALUES ('schema', ?)", (str(STORE_SCHEMA),)
                 )
-            except sqlite3.OperationalError as exc:
-                if db is not None:
-                    db.close()
-                if "locked" not in str(exc) or time.monotonic() > deadline:
-                    raise LedgerError(f"{self.path}: cannot open the cost ledger: {exc}") from exc
-                time.sleep(0.02 + 0.08 * random.random())  # noqa: S311 - spreading retries
-                continue
             except sqlite3.Error as exc:
                 if db is not None:
                     db.close()
-                raise LedgerError(f"{self.path}: cannot open the cost ledger: {exc}") from exc
+                locked = isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc)
+                if not locked or time.monotonic() > deadline:
+                    raise LedgerError(f"{self.path}: cannot open the cost ledger: {exc}") from exc
+                time.sleep(0.02 + 0.08 * random.random())  # noqa: S311 - spreading retries
+                continue
             return db
 
     def _move_old_format(self) -> None:

@@ -6,7 +6,6 @@ import os
 import random
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import msgspec
@@ -22,6 +21,7 @@ from edge_agent.service.agent import open_outbox
 from edge_agent.wire.messages import Status, Topics
 from tests.broker import Mosquitto
 from tests.conftest import make_fake_pack, puback_env, settings_env
+from tests.integration.test_faults import wait_until
 from tests.mqtt_peer import Collector
 
 pytestmark = pytest.mark.integration
@@ -313,15 +313,6 @@ def test_expired_messages_are_never_published(
     finally:
         link.stop()
         collector.close()
-
-
-def wait_until(predicate: Callable[[], object], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return bool(predicate())
 
 
 def test_telemetry_goes_straight_out_while_connected_and_is_stored_while_offline(
