@@ -56,6 +56,10 @@ class Cls(enum.IntEnum):
     TELEMETRY = 2
 
 
+#: Each class and its name in counters and telemetry (``depth``, on every snapshot).
+_CLASS_NAMES = [(c, c.name.lower()) for c in Cls]
+
+
 @dataclass(frozen=True, slots=True)
 class ClassLimits:
     max_rows: int
@@ -433,7 +437,8 @@ class Outbox:
 
     def depth(self) -> dict[str, int]:
         """Rows per class, e.g. ``{"urgent": 0, "batch": 3, "telemetry": 1}``."""
-        return {c.name.lower(): self._rows[c] for c in Cls}
+        rows = self._rows
+        return {name: rows[c] for c, name in _CLASS_NAMES}
 
     def bytes_used(self) -> int:
         return sum(self._bytes.values())

@@ -241,7 +241,7 @@ def agent_specs(
     # A source that received 64 frames together decodes them together (decode_many).
     decode_many = frame_decoder.decode_many
     readings = [Reading(values=w) for w in x]
-    route = agent.route_many  # the routing the pipeline calls
+    route, act_one = agent.route_many, agent.act_one  # what the pipeline calls
     itr = itertools.cycle(readings)
     group_r = (readings * (64 // len(readings) + 1))[:64]
     specs = {
@@ -249,7 +249,7 @@ def agent_specs(
         "batched": Spec(lambda: process(group), n_groups, 64),
         "frame": Spec(lambda: process([decode(next(itf))]), n),
         "frames_batched": Spec(lambda: process(decode_many(group_f)), n_groups, 64),
-        "from_array": Spec(lambda: route(*scorer.score_with_input([next(itr)])), n),
+        "from_array": Spec(lambda: act_one(next(itr)), n),
         "from_array_batched": Spec(lambda: route(*scorer.score_with_input(group_r)), n_groups, 64),
     }
 

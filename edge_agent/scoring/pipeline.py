@@ -49,6 +49,10 @@ DecisionHook = Callable[[Decision], "tuple[str, str] | None"]
 #: ([N, *shape], valid during the call); returns, per decision, (tier, key) for the output
 #: line or None. The agent's routing (``Agent.route_many``).
 DecisionsHook = Callable[[list[Decision], FloatArray], "list[tuple[str, str] | None]"]
+#: Scores and acts on one reading itself, when nobody reads its decision; returns whether it
+#: went hard. The agent's latency path (``Agent.act_one``), which the hooks above would
+#: also give, with a ``Decision`` for every reading.
+ActOne = Callable[[Reading], bool]
 
 
 _encoder = msgspec.json.Encoder()
@@ -83,6 +87,7 @@ class ScorePipeline:
         *,
         on_decision: DecisionHook | None = None,
         on_decisions: DecisionsHook | None = None,
+        act_one: ActOne | None = None,
         next_seqs: Callable[[int], list[int]] | None = None,
         next_seq: Callable[[], int] | None = None,
         output: bool = True,
@@ -90,6 +95,7 @@ class ScorePipeline:
         self.scorer = scorer
         self.on_decision = on_decision
         self.on_decisions = on_decisions
+        self.act_one = act_one
         #: Sequence numbers for n readings (the outbox's, unique across runs); default: the
         #: reading's position among all lines.
         self.next_seqs = next_seqs
@@ -177,12 +183,16 @@ class ScorePipeline:
         without the lists."""
         counts = self.counts
         reading.seq = self.next_seq() if self.next_seq is not None else counts["lines"]
-        decisions, x = self.scorer.score_with_input([reading])
-        if self.on_decisions is not None:
-            self.on_decisions(decisions, x)
-        elif self.on_decision is not None:
-            self.on_decision(decisions[0])
-        counts["hard" if decisions[0].route == Route.HARD else "local"] += 1
+        if self.act_one is not None:
+            hard = self.act_one(reading)
+        else:
+            decisions, x = self.scorer.score_with_input([reading])
+            if self.on_decisions is not None:
+                self.on_decisions(decisions, x)
+            elif self.on_decision is not None:
+                self.on_decision(decisions[0])
+            hard = decisions[0].route == Route.HARD
+        counts["hard" if hard else "local"] += 1
         counts["lines"] += 1
         return b""
 

@@ -35,7 +35,7 @@ from edge_agent.scoring.backends.base import (
 )
 from edge_agent.scoring.guard import GRAPH_CODES, OodCheck, graph_reasons, probe_windows
 
-__all__ = ["ROUTE_REASONS", "Decision", "OodCheck", "Route", "Scorer"]
+__all__ = ["ROUTE_REASONS", "Assessment", "Decision", "OodCheck", "Route", "Scorer"]
 
 
 class Route(enum.StrEnum):
@@ -66,6 +66,10 @@ _REASON_OF: list[str | None] = [
 ]
 _GUARD_CODE = {reason: code for code, reason in enumerate(_REASON_OF) if code <= 3}
 _ROUTE_OF = [Route.LOCAL] + [Route.HARD] * 5
+
+#: ``Scorer.assess_one``'s answer: the label's index, the confidence, the reason code
+#: (``_REASON_OF``; 0: none, the reading is local), the model's OOD score, the latency (ms).
+Assessment = tuple[int, float, int, float | None, float]
 
 
 @dataclass(slots=True)
@@ -145,9 +149,9 @@ class Scorer:
         if n == 1:
             reading = readings[0]
             x = reading.values[np.newaxis]
-            got = self._score_one(reading.values) if self._score_one is not None else None
-            if got is not None:
-                return [self._decide_one(reading, x, *got)], x
+            assessed = self.assess_one(reading)
+            if assessed is not None:
+                return [self.decision(reading, assessed)], x
             return self._decide(readings, x, self.backend.score_batch(x)), x
         block = readings[0].block
         if (
@@ -173,25 +177,31 @@ class Scorer:
         finally:
             self._buffer_lock.release()
 
-    def _decide_one(
-        self, reading: Reading, x: FloatArray, probs: list[float], z: float | None, g: float | None
-    ) -> Decision:
-        """``_decide`` for one reading scored by the backend's ``score_one``."""
+    def assess_one(self, reading: Reading) -> Assessment | None:
+        """One reading through the backend's single-window path, without a ``Decision``: the
+        latency path, on which the agent makes one only for a reading that needs more than to
+        be counted (``Agent.act_one``). None where the backend has no such path, or another
+        thread is using it: then ``score_with_input``."""
+        got = self._score_one(reading.values) if self._score_one is not None else None
+        if got is None:
+            return None
+        probs, z, g = got
         c = max(probs)
-        reason = GRAPH_CODES.get(int(g)) if g is not None else self.guard.reasons(x)[0]
-        if reason is None and z is not None and self.z_max is not None and z > self.z_max:
-            reason = "feature_outlier"
-        if reason is None and c < self.threshold:
-            reason = "low_confidence"
+        if g is not None:
+            code = int(g)  # the graph's guard codes are ``_decide``'s 0-3
+        else:
+            code = _GUARD_CODE[self.guard.reasons(reading.values[np.newaxis])[0]]
+        if not code and z is not None and self.z_max is not None and z > self.z_max:
+            code = 4
+        if not code and c < self.threshold:
+            code = 5
+        return probs.index(c), c, code, z, (time.monotonic_ns() - reading.t_mono_ns) / 1e6
+
+    def decision(self, reading: Reading, assessed: Assessment) -> Decision:
+        """The ``Decision`` of a reading ``assess_one`` scored."""
+        k, c, code, z, ms = assessed
         return Decision(
-            self.labels[probs.index(c)],
-            c,
-            Route.LOCAL if reason is None else Route.HARD,
-            reason,
-            self.ref,
-            (time.monotonic_ns() - reading.t_mono_ns) / 1e6,
-            reading,
-            z,
+            self.labels[k], c, _ROUTE_OF[code], _REASON_OF[code], self.ref, ms, reading, z
         )
 
     def _decide(self, readings: list[Reading], x: FloatArray, out: BackendOutput) -> list[Decision]:

@@ -36,12 +36,12 @@ import numpy as np
 
 from edge_agent.config import Settings
 from edge_agent.delivery.link import Link
-from edge_agent.delivery.outbox import ClassLimits, Cls, Outbox
+from edge_agent.delivery.outbox import Cls
 from edge_agent.errors import EdgeAgentError, OutboxError
+from edge_agent.ingest.readings import Reading
 from edge_agent.ingest.sources import Source
 from edge_agent.models.store import ModelStore
 from edge_agent.rollout.machine import Rollout
-from edge_agent.routing.learned import LearnedPolicy
 from edge_agent.routing.router import Reconciler, Router
 from edge_agent.scoring.backends.base import FloatArray
 from edge_agent.scoring.drift import DriftMonitor
@@ -49,8 +49,9 @@ from edge_agent.scoring.pipeline import ScorePipeline
 from edge_agent.scoring.scorer import Decision, Route, Scorer
 from edge_agent.service.metrics import agent_metrics, decision_histogram, round_trip_histogram
 from edge_agent.service.telemetry import LatencyWindow, SystemProbe, TelemetryThread
+from edge_agent.service.wiring import learned_policy, open_outbox
 from edge_agent.util.metrics import MetricsServer
-from edge_agent.util.stats import percentile
+from edge_agent.util.stats import percentiles
 from edge_agent.util.systemd import Heartbeat, Notifier, Watchdog
 from edge_agent.wire.messages import (
     SCHEMA_VERSION,
@@ -67,32 +68,6 @@ log = logging.getLogger(__name__)
 
 #: ``run --exit-when-drained`` gave up waiting: messages are still in the outbox (kept there).
 EXIT_DRAIN_TIMEOUT = 3
-
-
-def open_outbox(settings: Settings) -> Outbox:
-    o = settings.outbox
-    limits = {
-        Cls.URGENT: ClassLimits(o.urgent_max_rows, o.urgent_max_bytes, o.urgent_ttl_s),
-        Cls.BATCH: ClassLimits(o.batch_max_rows, o.batch_max_bytes, o.batch_ttl_s),
-        Cls.TELEMETRY: ClassLimits(o.telemetry_max_rows, o.telemetry_max_bytes, o.telemetry_ttl_s),
-    }
-    return Outbox(
-        Path(settings.device.state_dir) / "outbox.db",
-        limits,
-        o.max_total_bytes,
-        hard_sync=o.hard_sync.upper(),
-    )
-
-
-def learned_policy(settings: Settings) -> LearnedPolicy | None:
-    """The learned escalation policy when ``router.policy = "learned"``, priced by ``[cloud]``."""
-    if settings.router.policy != "learned":
-        return None
-    c = settings.cloud
-    urgent = c.price_sync_per_1k_tokens * c.tokens_per_reading / 1000.0
-    return LearnedPolicy(
-        settings.router, price_urgent=urgent, price_batch=urgent * c.batch_discount
-    )
 
 
 class Agent:
@@ -149,6 +124,7 @@ class Agent:
             settings.input.max_line_bytes,
             settings.model.max_batch,
             on_decisions=self.route_many,
+            act_one=self.act_one,
             next_seqs=self.outbox.next_seqs,
             next_seq=self.outbox.next_seq,
         )
@@ -168,11 +144,7 @@ class Agent:
             Path(t.textfile) if t.textfile else None,
             self.prometheus,
         )
-        self.metrics: MetricsServer | None = None
-        if t.http_port:
-            self.metrics = MetricsServer(
-                t.http_port, lambda: self.prometheus(self.telemetry.latest or self.snapshot())
-            )
+        self.metrics = MetricsServer(t.http_port, self._scraped) if t.http_port else None
         self.notifier = notifier or Notifier()
         self.heartbeat = Heartbeat("scoring loop")
         self.watchdog = Watchdog(
@@ -186,22 +158,38 @@ class Agent:
         tier and idempotency key (None for a local decision)."""
         return self.route_many([d], d.reading.values[np.newaxis])[0]
 
+    def act_one(self, reading: Reading) -> bool:
+        """Score one reading, count, watch and route it; True when it went hard. The latency
+        path (the pipeline hands it each reading that arrived alone): a ``Decision`` is made
+        only for a reading that needs more than to be counted, i.e. a hard one, or any while
+        the learned policy routes or a rollout's trial or probation watches."""
+        scorer = self.scorer
+        assessed = scorer.assess_one(reading)
+        if assessed is None:  # the backend has no single-window path, or it is busy
+            decisions, x = scorer.score_with_input([reading])
+            self.route_many(decisions, x)
+            return decisions[0].route == Route.HARD
+        _, c, code, _, ms = assessed
+        self.latency.record(ms)
+        self.decision_seconds.observe(ms * 1e-3)
+        self.drift.record(reading.values, c, code != 0)
+        readings = self.counters["readings"] = self.counters["readings"] + 1
+        rollout = self.rollout
+        watched = rollout is not None and (rollout.shadow is not None or rollout.health is not None)
+        if not code and not watched and self.learned is None:
+            return False
+        d = scorer.decision(reading, assessed)
+        if watched:
+            rollout.observe(d)  # type: ignore[union-attr]
+        if not code and self.learned is None:
+            return False
+        self._dispatch(d, readings)
+        return d.route == Route.HARD
+
     def route_many(self, decisions: list[Decision], x: FloatArray) -> list[tuple[str, str] | None]:
         """``route`` for a scored group, in order, whose stacked input is ``x``; the scoring
         loop's callback. The bookkeeping is done once per group, and under the fixed policy a
         local decision needs nothing more (the router would keep it local)."""
-        if len(decisions) == 1:  # the latency path: the same, without the lists
-            d = decisions[0]
-            self.latency.record(d.latency_ms)
-            self.decision_seconds.observe(d.latency_ms * 1e-3)
-            is_local = d.route == Route.LOCAL
-            self.drift.record(d.reading.values, d.confidence, not is_local)
-            self.counters["readings"] += 1
-            if self.rollout is not None:
-                self.rollout.observe(d)
-            if is_local and self.learned is None:
-                return [None]
-            return [self._dispatch(d, self.counters["readings"])]
         latencies = [d.latency_ms for d in decisions]
         self.latency.record_many(latencies)
         self.decision_seconds.observe_many(latencies, 1e-3)
@@ -338,6 +326,10 @@ class Agent:
             snap, self.device, self.decision_seconds.data(), self.round_trip_seconds.data()
         )
 
+    def _scraped(self) -> str:
+        """What ``/metrics`` answers: the Prometheus text of the latest snapshot."""
+        return self.prometheus(self.telemetry.latest or self.snapshot())
+
     def _observe_round_trips(self) -> None:
         """Move the round trips of verdicts that came since the last call into the histogram.
 
@@ -359,7 +351,6 @@ class Agent:
         c, r = self.pipeline.counts, self.reconciler.counters
         slow = self._slow_signals()
         lat = slow["latency"]
-        rtt = list(self.reconciler.round_trips_ms)
         snap: dict[str, Any] = {
             "model": self.scorer.ref,
             "readings": c["local"] + c["hard"],
@@ -378,8 +369,8 @@ class Agent:
             "latency_ms_p50": lat["p50"],
             "latency_ms_p95": lat["p95"],
             "latency_ms_p99": lat["p99"],
-            "round_trip_ms_p50": percentile(rtt, 50),
-            "round_trip_ms_p99": percentile(rtt, 99),
+            "round_trip_ms_p50": slow["round_trip"]["p50"],
+            "round_trip_ms_p99": slow["round_trip"]["p99"],
             "outbox": self.outbox.depth(),
             "outbox_bytes": self.outbox.bytes_used(),
             "outbox_events": dict(self.outbox.counters),
@@ -400,16 +391,18 @@ class Agent:
         return snap
 
     def _slow_signals(self) -> dict[str, Any]:
-        """The statistics over windows of readings (drift, latency percentiles) and the
-        system probe, taken again at most every ``telemetry.slow_interval_s``: they change over
-        seconds, cost the telemetry thread about a millisecond, and that thread shares the
-        interpreter with scoring (numpy hands it back at each call: the scoring thread then
-        waits for its turn again). The rest of a snapshot is counters, always current."""
+        """The statistics over windows of readings (drift, the percentiles of latency and of
+        round trips) and the system probe, taken again at most every
+        ``telemetry.slow_interval_s``: they change over seconds, cost the telemetry thread
+        about a millisecond, and that thread shares the interpreter with scoring (numpy hands
+        it back at each call: the scoring thread then waits for its turn again). The rest of a
+        snapshot is counters, always current."""
         now = time.monotonic()
         slow = self._slow  # made whole, then swapped in: the metrics server may read it too
         if slow is None or now - slow[0] >= self.settings.telemetry.slow_interval_s:
             fresh = {"drift": self.drift.snapshot(), "probe": self.probe.read()}
             fresh["latency"] = self.latency.percentiles()
+            fresh["round_trip"] = percentiles(list(self.reconciler.round_trips_ms), (50, 99))
             slow = self._slow = (now, fresh)
         return slow[1]
 

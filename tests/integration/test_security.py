@@ -35,7 +35,8 @@ from edge_agent.delivery.outbox import Cls
 from edge_agent.models.pack import open_pack
 from edge_agent.mqtt.session import new_client
 from edge_agent.scoring.scorer import Scorer
-from edge_agent.service.agent import Agent, open_outbox
+from edge_agent.service.agent import Agent
+from edge_agent.service.wiring import open_outbox
 from edge_agent.wire.messages import Topics
 from tests.broker import Mosquitto
 from tests.conftest import make_fake_pack
