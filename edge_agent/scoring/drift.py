@@ -80,9 +80,9 @@ def bin_shares(values: F64, edges: F64) -> F64:
     n, nf = values.shape
     bins = edges.shape[1] + 1
     idx = (values[:, :, None] >= edges[None, :, :]).sum(axis=2)  # [N, F] bin index
-    counts = np.zeros((nf, bins))
-    for f in range(nf):
-        counts[f] = np.bincount(idx[:, f], minlength=bins)
+    # One count over all features: feature f's bins are f * bins ... f * bins + bins - 1.
+    idx += np.arange(nf) * bins
+    counts = np.bincount(idx.ravel(), minlength=nf * bins).reshape(nf, bins)
     shares: F64 = counts / max(n, 1)
     return shares
 

@@ -94,12 +94,24 @@ def _temperatures() -> dict[str, float]:
 
 
 class SystemProbe:
-    """psutil readings of this process and the machine."""
+    """psutil readings of this process and the machine (telemetry thread).
+
+    Each file psutil reads hands the interpreter to the scoring thread and back, and each
+    handover can delay the reading being scored: the process's CPU times are read once per
+    probe (the CPU share is worked out from them as ``Process.cpu_percent`` does), and a
+    machine whose sensors gave no temperature when the agent started is not asked again.
+    """
 
     def __init__(self, state_dir: str) -> None:
         self.state_dir = state_dir
         self._proc = psutil.Process()
-        self._proc.cpu_percent(None)  # prime: the next call measures since now
+        self._cpu_s = self._cpu_seconds()
+        self._at = time.monotonic()
+        self._sensors = bool(_temperatures())
+
+    def _cpu_seconds(self) -> float:
+        t = self._proc.cpu_times()
+        return float(t.user + t.system)
 
     def read(self) -> Snapshot:
         mem = self._proc.memory_info()
@@ -108,9 +120,14 @@ class SystemProbe:
         except OSError:
             disk_free = -1
         load1, load5, load15 = os.getloadavg()
+        cpu_s, now = self._cpu_seconds(), time.monotonic()
+        elapsed = now - self._at
+        # The share of one CPU since the last probe, in percent, as psutil rounds it.
+        share = round((cpu_s - self._cpu_s) / elapsed * 100.0, 1) if elapsed > 0 else 0.0
+        self._cpu_s, self._at = cpu_s, now
         return {
-            "cpu_percent": self._proc.cpu_percent(None),
-            "cpu_seconds": sum(self._proc.cpu_times()[:2]),
+            "cpu_percent": share,
+            "cpu_seconds": cpu_s,
             "rss_bytes": mem.rss,
             "threads": self._proc.num_threads(),
             "load1": load1,
@@ -118,7 +135,7 @@ class SystemProbe:
             "load15": load15,
             "mem_available_bytes": psutil.virtual_memory().available,
             "disk_free_bytes": disk_free,
-            "temperatures_c": _temperatures(),
+            "temperatures_c": _temperatures() if self._sensors else {},
         }
 
 

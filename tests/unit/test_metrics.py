@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import re
+import time
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,7 @@ from edge_agent.config import load_settings
 from edge_agent.models.pack import open_pack
 from edge_agent.scoring.scorer import Scorer
 from edge_agent.service.metrics import agent_metrics, decision_histogram, round_trip_histogram
+from edge_agent.service.telemetry import SystemProbe
 from edge_agent.util.metrics import Exposition, Histogram
 from edge_agent.wire.messages import Tier
 from tests.conftest import make_fake_pack
@@ -258,3 +260,21 @@ def test_a_group_observed_at_once_is_counted_as_one_by_one() -> None:
         exact_one.observe(v)
     exact_many.observe_many(on_bounds)
     assert exact_many.data().cumulative == exact_one.data().cumulative
+
+
+def test_the_probe_gives_the_process_cpu_share_since_the_last_probe(tmp_path: Path) -> None:
+    """The CPU share is worked out from the probe's own CPU times (one read of them per
+    probe): about 100 while this thread spins between two probes, about 0 while it sleeps.
+    The bounds are wide: CPU times come in clock ticks (10 ms) and the machine may be busy."""
+    probe = SystemProbe(str(tmp_path))
+    end = time.monotonic() + 0.5
+    while time.monotonic() < end:
+        pass
+    busy = probe.read()
+    time.sleep(0.5)
+    idle = probe.read()
+    assert 50.0 <= busy["cpu_percent"] <= 150.0
+    assert 0.0 <= idle["cpu_percent"] <= 20.0
+    assert idle["cpu_seconds"] >= busy["cpu_seconds"] >= 0.4
+    assert busy["rss_bytes"] > 0
+    assert isinstance(busy["temperatures_c"], dict)
