@@ -280,9 +280,11 @@ TELEMETRY_STRESS_S = 0.05
 #: Seconds of scoring per block of ``telemetry_effect``, and blocks (on and off in turn). A
 #: block is one default ``telemetry.slow_interval_s``, so each "on" block refreshes the slow
 #: signals (drift, percentiles, psutil) once, their steady rate; with 0.6 s blocks it was
-#: once per 0.6 s of "on" time.
+#: once per 0.6 s of "on" time. Forty blocks: with twenty, runs of the same code on a shared
+#: 2-core machine gave ratios from 1.00 to 1.19 (AMD EPYC), the machine's own changes from
+#: block to block weighing as much as the effect; more blocks average more of them out.
 TELEMETRY_BLOCK_S = 1.0
-TELEMETRY_BLOCKS = 20
+TELEMETRY_BLOCKS = 40
 
 
 def telemetry_effect(
@@ -290,7 +292,7 @@ def telemetry_effect(
 ) -> dict[str, Any]:
     """p99 of the per-line path with the telemetry thread taking and publishing a snapshot
     every ``TELEMETRY_STRESS_S`` vs without it, in ``TELEMETRY_BLOCKS`` blocks of
-    ``TELEMETRY_BLOCK_S`` in turn (~60,000 readings per mode on an AMD EPYC core). One agent
+    ``TELEMETRY_BLOCK_S`` in turn (~120,000 readings per mode on an AMD EPYC core). One agent
     serves every block, its telemetry thread started for the "on" blocks and halted after
     them: with an agent made for each block (its outbox, connection and threads), the p99 of
     blocks of the same mode differed by up to 1.3x (AMD EPYC), more than what is measured."""
