@@ -319,7 +319,14 @@ def telemetry_effect(
             agent.pipeline.process([next(it)])
             samples.append((time.perf_counter_ns() - t0) / 1e6)
         agent.telemetry.halt()
-        time.sleep(0.05)  # what the last tick handed the link is sent before the next block
+        # What the last ticks handed the link is sent before the next block, not during it: a
+        # snapshot waits for the link's next turn (up to 0.5 s), which would fall in the "off"
+        # block. flush_batches wakes the link (there are no batch cases here).
+        agent.link.flush_batches()
+        settle = time.monotonic() + 2.0
+        while not agent.link.idle() and time.monotonic() < settle:
+            time.sleep(0.002)
+        time.sleep(0.02)
     published = agent.link.counters["published_telemetry"]
     agent.close()
     off, on = stats(results["off"]), stats(results["on"])
