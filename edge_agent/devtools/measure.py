@@ -113,9 +113,11 @@ def interleaved(specs: dict[str, Spec], rounds: int = ROUNDS) -> dict[str, dict[
 
 # -- how many ---------------------------------------------------------------------------
 
-#: Readings timed per path of an ONNX pack, at least: a p99 of a few hundred samples is one or
-#: two readings (the --quick run's 5 passes over the 40 test windows gave 200).
-MIN_SAMPLES = 3000
+#: Readings timed per path of an ONNX pack, at least. A p99 of 3,000 readings is their 30
+#: slowest, a few milliseconds of the machine's own hiccups landing in one path's slices: one
+#: --quick run's agent per frame had a p99 of 142 us with a p95 of 90 (AMD EPYC; 96 us in the
+#: next run); the --quick run's 5 passes over the 40 test windows alone gave 200.
+MIN_SAMPLES = 10000
 #: Micro-batches of 64 timed per path of an ONNX pack, at least (for their throughput).
 MIN_GROUPS = 200
 
