@@ -179,8 +179,8 @@ class Agent:
         if not code and not watched and self.learned is None:
             return False
         d = scorer.decision(reading, assessed)
-        if watched:
-            rollout.observe(d)  # type: ignore[union-attr]
+        if watched and rollout is not None:
+            rollout.observe(d)
         if not code and self.learned is None:
             return False
         self._dispatch(d, readings)

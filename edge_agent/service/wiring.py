@@ -10,6 +10,7 @@ from edge_agent.routing.learned import LearnedPolicy
 
 
 def open_outbox(settings: Settings) -> Outbox:
+    """The state directory's outbox, with the ``[outbox]`` limits of each class."""
     o = settings.outbox
     limits = {
         Cls.URGENT: ClassLimits(o.urgent_max_rows, o.urgent_max_bytes, o.urgent_ttl_s),
