@@ -35,7 +35,8 @@ from edge_agent.delivery.link import Link
 from edge_agent.delivery.outbox import Cls
 from edge_agent.models.pack import open_pack, resolve
 from edge_agent.scoring.scorer import Scorer
-from edge_agent.service.agent import Agent, open_outbox
+from edge_agent.service.agent import Agent
+from edge_agent.service.wiring import open_outbox
 from edge_agent.wire.messages import Batch, HardCase, Topics
 from tests.broker import Mosquitto, free_port
 from tests.conftest import TEST_JSONL, make_fake_pack, puback_env, settings_env

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from edge_agent.config import load_settings
+from edge_agent.ingest.readings import Reading
 from edge_agent.models.pack import resolve
 from edge_agent.scoring.scorer import Scorer
 from edge_agent.service.agent import Agent
@@ -78,9 +79,14 @@ def test_readings_alone_leave_what_the_same_readings_leave_as_a_group(
 ) -> None:
     lines = _lines()
     alone, group = _agent(tmp_path, "alone", policy), _agent(tmp_path, "group", policy)
-    calls = []
+    calls: list[Reading] = []
     act_one = alone.act_one
-    alone.pipeline.act_one = lambda r: calls.append(1) or act_one(r)
+
+    def counted(reading: Reading) -> bool:
+        calls.append(reading)
+        return act_one(reading)
+
+    alone.pipeline.act_one = counted
     try:
         for line in lines:
             alone.pipeline.process([line])

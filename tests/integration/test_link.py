@@ -17,7 +17,7 @@ from edge_agent.cloud.worker import CloudWorker
 from edge_agent.config import Settings, load_settings
 from edge_agent.delivery.link import Link
 from edge_agent.delivery.outbox import Cls
-from edge_agent.service.agent import open_outbox
+from edge_agent.service.wiring import open_outbox
 from edge_agent.wire.messages import Status, Topics
 from tests.broker import Mosquitto
 from tests.conftest import make_fake_pack, puback_env, settings_env

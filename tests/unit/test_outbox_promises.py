@@ -22,7 +22,8 @@ from edge_agent.delivery.outbox import ClassLimits, Cls, Outbox
 from edge_agent.errors import OutboxError, OutboxFull
 from edge_agent.models.pack import open_pack
 from edge_agent.scoring.scorer import Scorer
-from edge_agent.service.agent import Agent, open_outbox
+from edge_agent.service.agent import Agent
+from edge_agent.service.wiring import open_outbox
 from tests.conftest import make_fake_pack, puback_env
 from tests.storage import read_only_dir
 
