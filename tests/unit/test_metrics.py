@@ -272,7 +272,7 @@ def test_the_probe_gives_the_process_cpu_share_since_the_last_probe(tmp_path: Pa
     while time.monotonic() < end:
         pass
     if probe._cpu_seconds() == before:
-        # qemu-user (tests/arm_check.sh) answers /proc/self/stat with CPU times of 0.
+        # qemu-user (scripts/arm_check.sh) answers /proc/self/stat with CPU times of 0.
         pytest.skip("this platform reports no CPU time for the process")
     busy = probe.read()
     time.sleep(0.5)
