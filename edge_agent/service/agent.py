@@ -477,6 +477,7 @@ class Agent:
         if time.monotonic() - self._counts_saved_at >= self.settings.telemetry.interval_s:
             self._save_counts()
         self.heartbeat.beat()
+        self.telemetry.maybe_tick()
         self.reconciler.sweep()
         self.watchdog.maybe_ping()
         flag = self.drift.flag

@@ -80,6 +80,9 @@ def run_agent(
     # numbers are checked in the textfile, which that tick writes.)
     published = agent.link.counters["published_telemetry"]
     assert published > 0
+    # While it scores, the run loop takes the snapshots itself (between groups), not the
+    # telemetry thread, whose snapshots delay a reading (TelemetryThread).
+    assert agent.telemetry.by_loop > 0
 
     def telemetry() -> list[dict[str, Any]]:
         return [json.loads(p) for t, p, _ in list(collector.messages) if t.endswith("/telemetry")]
