@@ -243,7 +243,7 @@ def agent_specs(
     # A source that received 64 frames together decodes them together (decode_many).
     decode_many = frame_decoder.decode_many
     readings = [Reading(values=w) for w in x]
-    route, act_one = agent.route_many, agent.act_one  # what the pipeline calls
+    act_one, act_many = agent.act_one, agent.act_many  # what the pipeline calls
     itr = itertools.cycle(readings)
     group_r = (readings * (64 // len(readings) + 1))[:64]
     specs = {
@@ -252,7 +252,7 @@ def agent_specs(
         "frame": Spec(lambda: process([decode(next(itf))]), n),
         "frames_batched": Spec(lambda: process(decode_many(group_f)), n_groups, 64),
         "from_array": Spec(lambda: act_one(next(itr)), n),
-        "from_array_batched": Spec(lambda: route(*scorer.score_with_input(group_r)), n_groups, 64),
+        "from_array_batched": Spec(lambda: act_many(group_r), n_groups, 64),
     }
 
     def finish() -> dict[str, Any]:

@@ -53,6 +53,8 @@ DecisionsHook = Callable[[list[Decision], FloatArray], "list[tuple[str, str] | N
 #: went hard. The agent's latency path (``Agent.act_one``), which the hooks above would
 #: also give, with a ``Decision`` for every reading.
 ActOne = Callable[[Reading], bool]
+#: The same for a group of ready readings (``Agent.act_many``); returns how many went hard.
+ActMany = Callable[[list[Reading]], int]
 
 
 _encoder = msgspec.json.Encoder()
@@ -88,6 +90,7 @@ class ScorePipeline:
         on_decision: DecisionHook | None = None,
         on_decisions: DecisionsHook | None = None,
         act_one: ActOne | None = None,
+        act_many: ActMany | None = None,
         next_seqs: Callable[[int], list[int]] | None = None,
         next_seq: Callable[[], int] | None = None,
         output: bool = True,
@@ -96,6 +99,7 @@ class ScorePipeline:
         self.on_decision = on_decision
         self.on_decisions = on_decisions
         self.act_one = act_one
+        self.act_many = act_many
         #: Sequence numbers for n readings (the outbox's, unique across runs); default: the
         #: reading's position among all lines.
         self.next_seqs = next_seqs
@@ -198,9 +202,17 @@ class ScorePipeline:
 
     def _ready(self, readings: list[Reading]) -> None:
         """Score and route ready readings whose decisions nobody reads (``process``)."""
-        self._route(self._number(readings))
+        if self.act_many is None:
+            self._route(self._number(readings))
+            return
+        hard = self.act_many(self._number(readings))
+        self.counts["hard"] += hard
+        self.counts["local"] += len(readings) - hard
 
     def _score(self, pending: list[tuple[int, Reading]], out: list[bytes | DecisionOut]) -> None:
+        if not self.output:
+            self._ready([r for _, r in pending])
+            return
         decisions, routed = self._route(self._number([r for _, r in pending]))
         if self.output:
             for (pos, _), decision, how in zip(pending, decisions, routed, strict=True):

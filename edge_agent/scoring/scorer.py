@@ -19,8 +19,10 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import numpy as np
+import numpy.typing as npt
 
 from edge_agent.errors import ModelLoadError, ModelPackError
 from edge_agent.ingest.readings import Reading
@@ -35,7 +37,15 @@ from edge_agent.scoring.backends.base import (
 )
 from edge_agent.scoring.guard import GRAPH_CODES, OodCheck, graph_reasons, probe_windows
 
-__all__ = ["ROUTE_REASONS", "Assessment", "Decision", "OodCheck", "Route", "Scorer"]
+__all__ = [
+    "ROUTE_REASONS",
+    "Assessment",
+    "Decision",
+    "GroupAssessment",
+    "OodCheck",
+    "Route",
+    "Scorer",
+]
 
 
 class Route(enum.StrEnum):
@@ -70,6 +80,13 @@ _ROUTE_OF = [Route.LOCAL] + [Route.HARD] * 5
 #: ``Scorer.assess_one``'s answer: the label's index, the confidence, the reason code
 #: (``_REASON_OF``; 0: none, the reading is local), the model's OOD score, the latency (ms).
 Assessment = tuple[int, float, int, float | None, float]
+#: ``Scorer.assess_many``'s answer: the group's stacked input, then per reading the label's
+#: index, the confidence, the reason code (an array: ``!= 0`` is hard), the OOD score and
+#: the latency (ms).
+GroupAssessment = tuple[
+    FloatArray, list[int], list[float], npt.NDArray[Any], list[Any], list[float]
+]
+T = TypeVar("T")
 
 
 @dataclass(slots=True)
@@ -153,6 +170,25 @@ class Scorer:
             if assessed is not None:
                 return [self.decision(reading, assessed)], x
             return self._decide(readings, x, self.backend.score_batch(x)), x
+        return self._group(readings, lambda x, out: (self._decide(readings, x, out), x))
+
+    def assess_many(self, readings: list[Reading]) -> GroupAssessment:
+        """``assess_one`` for a group of readings (more than one), without a ``Decision``:
+        the stacked input (as ``score_with_input`` gives it) and, per reading, the label's
+        index, the confidence, the reason code, the OOD score and the latency (ms)."""
+
+        def assess(x: FloatArray, out: BackendOutput) -> GroupAssessment:
+            best, conf, code = self._codes(x, out)
+            z = out.ood_score.tolist() if out.ood_score is not None else [None] * len(readings)
+            now = time.monotonic_ns()
+            ms = [(now - r.t_mono_ns) / 1e6 for r in readings]
+            return x, best.tolist(), conf.tolist(), code, z, ms
+
+        return self._group(readings, assess)
+
+    def _group(self, readings: list[Reading], use: Callable[[FloatArray, BackendOutput], T]) -> T:
+        """``use`` of a group's stacked input and the backend's output for it."""
+        n = len(readings)
         block = readings[0].block
         if (
             block is not None
@@ -161,11 +197,11 @@ class Scorer:
             and all(r.block is block for r in readings)
         ):
             # Frames decoded together, all valid: their block is the input as it is.
-            return self._decide(readings, block, self.backend.score_batch(block)), block
+            return use(block, self.backend.score_batch(block))
         # One thread fills the reused buffer at a time; another meanwhile stacks its own.
         if not self._buffer_lock.acquire(blocking=False):
             x = np.stack([r.values for r in readings])
-            return self._decide(readings, x, self.backend.score_batch(x)), x
+            return use(x, self.backend.score_batch(x))
         try:
             buf = self._buffer
             if buf.shape[0] < n:
@@ -173,7 +209,7 @@ class Scorer:
             for i, r in enumerate(readings):
                 buf[i] = r.values
             x = buf[:n]
-            return self._decide(readings, x, self.backend.score_batch(x)), x
+            return use(x, self.backend.score_batch(x))
         finally:
             self._buffer_lock.release()
 
@@ -204,15 +240,15 @@ class Scorer:
             self.labels[k], c, _ROUTE_OF[code], _REASON_OF[code], self.ref, ms, reading, z
         )
 
-    def _decide(self, readings: list[Reading], x: FloatArray, out: BackendOutput) -> list[Decision]:
-        """Decisions for a scored group: the reasons worked out with numpy for the whole
-        group, then one ``Decision`` per reading."""
-        n = len(readings)
+    def _codes(
+        self, x: FloatArray, out: BackendOutput
+    ) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.float64], npt.NDArray[Any]]:
+        """For a scored group, with numpy: each reading's label index, confidence and reason
+        code: the guard's (3 dead, 2 out of range, 1 saturated), else 4 for the model's own
+        OOD score over its limit, else 5 below the confidence threshold, else 0 (local)."""
         probs = out.probs
         best = probs.argmax(axis=1)
-        conf = probs[np.arange(n), best].astype(np.float64)  # limits compare as Python floats
-        # Reason codes: the guard's (3 dead, 2 out of range, 1 saturated), else 4 for the
-        # model's own OOD score over its limit, else 5 below the confidence threshold.
+        conf = probs[np.arange(len(probs)), best].astype(np.float64)  # limits compare as floats
         if out.guard is not None:
             code = out.guard.astype(np.int8)
         else:
@@ -220,8 +256,13 @@ class Scorer:
         if out.ood_score is not None and self.z_max is not None:
             z_over = out.ood_score.astype(np.float64) > self.z_max
             code = np.where(code > 0, code, np.where(z_over, 4, 0))
-        code = np.where(code > 0, code, np.where(conf < self.threshold, 5, 0))
-        z = out.ood_score.tolist() if out.ood_score is not None else [None] * n
+        return best, conf, np.where(code > 0, code, np.where(conf < self.threshold, 5, 0))
+
+    def _decide(self, readings: list[Reading], x: FloatArray, out: BackendOutput) -> list[Decision]:
+        """Decisions for a scored group: the reasons worked out with numpy for the whole
+        group (``_codes``), then one ``Decision`` per reading."""
+        best, conf, code = self._codes(x, out)
+        z = out.ood_score.tolist() if out.ood_score is not None else [None] * len(readings)
         labels, ref, now = self.labels, self.ref, time.monotonic_ns()
         return [
             Decision(

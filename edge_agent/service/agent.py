@@ -47,7 +47,7 @@ from edge_agent.scoring.backends.base import FloatArray
 from edge_agent.scoring.drift import DriftMonitor
 from edge_agent.scoring.pipeline import ScorePipeline
 from edge_agent.scoring.scorer import Decision, Route, Scorer
-from edge_agent.service.metrics import agent_metrics, decision_histogram, round_trip_histogram
+from edge_agent.service.metrics import RoundTrips, agent_metrics, decision_histogram
 from edge_agent.service.telemetry import LatencyWindow, SystemProbe, TelemetryThread
 from edge_agent.service.wiring import learned_policy, open_outbox
 from edge_agent.util.metrics import MetricsServer
@@ -125,15 +125,14 @@ class Agent:
             settings.model.max_batch,
             on_decisions=self.route_many,
             act_one=self.act_one,
+            act_many=self.act_many,
             next_seqs=self.outbox.next_seqs,
             next_seq=self.outbox.next_seq,
         )
         t = settings.telemetry
         self.latency = LatencyWindow(t.latency_window)
         self.decision_seconds = decision_histogram()
-        self.round_trip_seconds = round_trip_histogram()
-        self._round_trips_seen = 0
-        self._round_trips_lock = threading.Lock()
+        self.round_trips = RoundTrips(self.reconciler)
         self.drift = DriftMonitor(scorer.pack, settings.drift)
         self.probe = SystemProbe(settings.device.state_dir)
         self._slow: tuple[float, dict[str, Any]] | None = None
@@ -186,17 +185,33 @@ class Agent:
         self._dispatch(d, readings)
         return d.route == Route.HARD
 
+    def act_many(self, readings: list[Reading]) -> int:
+        """``act_one`` for a group the pipeline hands over whole (nobody reads the decisions):
+        scored, counted and watched once per group, a ``Decision`` made only for a reading
+        that needs one; how many went hard."""
+        x, best, conf, code, z, ms = self.scorer.assess_many(readings)
+        hard = code != 0
+        before = self._book(x, ms, conf, hard.tolist())
+        rollout, learned = self.rollout, self.learned is not None
+        watched = rollout is not None and (rollout.shadow is not None or rollout.health is not None)
+        went = 0
+        codes = code.tolist()
+        for i in range(len(readings)) if watched or learned else np.flatnonzero(hard).tolist():
+            d = self.scorer.decision(readings[i], (best[i], conf[i], codes[i], z[i], ms[i]))
+            if watched and rollout is not None:
+                rollout.observe(d)
+            if codes[i] or learned:
+                self._dispatch(d, before + i + 1)
+            went += d.route == Route.HARD
+        return went
+
     def route_many(self, decisions: list[Decision], x: FloatArray) -> list[tuple[str, str] | None]:
         """``route`` for a scored group, in order, whose stacked input is ``x``; the scoring
         loop's callback. The bookkeeping is done once per group, and under the fixed policy a
         local decision needs nothing more (the router would keep it local)."""
-        latencies = [d.latency_ms for d in decisions]
-        self.latency.record_many(latencies)
-        self.decision_seconds.observe_many(latencies, 1e-3)
         local = [d.route == Route.LOCAL for d in decisions]
-        self.drift.record_many(x, [d.confidence for d in decisions], [not v for v in local])
-        before = self.counters["readings"]
-        self.counters["readings"] += len(decisions)
+        latencies, conf = [d.latency_ms for d in decisions], [d.confidence for d in decisions]
+        before = self._book(x, latencies, conf, [not v for v in local])
         rollout = self.rollout
         if rollout is not None and (rollout.shadow is not None or rollout.health is not None):
             for d in decisions:
@@ -206,6 +221,16 @@ class Agent:
             None if plain and is_local else self._dispatch(d, before + i + 1)
             for i, (d, is_local) in enumerate(zip(decisions, local, strict=True))
         ]
+
+    def _book(self, x: FloatArray, ms: list[float], conf: list[float], hard: list[bool]) -> int:
+        """A scored group's records: latencies, the drift ring, the readings counter (whose
+        value before the group it returns)."""
+        self.latency.record_many(ms)
+        self.decision_seconds.observe_many(ms, 1e-3)
+        self.drift.record_many(x, conf, hard)
+        before = self.counters["readings"]
+        self.counters["readings"] += len(ms)
+        return before
 
     def _dispatch(self, d: Decision, readings: int) -> tuple[str, str] | None:
         """The router's plan for one decision, the ``readings``-th of this run: local, an
@@ -321,30 +346,13 @@ class Agent:
 
     def prometheus(self, snap: dict[str, Any]) -> str:
         """The Prometheus text of a snapshot and the latency histograms (``metrics.py``)."""
-        self._observe_round_trips()
         return agent_metrics(
-            snap, self.device, self.decision_seconds.data(), self.round_trip_seconds.data()
+            snap, self.device, self.decision_seconds.data(), self.round_trips.data()
         )
 
     def _scraped(self) -> str:
         """What ``/metrics`` answers: the Prometheus text of the latest snapshot."""
         return self.prometheus(self.telemetry.latest or self.snapshot())
-
-    def _observe_round_trips(self) -> None:
-        """Move the round trips of verdicts that came since the last call into the histogram.
-
-        The reconciler keeps the last round trips (on-time urgent verdicts, one each) in a
-        bounded deque; the count of on-time verdicts says how many of its newest are new. More
-        new ones than the deque holds (a burst past its bound between two ticks): the oldest
-        of them are not observed.
-        """
-        with self._round_trips_lock:
-            recent = list(self.reconciler.round_trips_ms)
-            seen = self.reconciler.counters["verdicts_on_time"]
-            new = min(seen - self._round_trips_seen, len(recent))
-            self._round_trips_seen = seen
-            for ms in recent[len(recent) - new :] if new > 0 else ():
-                self.round_trip_seconds.observe(ms / 1000.0)
 
     def snapshot(self) -> dict[str, Any]:
         """Everything telemetry reports, as one JSON-able dict."""

@@ -21,9 +21,11 @@ AMD EPYC, 2 cores):
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Mapping
 from typing import Any
 
+from edge_agent.routing.router import Reconciler
 from edge_agent.util.metrics import Exposition, Histogram, HistogramData
 
 Snapshot = dict[str, Any]
@@ -71,6 +73,33 @@ def decision_histogram() -> Histogram:
 
 def round_trip_histogram() -> Histogram:
     return Histogram(ROUND_TRIP_BUCKETS_S)
+
+
+class RoundTrips:
+    """The histogram of the verdicts' round trips, fed from the reconciler.
+
+    The reconciler keeps the last round trips (on-time urgent verdicts, one each) in a bounded
+    deque; the count of on-time verdicts says how many of its newest are new. More new ones
+    than the deque holds (a burst past its bound between two reads): the oldest of them are
+    not observed.
+    """
+
+    def __init__(self, reconciler: Reconciler) -> None:
+        self.reconciler = reconciler
+        self.histogram = round_trip_histogram()
+        self._seen = 0
+        self._lock = threading.Lock()
+
+    def data(self) -> HistogramData:
+        """The histogram, with the round trips of verdicts that came since the last call."""
+        with self._lock:
+            recent = list(self.reconciler.round_trips_ms)
+            seen = self.reconciler.counters["verdicts_on_time"]
+            new = min(seen - self._seen, len(recent))
+            self._seen = seen
+            for ms in recent[len(recent) - new :] if new > 0 else ():
+                self.histogram.observe(ms / 1000.0)
+            return self.histogram.data()
 
 
 def _table(snap: Mapping[str, Any], key: str) -> Mapping[str, Any]:

@@ -1,8 +1,9 @@
-"""The agent's latency path: a reading that arrives alone is scored and acted on by
-``Agent.act_one``, which makes a ``Decision`` only for a reading that needs one. What it
-leaves behind must be what the same readings leave when scored as one group (the path with
-a ``Decision`` for every reading): counts, the hard cases handed to the link, the drift
-ring and the latency records."""
+"""The agent's latency paths: a reading that arrives alone is scored and acted on by
+``Agent.act_one``, a group handed over whole by ``Agent.act_many``; both make a ``Decision``
+only for a reading that needs one. What they leave behind must be what the same readings
+leave when scored as one group with a ``Decision`` for every reading (the path taken when
+the decisions are written out, ``Agent.route_many``): counts, the hard cases handed to the
+link, the drift ring and the latency records."""
 
 from __future__ import annotations
 
@@ -74,44 +75,55 @@ def _handed(agent: Agent) -> tuple[list[tuple[Any, ...]], list[float]]:
 
 
 @pytest.mark.parametrize("policy", ["fixed", "learned"])
-def test_readings_alone_leave_what_the_same_readings_leave_as_a_group(
+def test_readings_alone_and_groups_leave_what_decided_readings_leave(
     tmp_path: Path, policy: str
 ) -> None:
     lines = _lines()
     alone, group = _agent(tmp_path, "alone", policy), _agent(tmp_path, "group", policy)
-    calls: list[Reading] = []
-    act_one = alone.act_one
+    decided = _agent(tmp_path, "decided", policy)
+    decided.pipeline.output = True  # a Decision for every reading, written out
+    calls: list[int] = []
+    act_one, act_many = alone.act_one, group.act_many
 
-    def counted(reading: Reading) -> bool:
-        calls.append(reading)
+    def one(reading: Reading) -> bool:
+        calls.append(1)
         return act_one(reading)
 
-    alone.pipeline.act_one = counted
+    def many(readings: list[Reading]) -> int:
+        calls.append(len(readings))
+        return act_many(readings)
+
+    alone.pipeline.act_one = one
+    group.pipeline.act_many = many
     try:
         for line in lines:
             alone.pipeline.process([line])
         group.pipeline.process(lines)
-        assert len(calls) == len(lines)  # every line took the latency path
-        assert alone.pipeline.counts == group.pipeline.counts
-        assert alone.pipeline.counts["hard"] > 0
-        assert alone.pipeline.counts["local"] > 0 or policy == "learned"  # it explores at first
-        assert alone.counters == group.counters
-        assert alone.counters["hard_urgent"] > 0
-        assert alone.counters["hard_batch"] > 0
-        handed_alone, conf_alone = _handed(alone)
-        handed_group, conf_group = _handed(group)
-        assert handed_alone == handed_group
-        assert np.allclose(conf_alone, conf_group, rtol=0, atol=CONFIDENCE_TOLERANCE)
+        assert decided.pipeline.process(lines).count(b"\n") == len(lines)
+        # Every line took a latency path: one at a time, then in groups of at most max_batch.
+        assert calls == [1] * len(lines) + [64, len(lines) - 64]
+        handed_decided, conf_decided = _handed(decided)
+        assert decided.pipeline.counts["hard"] > 0
+        assert decided.pipeline.counts["local"] > 0 or policy == "learned"  # it explores at first
+        assert decided.counters["hard_urgent"] > 0
+        assert decided.counters["hard_batch"] > 0
         n = len(lines)
-        a, g = alone.drift, group.drift
-        assert a._n == g._n == n
-        assert a._values is not None
-        assert g._values is not None
-        assert np.array_equal(a._values[:n], g._values[:n])
-        assert a._hard[:n] == g._hard[:n]
-        assert np.allclose(a._conf[:n], g._conf[:n], rtol=0, atol=CONFIDENCE_TOLERANCE)
-        assert alone.latency.count == group.latency.count == n
-        assert alone.decision_seconds.data().count == group.decision_seconds.data().count == n
+        d = decided.drift
+        assert d._values is not None
+        for agent in (alone, group):
+            assert agent.pipeline.counts == decided.pipeline.counts
+            assert agent.counters == decided.counters
+            handed, conf = _handed(agent)
+            assert handed == handed_decided
+            assert np.allclose(conf, conf_decided, rtol=0, atol=CONFIDENCE_TOLERANCE)
+            a = agent.drift
+            assert a._n == d._n == n
+            assert a._values is not None
+            assert np.array_equal(a._values[:n], d._values[:n])
+            assert a._hard[:n] == d._hard[:n]
+            assert np.allclose(a._conf[:n], d._conf[:n], rtol=0, atol=CONFIDENCE_TOLERANCE)
+            assert agent.latency.count == decided.latency.count == n
+            assert agent.decision_seconds.data().count == n
     finally:
-        alone.close()
-        group.close()
+        for agent in (alone, group, decided):
+            agent.close()
