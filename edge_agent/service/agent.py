@@ -194,8 +194,7 @@ class Agent:
         before = self._book(x, ms, conf, hard.tolist())
         rollout, learned = self.rollout, self.learned is not None
         watched = rollout is not None and (rollout.shadow is not None or rollout.health is not None)
-        went = 0
-        codes = code.tolist()
+        went, codes = 0, code.tolist()
         for i in range(len(readings)) if watched or learned else np.flatnonzero(hard).tolist():
             d = self.scorer.decision(readings[i], (best[i], conf[i], codes[i], z[i], ms[i]))
             if watched and rollout is not None:
@@ -346,9 +345,8 @@ class Agent:
 
     def prometheus(self, snap: dict[str, Any]) -> str:
         """The Prometheus text of a snapshot and the latency histograms (``metrics.py``)."""
-        return agent_metrics(
-            snap, self.device, self.decision_seconds.data(), self.round_trips.data()
-        )
+        seconds = self.decision_seconds.data()
+        return agent_metrics(snap, self.device, seconds, self.round_trips.data())
 
     def _scraped(self) -> str:
         """What ``/metrics`` answers: the Prometheus text of the latest snapshot."""
