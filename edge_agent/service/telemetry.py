@@ -150,12 +150,13 @@ class TelemetryThread:
     """Every ``interval_s``: take a snapshot, publish it, write the textfile.
 
     While the agent's scoring loop runs, it takes the snapshot itself, after the group of
-    readings in which one falls due (``maybe_tick``). A snapshot taken on this thread holds
-    the interpreter while the scoring thread waits for it, and the scoring thread is then
-    woken late: every snapshot delayed a reading (``edge-agent bench``, telemetry on vs
-    off). This thread takes a snapshot the loop has let go ``GRACE`` of an interval overdue
-    (nothing is scoring, or the source is stuck), keeping the period; while the loop keeps
-    the beat, the thread only looks every ``max(interval_s, CHECK_MIN_S)``.
+    readings in which one falls due, and publishes it after the next (``maybe_tick``). A
+    snapshot taken on this thread holds the interpreter while the scoring thread waits for
+    it, and the scoring thread is then woken late: every snapshot delayed a reading
+    (``edge-agent bench``, telemetry on vs off). This thread takes a snapshot the loop has
+    let go ``GRACE`` of an interval overdue (nothing is scoring, or the source is stuck),
+    keeping the period; while the loop keeps the beat, the thread only looks every
+    ``max(interval_s, CHECK_MIN_S)``.
     """
 
     #: How overdue (in intervals) a snapshot is when this thread takes it: the loop, which
@@ -185,6 +186,7 @@ class TelemetryThread:
         self._due = 0.0  # monotonic time of the next snapshot
         self._loop_beats = False  # the scoring loop took the last snapshot
         self._active = False
+        self._taken: Snapshot | None = None  # the loop's snapshot, to send after its next group
         self._ticking = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="edge-agent-telemetry", daemon=True)
@@ -206,27 +208,38 @@ class TelemetryThread:
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(5)
+        if self._taken is not None:  # taken by the loop, not yet sent
+            self._take(by_loop=True)
 
     def stop(self) -> None:
         self.halt()
         self.tick()  # one last snapshot, so the final numbers are published and written
 
     def maybe_tick(self) -> None:
-        """The scoring loop, between groups: take the snapshot if one is due."""
-        if self._active and time.monotonic() >= self._due:
+        """The scoring loop, between groups: take the snapshot if one is due. The loop takes
+        it in two steps, after two groups: the snapshot, then its publishing and textfile,
+        so that neither group's readings wait for both."""
+        if self._taken is not None or (self._active and time.monotonic() >= self._due):
             self._take(by_loop=True)
 
     def _take(self, *, by_loop: bool) -> None:
         if not self._ticking.acquire(blocking=False):
             return  # the other side is taking this one
         try:
+            taken, self._taken = self._taken, None
+            if taken is not None:
+                self._send(taken)
+                return
             # The beat keeps its period (the thread takes a snapshot GRACE late); after a
             # stall longer than a period, it starts again from now.
             now, due = time.monotonic(), self._due + self.interval_s
             self._due = due if due > now else now + self.interval_s
             self._loop_beats = by_loop
             self.by_loop += by_loop
-            self.tick()
+            if by_loop:
+                self._taken = self._shot()
+            else:
+                self.tick()
         except Exception:  # a snapshot's bug must not stop scoring, nor later snapshots
             self.failed += 1
             if self.failed == 1 or self.failed % 100 == 0:
@@ -247,9 +260,16 @@ class TelemetryThread:
                 self._take(by_loop=False)
 
     def tick(self) -> None:
+        """Take a snapshot, publish it and write the textfile, at once."""
+        self._send(self._shot())
+
+    def _shot(self) -> Snapshot:
         snap = self.snapshot()
         snap["time_unix"] = time.time()
         self.latest = snap
+        return snap
+
+    def _send(self, snap: Snapshot) -> None:
         if self.publish is not None:
             self.publish(snap)
         if self.textfile is not None and self.render is not None:

@@ -80,3 +80,25 @@ def test_a_snapshot_that_raises_is_counted_and_does_not_reach_the_scoring_loop()
     finally:
         telemetry.halt()
     assert telemetry.failed == len(taker.calls) >= 5
+
+
+def test_the_loop_publishes_its_snapshot_after_the_next_group_and_halt_sends_a_taken_one() -> None:
+    taker = _Taker()
+    sent: list[dict[str, Any]] = []
+    telemetry = TelemetryThread(3600.0, taker, sent.append, None)  # the thread never ticks
+    telemetry.start()
+    try:
+        telemetry._due = 0.0  # one is due now
+        telemetry.maybe_tick()  # after a group: the snapshot
+        assert (len(taker.calls), sent) == (1, [])
+        assert telemetry.latest["n"] == 1
+        telemetry.maybe_tick()  # after the next: its publishing
+        assert [s["n"] for s in sent] == [1]
+        telemetry.maybe_tick()  # nothing due
+        telemetry._due = 0.0
+        telemetry.maybe_tick()
+        assert (len(taker.calls), len(sent)) == (2, 1)
+    finally:
+        telemetry.halt()
+    assert [s["n"] for s in sent] == [1, 2], "a snapshot taken before halt was not sent"
+    assert all("time_unix" in s for s in sent)
