@@ -214,9 +214,8 @@ class ScorePipeline:
             self._ready([r for _, r in pending])
             return
         decisions, routed = self._route(self._number([r for _, r in pending]))
-        if self.output:
-            for (pos, _), decision, how in zip(pending, decisions, routed, strict=True):
-                out[pos] = decision_out(decision, how)
+        for (pos, _), decision, how in zip(pending, decisions, routed, strict=True):
+            out[pos] = decision_out(decision, how)
 
     def _number(self, readings: list[Reading]) -> list[Reading]:
         """Give each reading its sequence number, in order."""

@@ -173,7 +173,7 @@ class Scorer:
         return self._group(readings, lambda x, out: (self._decide(readings, x, out), x))
 
     def assess_many(self, readings: list[Reading]) -> GroupAssessment:
-        """``assess_one`` for a group of readings (more than one), without a ``Decision``:
+        """``assess_one`` for a group of readings, scored together, without a ``Decision``:
         the stacked input (as ``score_with_input`` gives it) and, per reading, the label's
         index, the confidence, the reason code, the OOD score and the latency (ms)."""
 
