@@ -229,7 +229,9 @@ class TelemetryThread:
             taken, self._taken = self._taken, None
             if taken is not None:
                 self._send(taken)
-                return
+                if by_loop:
+                    return
+                # The thread: the loop stopped right after a snapshot; the next one is due too.
             # The beat keeps its period (the thread takes a snapshot GRACE late); after a
             # stall longer than a period, it starts again from now.
             now, due = time.monotonic(), self._due + self.interval_s

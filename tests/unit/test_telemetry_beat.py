@@ -102,3 +102,22 @@ def test_the_loop_publishes_its_snapshot_after_the_next_group_and_halt_sends_a_t
         telemetry.halt()
     assert [s["n"] for s in sent] == [1, 2], "a snapshot taken before halt was not sent"
     assert all("time_unix" in s for s in sent)
+
+
+def test_the_thread_sends_a_snapshot_the_loop_left_and_takes_the_next_with_it() -> None:
+    """The loop stops right after the first step of a snapshot: the thread sends it when it
+    takes over, and takes the next one (due as well) at once, not a look later."""
+    taker = _Taker()
+    sent: list[tuple[int, float]] = []
+    telemetry = TelemetryThread(0.2, taker, lambda s: sent.append((s["n"], time.monotonic())), None)
+    telemetry.start()
+    try:
+        telemetry._due = 0.0
+        telemetry.maybe_tick()  # the loop's first step, and then no more groups
+        end = time.monotonic() + 2 * TelemetryThread.CHECK_MIN_S + 1.0
+        while len(sent) < 2 and time.monotonic() < end:
+            time.sleep(0.01)
+    finally:
+        telemetry.halt()
+    assert [n for n, _ in sent[:2]] == [1, 2], sent
+    assert sent[1][1] - sent[0][1] < 0.5 * TelemetryThread.CHECK_MIN_S, sent
