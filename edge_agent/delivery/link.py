@@ -39,7 +39,6 @@ gathered or the oldest has waited long enough.
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
 from collections import Counter
@@ -53,6 +52,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from edge_agent.config import Settings
 from edge_agent.delivery.inflight import Book
 from edge_agent.delivery.outbox import Cls, Message, Outbox
+from edge_agent.delivery.submissions import Payload, Submissions
 from edge_agent.errors import OutboxError
 from edge_agent.mqtt.properties import publish_properties
 from edge_agent.mqtt.session import Session, Waker, disconnect_quietly, on_disconnect, pump
@@ -101,8 +101,8 @@ class Link:
         self.counters: Counter[str] = Counter()
         self.connected = threading.Event()
         self._session = Session(settings, f"edge-agent-{device_id}", self.counters)
-        self._queue: queue.Queue[tuple[Cls, str, str, bytes]] = queue.Queue(
-            settings.link.submit_queue
+        self._queue = Submissions(
+            settings.link.submit_queue, settings.link.max_payload_bytes, self.counters
         )
         self._stop = threading.Event()
         self._flush_batches = threading.Event()
@@ -135,21 +135,11 @@ class Link:
         """Why the last connection attempt failed ("" while connected)."""
         return self._session.last_error
 
-    def submit(self, cls: Cls, key: str, topic: str, payload: bytes) -> bool:
-        """Hand a message to the link thread without blocking; False if the queue is full."""
-        if len(payload) > self.settings.link.max_payload_bytes:
-            self.counters[f"refused_too_large_{cls.name.lower()}"] += 1
-            log.error("message %s of %d bytes is over link.max_payload_bytes", key, len(payload))
-            return False
-        try:
-            self._queue.put_nowait((cls, key, topic, payload))
-        except queue.Full:
-            full = True
-        else:
-            full = False
-        if full:
-            self.counters[f"refused_queue_full_{cls.name.lower()}"] += 1
-            log.error("link queue full: %s message %s refused", cls.name.lower(), key)
+    def submit(self, cls: Cls, key: str, topic: str, payload: Payload) -> bool:
+        """Hand a message to the link thread without blocking; False if the queue is full,
+        or if its body is over ``link.max_payload_bytes`` (a body made on the link thread
+        is refused there, counted the same: ``submissions.py``)."""
+        if not self._queue.put(cls, key, topic, payload):
             return False
         if topic != self._snapshot_topic:
             # A telemetry snapshot waits for the loop's next turn (at most LOOP_MAX_S): waking
@@ -167,7 +157,7 @@ class Link:
         """True when nothing is queued, stored or in flight."""
         d = self.outbox.depth()
         return (
-            self._queue.empty()
+            not self._queue
             and not self._book.inflight
             and d["urgent"] == 0
             and d["batch"] == 0
@@ -238,13 +228,7 @@ class Link:
             self._lost(f"no packet from the broker for {silent:.1f} s (half-open connection)")
 
     def _store_submissions(self) -> None:
-        items: list[tuple[Cls, str, str, bytes]] = []
-        try:
-            while len(items) < 1000:
-                items.append(self._queue.get_nowait())
-        except queue.Empty:
-            pass
-        items = self._send_telemetry(items)
+        items = self._send_telemetry(self._queue.take())
         if not items:
             return
         results = self.outbox.put_many(items)

@@ -5,6 +5,7 @@ ledger) and the design's budgets, each checked against the measured value."""
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -89,7 +90,15 @@ def budgets(results: dict[str, Any]) -> list[dict[str, Any]]:
     """Each budget of the design, with the measured value and pass/fail."""
     out: list[dict[str, Any]] = []
 
-    def check(name: str, value: float | None, limit: float, unit: str, note: str = "") -> None:
+    def check(
+        name: str,
+        value: float | None,
+        limit: float,
+        unit: str,
+        note: str = "",
+        *,
+        pooled: float | None = None,
+    ) -> None:
         ok = value is not None and math.isfinite(value) and value <= limit
         out.append(
             {
@@ -99,6 +108,7 @@ def budgets(results: dict[str, Any]) -> list[dict[str, Any]]:
                 "unit": unit,
                 "pass": bool(ok),
                 "note": note,
+                "pooled": pooled,
             }
         )
 
@@ -120,7 +130,15 @@ def budgets(results: dict[str, Any]) -> list[dict[str, Any]]:
         )
     tel = results.get("telemetry", {})
     if tel:
-        check("p99 with telemetry on / off", tel["p99_ratio"], 1.1, "x")
+        pairs = [b["on_p99_ms"] / b["off_p99_ms"] for b in tel.get("blocks", [])]
+        check(
+            "p99 with telemetry on / off",
+            statistics.median(pairs) if pairs else tel["p99_ratio"],
+            1.1,
+            "x",
+            "median of the blocks' ratios, each on block against the off block before it",
+            pooled=tel["p99_ratio"],
+        )
     return out
 
 
@@ -134,6 +152,23 @@ def budgets(results: dict[str, Any]) -> list[dict[str, Any]]:
 SINGLE_ALLOWANCE = 0.5
 BATCH_ALLOWANCE = 1.0
 
+Figures = dict[str, Any]
+
+
+def by_rounds(formula: Callable[..., float], *paths: Figures) -> tuple[float, float]:
+    """``formula`` of the paths' figures (each a ``measure.interleaved`` result) as a budget
+    takes it, and as their pooled figures give it. The budget's value is the median of the
+    formula round by round, each round's paths timed within a second of each other: a change
+    of the machine's state lasting part of a run (another process, a frequency step) lands in
+    one round and moves that round's value, not the median. Pooled, it moves a path's p99 when
+    it falls in that path's slices and not the others'. Paths timed without rounds (an older
+    bench.json) give the pooled value for both."""
+    pooled = formula(*paths)
+    rounds = [p.get("rounds") or [] for p in paths]
+    if not rounds[0] or any(len(r) != len(rounds[0]) or not all(r) for r in rounds):
+        return pooled, pooled
+    return statistics.median(formula(*rs) for rs in zip(*rounds, strict=True)), pooled
+
 
 def _pack_budgets(check: Callable[..., None], ref: str, p: dict[str, Any]) -> None:
     """The budgets of one pack, each against its own floor measured in the same run: binary
@@ -141,42 +176,50 @@ def _pack_budgets(check: Callable[..., None], ref: str, p: dict[str, Any]) -> No
     and RSS."""
     if p["backend"] == "onnx":
         f, a, jf = p["floor"], p["agent"], p["json_floor"]
-        run99, run64 = f["single"]["p99_ms"], f["batched"]["mean_ms"]
-        check(
-            f"{ref}: agent p99 per frame / raw run p99",
-            a["frame"]["p99_ms"] / run99,
-            1.0 + SINGLE_ALLOWANCE,
-            "x",
-            "decode + validate + score (guard in the graph) + route + output line",
+
+        def ratio(name: str, formula: Callable[..., float], *paths: Figures, **kw: Any) -> None:
+            value, pooled = by_rounds(formula, *paths)
+            check(f"{ref}: {name}", value, kw.pop("limit", 1.0), "x", pooled=pooled, **kw)
+
+        ratio(
+            "agent p99 per frame / raw run p99",
+            lambda a, f: a["p99_ms"] / f["p99_ms"],
+            a["frame"],
+            f["single"],
+            limit=1.0 + SINGLE_ALLOWANCE,
+            note="decode + validate + score (guard in the graph) + route + output line",
         )
-        check(
-            f"{ref}: raw batched throughput / agent micro-batched from frames",
-            f["batched"]["throughput_per_s"] / a["frames_batched"]["throughput_per_s"],
-            1.0 + BATCH_ALLOWANCE,
-            "x",
-            "the agent at >= 0.5x the raw batched run",
+        ratio(
+            "raw batched throughput / agent micro-batched from frames",
+            lambda f, a: f["throughput_per_s"] / a["throughput_per_s"],
+            f["batched"],
+            a["frames_batched"],
+            limit=1.0 + BATCH_ALLOWANCE,
+            note="the agent at >= 0.5x the raw batched run",
         )
-        check(
-            f"{ref}: agent p99 per JSON line / (JSON floor p99 + 0.5 raw run p99)",
-            a["single"]["p99_ms"] / (jf["single"]["p99_ms"] + SINGLE_ALLOWANCE * run99),
-            1.0,
-            "x",
-            f"JSON floor: {jf['fastest_validated']} into the input array, then the raw run",
+        ratio(
+            "agent p99 per JSON line / (JSON floor p99 + 0.5 raw run p99)",
+            lambda a, j, f: a["p99_ms"] / (j["p99_ms"] + SINGLE_ALLOWANCE * f["p99_ms"]),
+            a["single"],
+            jf["single"],
+            f["single"],
+            note=f"JSON floor: {jf['fastest_validated']} into the input array, then the raw run",
         )
-        check(
-            f"{ref}: agent x64 from JSON lines / (JSON floor x64 + raw run x64)",
-            a["batched"]["mean_ms"] / (jf["batched"]["mean_ms"] + BATCH_ALLOWANCE * run64),
-            1.0,
-            "x",
-            "64 lines parsed into one array, then one raw run",
+        ratio(
+            "agent x64 from JSON lines / (JSON floor x64 + raw run x64)",
+            lambda a, j, f: a["mean_ms"] / (j["mean_ms"] + BATCH_ALLOWANCE * f["mean_ms"]),
+            a["batched"],
+            jf["batched"],
+            f["batched"],
+            note="64 lines parsed into one array, then one raw run",
         )
         check(f"{ref}: agent p99 per line (absolute)", a["single"]["p99_ms"], 50.0, "ms")
-        check(
-            f"{ref}: agent p99 / naive p99",
-            a["single"]["p99_ms"] / p["naive"]["p99_ms"],
-            1.0,
-            "x",
-            "agent faster than the naive integration",
+        ratio(
+            "agent p99 / naive p99",
+            lambda a, n: a["p99_ms"] / n["p99_ms"],
+            a["single"],
+            p["naive"],
+            note="agent faster than the naive integration",
         )
     else:
         check(

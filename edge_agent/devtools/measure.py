@@ -8,6 +8,7 @@ from __future__ import annotations
 import gc
 import itertools
 import json
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -87,12 +88,14 @@ def interleaved(specs: dict[str, Spec], rounds: int = ROUNDS) -> dict[str, dict[
     change of the machine's state in between (another process, a slower core, a frequency
     step) lands on one side of a ratio only; timed in turn, it lands on both."""
     samples: dict[str, list[float]] = {name: [] for name in specs}
+    starts: dict[str, list[int]] = {name: [] for name in specs}
     cpu = dict.fromkeys(specs, 0.0)
     wall = dict.fromkeys(specs, 0.0)
     for r in range(rounds):
         for name, spec in specs.items():
             count = spec.n // rounds + (1 if r < spec.n % rounds else 0)
             fn, out = spec.fn, samples[name]
+            starts[name].append(len(out))
             gc.collect()
             cpu0, wall0 = time.process_time(), time.perf_counter()
             for _ in range(count):
@@ -107,8 +110,22 @@ def interleaved(specs: dict[str, Spec], rounds: int = ROUNDS) -> dict[str, dict[
         if spec.batch > 1:
             figures["throughput_per_s"] = spec.batch / (figures["mean_ms"] / 1000.0)
             figures["batch"] = spec.batch
+        bounds = [*starts[name], len(samples[name])]
+        figures["rounds"] = [
+            _round_figures(samples[name][a:b], spec.batch) for a, b in itertools.pairwise(bounds)
+        ]
         result[name] = figures
     return result
+
+
+def _round_figures(samples_ms: list[float], batch: int) -> dict[str, float]:
+    """p99, mean and throughput of one path's slice of one round: what ``costs.budgets``
+    takes the median of, round by round."""
+    s = stats(samples_ms)
+    if not s["n"]:
+        return {}
+    per_s = batch / (s["mean_ms"] / 1000.0) if s["mean_ms"] > 0 else math.inf
+    return {"p99_ms": s["p99_ms"], "mean_ms": s["mean_ms"], "throughput_per_s": per_s}
 
 
 # -- how many ---------------------------------------------------------------------------
@@ -308,15 +325,18 @@ def telemetry_effect(
         telemetry_publish="true",
     )
     agent = Agent(settings, scorer)
+    agent.pipeline.output = False  # as ``edge-agent run`` serves, and the agent's paths above
     agent.link.start()
     agent.link.connected.wait(5)
     results: dict[str, list[float]] = {"off": [], "on": []}
+    block_p99: dict[str, list[float]] = {"off": [], "on": []}
     it = itertools.cycle(lines)
     for block in range(TELEMETRY_BLOCKS):
         mode = "on" if block % 2 else "off"
         if mode == "on":
             agent.telemetry.start()
         samples = results[mode]
+        first = len(samples)
         end = time.perf_counter() + TELEMETRY_BLOCK_S
         while time.perf_counter() < end:
             t0 = time.perf_counter_ns()
@@ -324,6 +344,7 @@ def telemetry_effect(
             agent.telemetry.maybe_tick()
             samples.append((time.perf_counter_ns() - t0) / 1e6)
         agent.telemetry.halt()
+        block_p99[mode].append(stats(samples[first:])["p99_ms"])
         # What the last ticks handed the link is sent before the next block, not during it: a
         # snapshot waits for the link's next turn (up to 0.5 s), which would fall in the "off"
         # block. flush_batches wakes the link (there are no batch cases here).
@@ -340,6 +361,10 @@ def telemetry_effect(
         "off": off,
         "on": on,
         "p99_ratio": on["p99_ms"] / off["p99_ms"],
+        "blocks": [
+            {"off_p99_ms": a, "on_p99_ms": b}
+            for a, b in zip(block_p99["off"], block_p99["on"], strict=True)
+        ],
         "interval_s": TELEMETRY_STRESS_S,
         "published": published,
         "taken_by_loop": by_loop,

@@ -161,9 +161,10 @@ def table(results: dict[str, Any]) -> str:
     lines += _cost_lines(results)
     lines += ["", "budgets:"]
     for b in results["budgets"]:
+        pooled = "" if b.get("pooled") is None else f"; pooled {_f(b['pooled'])}"
         lines.append(
             f"  {'PASS' if b['pass'] else 'FAIL'}  {b['budget']}:"
-            f" {_f(b['value'])} {b['unit']} (limit {b['limit']})"
+            f" {_f(b['value'])} {b['unit']} (limit {b['limit']}{pooled})"
         )
     return "\n".join(lines) + "\n"
 

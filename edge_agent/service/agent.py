@@ -4,9 +4,10 @@ Wiring: source → ``ScorePipeline`` (validate, score; micro-batched by what
 arrived together) → ``Router`` (tier) → ``Link.submit`` (durable outbox, then
 MQTT). The scoring loop never waits on the network or the disk: hard cases
 and telemetry go to the link thread through a bounded queue, and the link
-thread stores them (one fsync per group) before it publishes; psutil and
-percentiles run on the telemetry thread. Cloud verdicts come back on the link
-thread and are reconciled.
+thread stores them (one fsync per group) before it publishes. Telemetry snapshots
+are taken by the scoring loop between two groups (by the telemetry thread while
+the loop is idle; ``telemetry.py``) and encoded and published by the link
+thread. Cloud verdicts come back on the link thread and are reconciled.
 
 Threads: main (source + scoring + routing + watchdog), link, telemetry, and
 the optional loopback ``/metrics`` server. systemd is told ``READY=1`` once
@@ -48,10 +49,10 @@ from edge_agent.scoring.drift import DriftMonitor
 from edge_agent.scoring.pipeline import ScorePipeline
 from edge_agent.scoring.scorer import Decision, Route, Scorer
 from edge_agent.service.metrics import RoundTrips, agent_metrics, decision_histogram
+from edge_agent.service.snapshot import agent_snapshot
 from edge_agent.service.telemetry import LatencyWindow, SystemProbe, TelemetryThread
 from edge_agent.service.wiring import learned_policy, open_outbox
 from edge_agent.util.metrics import MetricsServer
-from edge_agent.util.stats import percentiles
 from edge_agent.util.systemd import Heartbeat, Notifier, Watchdog
 from edge_agent.wire.messages import (
     SCHEMA_VERSION,
@@ -336,12 +337,14 @@ class Agent:
             with self._emit_lock:
                 self._emit(data)
 
-    # -- telemetry (telemetry thread) -------------------------------------------------
+    # -- telemetry (scoring loop) -------------------------------------------------------
 
     def _publish_telemetry(self, snap: dict[str, Any]) -> None:
         key = f"{self.device}:t{int(snap.get('time_unix', time.time()) * 1000)}"
-        payload = encoder.encode({"v": SCHEMA_VERSION, "device": self.device, **snap})
-        self.link.submit(Cls.TELEMETRY, key, self.topics.telemetry(self.device), payload)
+        body = {"v": SCHEMA_VERSION, "device": self.device, **snap}
+        # Encoded by the link thread (``link.Payload``), not by the scoring loop.
+        topic = self.topics.telemetry(self.device)
+        self.link.submit(Cls.TELEMETRY, key, topic, lambda: encoder.encode(body))
 
     def prometheus(self, snap: dict[str, Any]) -> str:
         """The Prometheus text of a snapshot and the latency histograms (``metrics.py``)."""
@@ -353,64 +356,8 @@ class Agent:
         return self.prometheus(self.telemetry.latest or self.snapshot())
 
     def snapshot(self) -> dict[str, Any]:
-        """Everything telemetry reports, as one JSON-able dict."""
-        c, r = self.pipeline.counts, self.reconciler.counters
-        slow = self._slow_signals()
-        lat = slow["latency"]
-        snap: dict[str, Any] = {
-            "model": self.scorer.ref,
-            "readings": c["local"] + c["hard"],
-            "rejected": c["rejected"],
-            "rejects": dict(self.pipeline.rejects),
-            "local": c["local"],
-            "hard_urgent": self.counters["hard_urgent"],
-            "hard_batch": self.counters["hard_batch"],
-            "hard_refused": self.counters["hard_refused_urgent"]
-            + self.counters["hard_refused_batch"],
-            "verdicts_on_time": r["verdicts_on_time"],
-            "verdicts_late": r["verdicts_late"],
-            "verdicts_batch": r["verdicts_batch"],
-            "deadline_missed": r["deadline_missed"],
-            "agreement": self.reconciler.agreement(),
-            "latency_ms_p50": lat["p50"],
-            "latency_ms_p95": lat["p95"],
-            "latency_ms_p99": lat["p99"],
-            "round_trip_ms_p50": slow["round_trip"]["p50"],
-            "round_trip_ms_p99": slow["round_trip"]["p99"],
-            "outbox": self.outbox.depth(),
-            "outbox_bytes": self.outbox.bytes_used(),
-            "outbox_events": dict(self.outbox.counters),
-            "link": dict(self.link.counters),
-            "connected": self.link.connected.is_set(),
-            # The outbox cannot be written (disk full, read-only): scoring goes on, hard cases
-            # are refused (counted in link.store_failed_*), telemetry is dropped.
-            "degraded": bool(self.outbox.write_error),
-            "reconnects": self.link.counters["disconnects"],
-            "router": dict(self.router.counters),
-            "routing": self.learned.snapshot() if self.learned is not None else {"policy": "fixed"},
-            "alerts": dict(self.alerts),
-            "hard_audit": self.counters["hard_audit"],
-            "drift": slow["drift"],
-            "rollout": self.rollout.snapshot() if self.rollout is not None else {},
-        }
-        snap.update(slow["probe"])
-        return snap
-
-    def _slow_signals(self) -> dict[str, Any]:
-        """The statistics over windows of readings (drift, the percentiles of latency and of
-        round trips) and the system probe, taken again at most every
-        ``telemetry.slow_interval_s``: they change over seconds, cost the telemetry thread
-        about a millisecond, and that thread shares the interpreter with scoring (numpy hands
-        it back at each call: the scoring thread then waits for its turn again). The rest of a
-        snapshot is counters, always current."""
-        now = time.monotonic()
-        slow = self._slow  # made whole, then swapped in: the metrics server may read it too
-        if slow is None or now - slow[0] >= self.settings.telemetry.slow_interval_s:
-            fresh = {"drift": self.drift.snapshot(), "probe": self.probe.read()}
-            fresh["latency"] = self.latency.percentiles()
-            fresh["round_trip"] = percentiles(list(self.reconciler.round_trips_ms), (50, 99))
-            slow = self._slow = (now, fresh)
-        return slow[1]
+        """Everything telemetry reports, as one JSON-able dict (``snapshot.py``)."""
+        return agent_snapshot(self)
 
     def status_line(self) -> str:
         c = self.pipeline.counts

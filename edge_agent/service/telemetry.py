@@ -3,12 +3,13 @@
 For each reading, the scoring loop only records its latency into a fixed ring
 buffer and a histogram. Every ``telemetry.interval_s`` a snapshot is taken —
 counters, the slow signals (psutil calls, percentiles, drift; refreshed at most
-every ``telemetry.slow_interval_s``), encoding, rendering the Prometheus text
-(``metrics.py``), writing the textfile — by the scoring loop between two groups
-of readings while it runs, else by the telemetry thread (``TelemetryThread``).
-Publishing goes through the link's bounded queue; the link sends a snapshot at
-QoS 0 while connected, else keeps it in the outbox's telemetry class, which
-drops its oldest when full (``telemetry.qos``).
+every ``telemetry.slow_interval_s``; ``snapshot.py``), rendering the Prometheus
+text (``metrics.py``), writing the textfile — by the scoring loop between two
+groups of readings while it runs, else by the telemetry thread
+(``TelemetryThread``). Publishing hands the snapshot to the link's bounded queue;
+the link thread encodes it and sends it at QoS 0 while connected, else keeps it
+in the outbox's telemetry class, which drops its oldest when full
+(``telemetry.qos``).
 
 Metrics: process CPU and RSS, system load and memory, free disk of the state
 directory, temperatures where the device has sensors; latency p50/p95/p99

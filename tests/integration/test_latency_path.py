@@ -65,8 +65,7 @@ def _agent(tmp_path: Path, name: str, policy: str) -> Agent:
 def _handed(agent: Agent) -> tuple[list[tuple[Any, ...]], list[float]]:
     """What the agent handed the link, with the local confidences apart."""
     out, conf = [], []
-    while not agent.link._queue.empty():
-        cls, key, topic, payload = agent.link._queue.get_nowait()
+    for cls, key, topic, payload in agent.link._queue.take():
         body = msgspec.json.decode(payload)
         local = body.get("local", {})
         conf.append(local.pop("confidence", None))

@@ -137,3 +137,41 @@ def test_interleaved_times_every_path_its_count_in_turn() -> None:
     assert switches >= 8  # 5 rounds of a then b: at least 9 slices, so at least 8 switches
     assert got["b"]["batch"] == 64
     assert got["b"]["throughput_per_s"] == pytest.approx(64 / (got["b"]["mean_ms"] / 1000))
+
+
+def test_budgets_take_the_median_of_the_rounds() -> None:
+    """A budget's value is the median of its ratio round by round: one round where the
+    machine slowed the agent's slice alone moves the pooled p99 over the limit, not the
+    verdict; an agent slower in most rounds fails, and the pooled value is kept beside it."""
+    from edge_agent.devtools.costs import by_rounds  # noqa: PLC0415
+
+    def path(p99s: list[float]) -> dict[str, object]:
+        rounds = [{"p99_ms": v, "mean_ms": v / 2, "throughput_per_s": 2000 / v} for v in p99s]
+        return {"p99_ms": max(p99s), "mean_ms": sum(p99s) / len(p99s) / 2, "rounds": rounds}
+
+    def frame_ratio(a: dict[str, float], f: dict[str, float]) -> float:
+        return a["p99_ms"] / f["p99_ms"]
+
+    raw = path([0.1] * 10)
+    one_hiccup = path([0.13] * 9 + [0.4])
+    value, pooled = by_rounds(frame_ratio, one_hiccup, raw)
+    assert value == pytest.approx(1.3)
+    assert pooled == pytest.approx(4.0)
+    slower = path([0.13] * 4 + [0.16] * 6)
+    assert by_rounds(frame_ratio, slower, raw)[0] == pytest.approx(1.6)
+    # Without rounds (an older bench.json), or with rounds that do not pair up: pooled.
+    assert by_rounds(frame_ratio, {"p99_ms": 0.2}, {"p99_ms": 0.1}) == (2.0, 2.0)
+    short = path([0.1] * 9)
+    assert by_rounds(frame_ratio, one_hiccup, short) == (4.0, 4.0)
+
+
+def test_telemetry_budget_pairs_each_on_block_with_the_off_block_before_it() -> None:
+    blocks = [{"off_p99_ms": 0.2, "on_p99_ms": 0.21}] * 9 + [{"off_p99_ms": 0.2, "on_p99_ms": 0.5}]
+    got = budgets({"packs": {}, "telemetry": {"p99_ratio": 1.3, "blocks": blocks}})
+    (tel,) = got
+    assert tel["pass"] is True
+    assert tel["value"] == pytest.approx(1.05)
+    assert tel["pooled"] == pytest.approx(1.3)
+    blocks[:6] = [{"off_p99_ms": 0.2, "on_p99_ms": 0.23}] * 6
+    (tel,) = budgets({"packs": {}, "telemetry": {"p99_ratio": 1.05, "blocks": blocks}})
+    assert tel["pass"] is False

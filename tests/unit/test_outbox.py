@@ -157,9 +157,9 @@ def test_readings_total_in_hard_cases_keeps_counting_after_a_restart(tmp_path: P
     for _ in range(2):
         agent = Agent(settings, Scorer.open(open_pack(pack)))
         agent.pipeline.process([line] * 5)
-        _, _, _, payload = agent.link._queue.get_nowait()
-        for _ in range(4):
-            agent.link._queue.get_nowait()
+        handed = agent.link._queue.take()
+        assert len(handed) == 5
+        _, _, _, payload = handed[0]
         totals.append(msgspec.json.decode(payload, type=HardCase).readings_total)
         agent.close()
     assert totals == [1, 6]

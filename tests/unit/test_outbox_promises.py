@@ -182,7 +182,34 @@ def test_link_refuses_payloads_over_max_payload_bytes_and_submissions_over_the_q
     assert link.counters["refused_too_large_telemetry"] == 1
     assert [link.submit(U, f"u:{i}", "t", b"x" * 2048) for i in range(4)] == [True] * 3 + [False]
     assert link.counters["refused_queue_full_urgent"] == 1
-    assert link._queue.qsize() == 3
+    assert len(link._queue) == 3
+    ob.close()
+
+
+def test_a_body_made_on_the_link_thread_is_refused_there_as_submit_refuses_one(
+    tmp_path: Path,
+) -> None:
+    """A telemetry snapshot is handed over as what encodes it (``submissions.Payload``): too
+    large once made, or raising, it is counted and logged on the link thread, and the
+    messages around it go on, in order."""
+    settings = settings_for(tmp_path / "state", link_max_payload_bytes="2048")
+    ob = open_outbox(settings)
+    link = Link(settings, ob, "dev1")  # not started: the test takes from the queue
+
+    def broken() -> bytes:
+        raise TypeError("not JSON-able")
+
+    assert link.submit(T, "t:1", "t", lambda: b"1" * 10)
+    assert link.submit(T, "t:big", "t", lambda: b"x" * 2049)  # known only once made
+    assert link.submit(T, "t:bug", "t", broken)
+    assert link.submit(T, "t:2", "t", b"2")
+    assert [(key, body) for _, key, _, body in link._queue.take()] == [
+        ("t:1", b"1" * 10),
+        ("t:2", b"2"),
+    ]
+    assert link.counters["refused_too_large_telemetry"] == 1
+    assert link.counters["refused_unencodable_telemetry"] == 1
+    assert len(link._queue) == 0
     ob.close()
 
 
@@ -209,6 +236,6 @@ def test_the_agent_keeps_scoring_when_the_submit_queue_is_full_and_counts_the_re
         assert snap["hard_urgent"] == 5
         assert snap["hard_refused"] == 3
         assert snap["link"]["refused_queue_full_urgent"] == 3
-        assert agent.link._queue.qsize() == 5
+        assert len(agent.link._queue) == 5
     finally:
         agent.close()
