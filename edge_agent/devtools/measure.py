@@ -290,11 +290,13 @@ def agent_paths(
     return out
 
 
-#: The telemetry thread's interval in ``telemetry_effect``: 200x as often as the default
+#: The telemetry interval in ``telemetry_effect``: 200x as often as the default
 #: (``telemetry.interval_s`` = 10 s), published. A stall in a snapshot delays the one reading
-#: being scored, so only a frequent one reaches the p99: a snapshot made to hold the
-#: interpreter 3 ms each time moved the p99 1.09x at 0.5 s and 1.04x at 0.2 s, 1.33x at 50 ms
-#: (AMD EPYC, blocks of 1.2 s).
+#: it falls after, so only a frequent one can reach the p99, and even at this interval a
+#: stall of 3 ms in every snapshot delays 20 readings a second of ~7,000: it moved the p99
+#: 1.07x, 1.08x and 1.12x in three runs (AMD EPYC), around the budget. The p99.9 (the 7th
+#: slowest reading a second) shows it: 13x, against 1.15x without the stall; the bench
+#: reports its ratio beside the budget.
 TELEMETRY_STRESS_S = 0.05
 #: Seconds of scoring per block of ``telemetry_effect``, and blocks (on and off in turn). A
 #: block is one default ``telemetry.slow_interval_s``, so each "on" block refreshes the slow
@@ -361,6 +363,10 @@ def telemetry_effect(
         "off": off,
         "on": on,
         "p99_ratio": on["p99_ms"] / off["p99_ms"],
+        # Not a budget: what shows a rare stall the p99 does not (see TELEMETRY_STRESS_S).
+        "p999_ratio": float(
+            np.percentile(results["on"], 99.9) / np.percentile(results["off"], 99.9)
+        ),
         "blocks": [
             {"off_p99_ms": a, "on_p99_ms": b}
             for a, b in zip(block_p99["off"], block_p99["on"], strict=True)

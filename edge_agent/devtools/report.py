@@ -149,7 +149,8 @@ def table(results: dict[str, Any]) -> str:
     lines += network_lines(results)
     lines += _routing_lines(results)
     lines += [
-        f"telemetry on/off p99: {_f(results['telemetry']['p99_ratio'])}x;"
+        f"telemetry on/off p99: {_f(results['telemetry']['p99_ratio'])}x"
+        f" (p99.9: {_f(results['telemetry'].get('p999_ratio'))}x);"
         f" cold start READY=1 {_f(results['cold_start']['ready_s'])} s, first decision"
         f" {_f(results['cold_start']['first_decision_s'])} s; agent peak RSS"
         f" {results['process']['peak_rss_bytes'] / 2**20:.1f} MiB",
