@@ -337,12 +337,12 @@ class Agent:
             with self._emit_lock:
                 self._emit(data)
 
-    # -- telemetry (scoring loop) -------------------------------------------------------
+    # -- telemetry (the scoring loop; the telemetry thread while it is idle) ------------
 
     def _publish_telemetry(self, snap: dict[str, Any]) -> None:
         key = f"{self.device}:t{int(snap.get('time_unix', time.time()) * 1000)}"
         body = {"v": SCHEMA_VERSION, "device": self.device, **snap}
-        # Encoded by the link thread (``link.Payload``), not by the scoring loop.
+        # Encoded by the link thread (``submissions.Payload``), not by the scoring loop.
         topic = self.topics.telemetry(self.device)
         self.link.submit(Cls.TELEMETRY, key, topic, lambda: encoder.encode(body))
 
