@@ -341,10 +341,15 @@ class Agent:
 
     def _publish_telemetry(self, snap: dict[str, Any]) -> None:
         key = f"{self.device}:t{int(snap.get('time_unix', time.time()) * 1000)}"
-        body = {"v": SCHEMA_VERSION, "device": self.device, **snap}
-        # Encoded by the link thread (``submissions.Payload``), not by the scoring loop.
-        topic = self.topics.telemetry(self.device)
-        self.link.submit(Cls.TELEMETRY, key, topic, lambda: encoder.encode(body))
+        device = self.device
+        # Made and encoded by the link thread (``submissions.Payload``), not by the scoring
+        # loop: nothing changes a snapshot once taken.
+        self.link.submit(
+            Cls.TELEMETRY,
+            key,
+            self.topics.telemetry(device),
+            lambda: encoder.encode({"v": SCHEMA_VERSION, "device": device, **snap}),
+        )
 
     def prometheus(self, snap: dict[str, Any]) -> str:
         """The Prometheus text of a snapshot and the latency histograms (``metrics.py``)."""
